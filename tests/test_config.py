@@ -1,0 +1,123 @@
+"""The merge config: mergekit-moe's keys accepted unchanged, our keys validated, errors naming the key path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mergekit.moe.config import MoEMergeConfig
+
+from zenith_merge.config import load_config, parse_byte_size, parse_config
+from zenith_merge.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [ROOT / "merge" / "config.yml", *sorted((ROOT / "merge" / "examples").glob("*.yml"))]
+ZENITH_KEYS = {"output_dir", "max_shard_size", "load_in_8bit", "workers", "backend", "allow_pickle", "seed", "tokenizer"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.base_model.startswith("demo://")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_mergekit_moe_syntax(path):
+    """Less our own keys, every shipped config is a valid mergekit-moe config as mergekit itself parses it."""
+    data = yaml.safe_load(path.read_text())
+    mk = {k: v for k, v in data.items() if k not in ZENITH_KEYS}
+    for e in mk.get("experts", []):
+        e.pop("keep", None)
+    parsed = MoEMergeConfig.model_validate(mk)
+    assert parsed.base_model is not None and len(parsed.experts) == len(data.get("experts", []))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_start_with_their_command(path):
+    head = path.read_text().splitlines()[:8]
+    assert any("bash merge/run_merge.sh" in line for line in head)
+
+
+def test_flagship_has_base_and_donor_with_thinking_switches():
+    cfg = load_config(ROOT / "merge" / "config.yml")
+    sources = [e.source_model for e in cfg.experts]
+    assert sources == ["demo://zen-tiny", "demo://qwen3-moe-tiny"]
+    assert any(p.startswith("/think") for p in cfg.experts[1].positive_prompts)
+    assert cfg.tokenizer.source == "union"
+    for tok in ("/think", "/no_think"):
+        assert cfg.tokenizer.tokens[tok].source == "demo://qwen3-moe-tiny" and cfg.tokenizer.tokens[tok].force
+
+
+def _error(data) -> str:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, where="cfg.yml")
+    return str(err.value)
+
+
+def test_unknown_key_is_named_with_its_path():
+    msg = _error({"base_model": "/m", "experts": [{"source_model": "/m", "positve_prompts": ["x"]}]})
+    assert "experts.0.positve_prompts: unknown key" in msg
+
+
+def test_bad_value_names_path_and_value():
+    msg = _error({"base_model": "/m", "gate_mode": "random", "experts": [{"source_model": "/a"}, {"source_model": "/b", "keep": 0}]})
+    assert "experts.1.keep" in msg and "0" in msg
+
+
+def test_missing_required_key():
+    assert "base_model: Field required" in _error({"experts": []})
+
+
+def test_bad_gate_mode_lists_choices():
+    msg = _error({"base_model": "/m", "gate_mode": "magic"})
+    assert "gate_mode" in msg and "'magic'" in msg and "hidden" in msg
+
+
+def test_unknown_demo_model_lists_demo_models():
+    msg = _error({"base_model": "demo://gpt5-tiny"})
+    assert "base_model" in msg and "zen-tiny" in msg
+
+
+def test_remote_references_are_refused():
+    assert "nothing is downloaded" in _error({"base_model": "hf://deepseek-ai/DeepSeek-V3"})
+
+
+def test_unknown_architecture_lists_supported():
+    msg = _error({"base_model": "/m", "architecture": "mixtral"})
+    assert "architecture" in msg and "DeepseekV3ForCausalLM" in msg and "Qwen3MoeForCausalLM" in msg
+
+
+def test_hidden_gate_needs_prompts():
+    msg = _error({"base_model": "/m", "experts": [{"source_model": "/a"}]})
+    assert "experts.0.positive_prompts" in msg
+
+
+def test_slerp_factor_range():
+    assert "tokenizer.slerp_t" in _error({"base_model": "/m", "tokenizer": {"slerp_t": 1.5}})
+
+
+def test_top_level_must_be_a_mapping():
+    assert "mapping" in _error(["base_model"])
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    p = tmp_path / "broken.yml"
+    p.write_text("base_model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yml: not valid YAML"):
+        load_config(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yml")
+
+
+@pytest.mark.parametrize("text,expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("4GiB", 4 * 2**30),
+                                           ("2.5gb", 2_500_000_000), (1234, 1234), ("100", 100)])
+def test_byte_sizes(text, expected):
+    assert parse_byte_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1GB", "5 parameters", 0, True, "GB"])
+def test_bad_byte_sizes(bad):
+    with pytest.raises(ValueError):
+        parse_byte_size(bad)

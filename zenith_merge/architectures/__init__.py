@@ -1,0 +1,222 @@
+"""Architecture facts as data, and the few functions that read them.
+
+`architecture_of(config)` finds the table for a Hugging Face config; `facts(config)`
+gives the numbers the planner needs; `classify` and `expected_shape` interpret a
+tensor name. No other module hard-codes a tensor name or config key.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CheckpointError, PlanError
+from .spec import Architecture, TensorClass, TensorRole
+from .tables import ARCHITECTURES
+
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "ModelFacts",
+    "TensorRole",
+    "TensorClass",
+    "TensorId",
+    "architecture_of",
+    "classify",
+    "dim",
+    "expected_shape",
+    "facts",
+    "tensor_name",
+]
+
+
+def architecture_of(config: dict[str, Any], *, where: str = "config.json") -> Architecture:
+    """The table for `config["architectures"][0]`; an unknown one is an error listing the supported ones."""
+    names = config.get("architectures") or []
+    name = names[0] if names else None
+    if name not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise PlanError(f"{where}: unsupported architecture {name!r}; supported: {supported}")
+    return ARCHITECTURES[name]
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def _eval_formula(node: ast.AST, lookup) -> int | None:
+    if isinstance(node, ast.Expression):
+        return _eval_formula(node.body, lookup)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, ast.Name):
+        return lookup(node.id)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval_formula(node.left, lookup), _eval_formula(node.right, lookup)
+        if left is None or right is None:
+            return None
+        return _BINOPS[type(node.op)](left, right)
+    raise ValueError(f"unsupported formula element {ast.dump(node)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(alternative: str) -> ast.Expression | None:
+    """A formula's syntax tree, or None when the alternative is a plain config key."""
+    return None if alternative.isidentifier() else ast.parse(alternative, mode="eval")
+
+
+def dim(config: dict[str, Any], arch: Architecture, symbol: str | int) -> int | None:
+    """Resolve a symbolic dimension of `arch` against `config`; None when the config does not define it."""
+    if isinstance(symbol, int):
+        return symbol
+    if symbol not in arch.dims:
+        value = config.get(symbol, arch.defaults.get(symbol))
+        return value if isinstance(value, int) else None
+    for alternative in arch.dims[symbol]:
+        tree = _parse(alternative)
+        if tree is None:
+            value = config.get(alternative, arch.defaults.get(alternative))
+        else:
+            value = _eval_formula(tree, lambda name: dim(config, arch, name))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The numbers of one model that planning needs, read through its architecture table."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    intermediate_size: int | None
+    moe_intermediate_size: int | None
+    n_routed_experts: int
+    experts_per_token: int
+    n_shared_experts: int
+    moe_layers: tuple[int, ...]
+    tie_word_embeddings: bool
+    scoring: str
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+
+def _moe_layers(config: dict[str, Any], arch: Architecture, num_layers: int) -> tuple[int, ...]:
+    get = lambda key: config.get(key, arch.defaults.get(key))  # noqa: E731
+    if arch.moe_layer_rule == "first_k_dense":
+        first, freq = int(get("first_k_dense_replace") or 0), int(get("moe_layer_freq") or 1)
+        return tuple(i for i in range(num_layers) if i >= first and i % freq == 0)
+    if arch.moe_layer_rule == "sparse_step":
+        step, dense = int(get("decoder_sparse_step") or 1), set(get("mlp_only_layers") or [])
+        return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    return ()
+
+
+def facts(config: dict[str, Any], *, where: str = "config.json") -> ModelFacts:
+    """Read a model's widths, depth and expert layout; a missing required key is an error naming it."""
+    arch = architecture_of(config, where=where)
+
+    def need(symbol: str) -> int:
+        value = dim(config, arch, symbol)
+        if value is None:
+            keys = " or ".join(arch.dims.get(symbol, (symbol,)))
+            raise CheckpointError(f"{where}: missing config key {keys} ({arch.name})")
+        return value
+
+    num_layers = need("layers")
+    moe_layers = _moe_layers(config, arch, num_layers)
+    return ModelFacts(
+        architecture=arch.name,
+        hidden_size=need("hidden"),
+        num_layers=num_layers,
+        vocab_size=need("vocab"),
+        intermediate_size=dim(config, arch, "inter"),
+        moe_intermediate_size=need("moe_inter") if moe_layers else None,
+        n_routed_experts=need("n_experts") if moe_layers else 0,
+        experts_per_token=need("top_k") if moe_layers else 0,
+        n_shared_experts=dim(config, arch, "n_shared") or 0,
+        moe_layers=moe_layers,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", arch.defaults.get("tie_word_embeddings", False))),
+        scoring=arch.scoring,
+    )
+
+
+@dataclass(frozen=True)
+class TensorId:
+    """What a tensor name means in its architecture: role, layer and expert (None where not applicable)."""
+
+    role: str
+    tensor_class: TensorClass
+    layer: int | None = None
+    expert: int | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _role_regexes(arch_name: str) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    arch = ARCHITECTURES[arch_name]
+    out = []
+    for role, spec in arch.roles.items():
+        rx = re.escape(spec.pattern).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+        out.append((role, re.compile(rx + r"\Z")))
+    return tuple(out)
+
+
+def classify(arch: Architecture, name: str) -> TensorId | None:
+    """The role of tensor `name` in `arch`, or None for a name the table does not describe."""
+    for role, rx in _role_regexes(arch.name):
+        m = rx.match(name)
+        if m:
+            groups = m.groupdict()
+            layer = int(groups["layer"]) if groups.get("layer") is not None else None
+            expert = int(groups["expert"]) if groups.get("expert") is not None else None
+            return TensorId(role, arch.roles[role].tensor_class, layer, expert)
+    return None
+
+
+def tensor_name(arch: Architecture, role: str, layer: int | None = None, expert: int | None = None) -> str:
+    """The checkpoint name of a role's tensor (the inverse of `classify`)."""
+    return arch.roles[role].pattern.format(layer=layer, expert=expert)
+
+
+def expected_shape(config: dict[str, Any], name: str) -> tuple[int, ...] | None:
+    """The shape `config` implies for tensor `name`, or None when the table does not say or cannot resolve it.
+
+    The reader uses this to refuse a checkpoint whose tensors contradict its own config.
+    """
+    arch = ARCHITECTURES.get((config.get("architectures") or [None])[0])
+    if arch is None:
+        return None
+    tid = classify(arch, name)
+    if tid is None or arch.roles[tid.role].shape is None:
+        return None
+    if tid.layer is not None and tid.layer >= (dim(config, arch, "layers") or 0):
+        return None  # extra layers such as DeepSeek's multi-token-prediction module are not described
+    shape = tuple(dim(config, arch, s) for s in arch.roles[tid.role].shape)
+    return None if any(s is None for s in shape) else shape
+
+
+_SHORT_NAMES = {
+    "deepseek": "DeepseekV3ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def resolve_architecture_name(name: str) -> str:
+    """The table name for a config's `architecture:` value (HF class name, model_type or mergekit's short name)."""
+    if name in ARCHITECTURES:
+        return name
+    if name.lower() in _SHORT_NAMES:
+        return _SHORT_NAMES[name.lower()]
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise ValueError(f"unsupported architecture {name!r}; supported: {supported} (or {', '.join(_SHORT_NAMES)})")

@@ -1,0 +1,55 @@
+"""The shape of an architecture description: what a table in this package must say.
+
+Every architecture fact the rest of zenith-merge needs (config keys, tensor-name
+patterns, expected tensor shapes, which layers are MoE) is data of this form, so
+adding an architecture means adding a table, not an `if arch == ...` branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# How to tell which decoder layers hold an MoE block.
+#   first_k_dense: layers >= `first_k_dense_replace` with (layer % moe_layer_freq == 0) are MoE (DeepSeek-V3).
+#   sparse_step:   layers not in `mlp_only_layers` with (layer + 1) % decoder_sparse_step == 0 (Qwen3-MoE).
+#   none:          a dense model; its MLP is one expert (mergekit-moe's case).
+MoeLayerRule = Literal["first_k_dense", "sparse_step", "none"]
+
+# Tensor classes: the groups that same-family assembly gives one lambda each.
+TensorClass = Literal[
+    "embeddings", "lm_head", "norms", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "other"
+]
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """One kind of tensor: its name pattern, its class, and its shape in symbolic dimensions.
+
+    `pattern` uses `{layer}` and `{expert}` placeholders. `shape` names dimensions from
+    `Architecture.dims` (or literal ints); None means "not checked".
+    """
+
+    pattern: str
+    tensor_class: TensorClass
+    shape: tuple[str | int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything zenith-merge knows about one `architectures[0]` value of a Hugging Face config."""
+
+    name: str
+    model_type: str
+    moe_layer_rule: MoeLayerRule
+    # symbolic dimension -> alternatives, first that resolves wins: a config key (aliases across
+    # library versions) or a formula over other dimensions ("heads * head_dim"; + - * // and brackets)
+    dims: dict[str, tuple[str, ...]]
+    # role -> tensor description; roles with "expert" in their layer-local name repeat per expert
+    roles: dict[str, TensorRole]
+    # Defaults for config keys that a config may omit (transformers' class defaults).
+    defaults: dict[str, object] = field(default_factory=dict)
+    # Roles whose tensors stay float32 whatever the output dtype (transformers keeps them so).
+    keep_fp32_roles: tuple[str, ...] = ()
+    # Scoring function of the router: how a router logit becomes an expert weight.
+    scoring: Literal["sigmoid", "softmax", "none"] = "softmax"

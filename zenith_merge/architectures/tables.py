@@ -1,0 +1,148 @@
+"""Architecture tables: tensor names, config keys and shapes, as data.
+
+Patterns follow the Hugging Face checkpoint layout on disk (per-expert tensors,
+`model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight`), which is what
+transformers writes with `save_pretrained` and what vLLM and SGLang load.
+"""
+
+from __future__ import annotations
+
+from .spec import Architecture, TensorRole
+
+L = "model.layers.{layer}."
+
+_COMMON_ROLES = {
+    "embed": TensorRole("model.embed_tokens.weight", "embeddings", ("vocab", "hidden")),
+    "final_norm": TensorRole("model.norm.weight", "norms", ("hidden",)),
+    "lm_head": TensorRole("lm_head.weight", "lm_head", ("vocab", "hidden")),
+    "input_norm": TensorRole(L + "input_layernorm.weight", "norms", ("hidden",)),
+    "post_attention_norm": TensorRole(L + "post_attention_layernorm.weight", "norms", ("hidden",)),
+}
+
+_DENSE_MLP_ROLES = {
+    "mlp_gate": TensorRole(L + "mlp.gate_proj.weight", "dense_mlp", ("inter", "hidden")),
+    "mlp_up": TensorRole(L + "mlp.up_proj.weight", "dense_mlp", ("inter", "hidden")),
+    "mlp_down": TensorRole(L + "mlp.down_proj.weight", "dense_mlp", ("hidden", "inter")),
+}
+
+_ROUTED_EXPERT_ROLES = {
+    "expert_gate": TensorRole(L + "mlp.experts.{expert}.gate_proj.weight", "routed_experts", ("moe_inter", "hidden")),
+    "expert_up": TensorRole(L + "mlp.experts.{expert}.up_proj.weight", "routed_experts", ("moe_inter", "hidden")),
+    "expert_down": TensorRole(L + "mlp.experts.{expert}.down_proj.weight", "routed_experts", ("hidden", "moe_inter")),
+}
+
+_GQA_ATTENTION_ROLES = {
+    "q_proj": TensorRole(L + "self_attn.q_proj.weight", "attention", ("q_out", "hidden")),
+    "k_proj": TensorRole(L + "self_attn.k_proj.weight", "attention", ("kv_out", "hidden")),
+    "v_proj": TensorRole(L + "self_attn.v_proj.weight", "attention", ("kv_out", "hidden")),
+    "o_proj": TensorRole(L + "self_attn.o_proj.weight", "attention", ("hidden", "q_out")),
+    "q_bias": TensorRole(L + "self_attn.q_proj.bias", "attention", ("q_out",)),
+    "k_bias": TensorRole(L + "self_attn.k_proj.bias", "attention", ("kv_out",)),
+    "v_bias": TensorRole(L + "self_attn.v_proj.bias", "attention", ("kv_out",)),
+}
+
+_QK_NORM_ROLES = {
+    "q_norm": TensorRole(L + "self_attn.q_norm.weight", "norms", ("head_dim",)),
+    "k_norm": TensorRole(L + "self_attn.k_norm.weight", "norms", ("head_dim",)),
+}
+
+_GQA_DIMS = {
+    "hidden": ("hidden_size",),
+    "vocab": ("vocab_size",),
+    "layers": ("num_hidden_layers",),
+    "inter": ("intermediate_size",),
+    "heads": ("num_attention_heads",),
+    "kv_heads": ("num_key_value_heads", "num_attention_heads"),
+    "head_dim": ("head_dim", "hidden // heads"),
+    "q_out": ("heads * head_dim",),
+    "kv_out": ("kv_heads * head_dim",),
+}
+
+DEEPSEEK_V3 = Architecture(
+    name="DeepseekV3ForCausalLM",
+    model_type="deepseek_v3",
+    moe_layer_rule="first_k_dense",
+    scoring="sigmoid",
+    keep_fp32_roles=("router_bias",),
+    dims={
+        "hidden": ("hidden_size",),
+        "vocab": ("vocab_size",),
+        "layers": ("num_hidden_layers",),
+        "inter": ("intermediate_size",),
+        "moe_inter": ("moe_intermediate_size",),
+        "n_experts": ("n_routed_experts", "num_local_experts"),
+        "top_k": ("num_experts_per_tok",),
+        "n_shared": ("n_shared_experts",),
+        "heads": ("num_attention_heads",),
+        "q_lora_rank": ("q_lora_rank",),
+        "kv_lora_rank": ("kv_lora_rank",),
+        "qk_rope_head_dim": ("qk_rope_head_dim",),
+        "qk_nope_head_dim": ("qk_nope_head_dim",),
+        "v_head_dim": ("v_head_dim",),
+        "shared_inter": ("moe_inter * n_shared",),
+        "q_b_out": ("heads * (qk_nope_head_dim + qk_rope_head_dim)",),
+        "kv_a_out": ("kv_lora_rank + qk_rope_head_dim",),
+        "kv_b_out": ("heads * (qk_nope_head_dim + v_head_dim)",),
+        "o_in": ("heads * v_head_dim",),
+    },
+    defaults={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_shared_experts": 0, "tie_word_embeddings": False},
+    roles={
+        **_COMMON_ROLES,
+        **_DENSE_MLP_ROLES,
+        **_ROUTED_EXPERT_ROLES,
+        "router": TensorRole(L + "mlp.gate.weight", "router", ("n_experts", "hidden")),
+        "router_bias": TensorRole(L + "mlp.gate.e_score_correction_bias", "router", ("n_experts",)),
+        "shared_gate": TensorRole(L + "mlp.shared_experts.gate_proj.weight", "shared_experts", ("shared_inter", "hidden")),
+        "shared_up": TensorRole(L + "mlp.shared_experts.up_proj.weight", "shared_experts", ("shared_inter", "hidden")),
+        "shared_down": TensorRole(L + "mlp.shared_experts.down_proj.weight", "shared_experts", ("hidden", "shared_inter")),
+        "q_a_proj": TensorRole(L + "self_attn.q_a_proj.weight", "attention", ("q_lora_rank", "hidden")),
+        "q_a_norm": TensorRole(L + "self_attn.q_a_layernorm.weight", "norms", ("q_lora_rank",)),
+        "q_b_proj": TensorRole(L + "self_attn.q_b_proj.weight", "attention", ("q_b_out", "q_lora_rank")),
+        "q_proj": TensorRole(L + "self_attn.q_proj.weight", "attention", ("q_b_out", "hidden")),
+        "kv_a_proj": TensorRole(L + "self_attn.kv_a_proj_with_mqa.weight", "attention", ("kv_a_out", "hidden")),
+        "kv_a_norm": TensorRole(L + "self_attn.kv_a_layernorm.weight", "norms", ("kv_lora_rank",)),
+        "kv_b_proj": TensorRole(L + "self_attn.kv_b_proj.weight", "attention", ("kv_b_out", "kv_lora_rank")),
+        "o_proj": TensorRole(L + "self_attn.o_proj.weight", "attention", ("hidden", "o_in")),
+    },
+)
+
+QWEN3_MOE = Architecture(
+    name="Qwen3MoeForCausalLM",
+    model_type="qwen3_moe",
+    moe_layer_rule="sparse_step",
+    scoring="softmax",
+    dims={
+        **_GQA_DIMS,
+        "moe_inter": ("moe_intermediate_size",),
+        "n_experts": ("num_experts", "num_local_experts"),
+        "top_k": ("num_experts_per_tok",),
+    },
+    defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False, "tie_word_embeddings": False},
+    roles={
+        **_COMMON_ROLES,
+        **_DENSE_MLP_ROLES,
+        **_ROUTED_EXPERT_ROLES,
+        **_GQA_ATTENTION_ROLES,
+        **_QK_NORM_ROLES,
+        "router": TensorRole(L + "mlp.gate.weight", "router", ("n_experts", "hidden")),
+    },
+)
+
+
+def _dense(name: str, model_type: str, qk_norm: bool) -> Architecture:
+    return Architecture(
+        name=name,
+        model_type=model_type,
+        moe_layer_rule="none",
+        scoring="none",
+        dims=dict(_GQA_DIMS),
+        defaults={"tie_word_embeddings": False},
+        roles={**_COMMON_ROLES, **_DENSE_MLP_ROLES, **_GQA_ATTENTION_ROLES, **(_QK_NORM_ROLES if qk_norm else {})},
+    )
+
+
+QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True)
+LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False)
+MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False)
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (DEEPSEEK_V3, QWEN3_MOE, QWEN3, LLAMA, MISTRAL)}

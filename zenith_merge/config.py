@@ -1,0 +1,199 @@
+"""The merge config: mergekit-moe's YAML keys, unchanged, plus zenith-merge's own.
+
+A config is a frozen pydantic model. Unknown keys and bad values are refused with
+the key's path and the offending value (`experts.1.keep: must be >= 1, got 0`).
+Model references are `demo://<name>` (an embedded demo model, built on first use)
+or a local folder; a relative folder is resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DEMO_SCHEME = "demo://"
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_byte_size(value: Any) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "4GiB" (decimal and binary units, as in mergekit)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a byte size such as 5GB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"expected a byte size such as 5GB, 500MB or 4GiB, got {value!r}")
+        size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    if size <= 0:
+        raise ValueError(f"must be a positive byte size, got {value!r}")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_model_ref(value: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a model reference must be a local folder or demo://<name>")
+    if value.startswith(DEMO_SCHEME):
+        from .demo import DEMO_NAMES
+
+        name = value[len(DEMO_SCHEME):]
+        if name not in DEMO_NAMES:
+            raise ValueError(f"unknown demo model {name!r}; demo models: {', '.join(DEMO_NAMES)}")
+    elif "://" in value:
+        raise ValueError(f"{value!r}: only local folders and demo://<name> are supported (nothing is downloaded)")
+    return value
+
+
+ModelRef = Annotated[str, BeforeValidator(_check_model_ref)]
+
+
+class ExpertSource(_Strict):
+    """One `experts[]` entry: a model whose experts (or MLP, for a dense model) join the output."""
+
+    source_model: ModelRef
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+    keep: int | Literal["all"] = Field("all", description="experts kept per layer from this source, most used first")
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be >= 1 or 'all', got {v}")
+        return v
+
+
+class SharedExpertSource(_Strict):
+    """One `shared_experts[]` entry (mergekit-moe's syntax): a model whose MLP becomes an always-on expert."""
+
+    source_model: ModelRef
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+
+class TokenSetting(_Strict):
+    """`tokenizer.tokens.<token>`: which source's embedding the token takes, and whether that is forced."""
+
+    source: ModelRef | Literal["base"] | None = None
+    force: bool = False
+
+
+class TokenizerSettings(_Strict):
+    """`tokenizer:` (mergekit's `source`/`tokens`, plus the SLERP factor for shared tokens)."""
+
+    source: Literal["union", "base"] | ModelRef = "union"
+    tokens: dict[str, TokenSetting] = Field(default_factory=dict)
+    pad_to_multiple_of: int = Field(64, ge=1)
+    slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="0 keeps the base's row, 1 takes the donor's")
+
+
+GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
+PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "transfer")
+OutputDtype = Literal["float32", "float16", "bfloat16"]
+
+
+class MergeConfig(_Strict):
+    """The whole merge config; see merge/config.yml for the flagship example."""
+
+    # mergekit-moe keys
+    base_model: ModelRef
+    architecture: str | None = Field(None, description="output architecture; default: the base model's")
+    gate_mode: GateMode = "hidden"
+    dtype: OutputDtype | None = Field(None, description="output dtype of floating weights; default: as stored")
+    experts_per_token: int | None = Field(None, ge=1, description="top-k of the output; default: the base's")
+    experts: list[ExpertSource] = Field(default_factory=list)
+    shared_experts: list[SharedExpertSource] | None = None
+    tokenizer: TokenizerSettings | None = None
+    # zenith-merge keys
+    output_dir: str = "./merged_model"
+    max_shard_size: ByteSize = Field(5 * 10**9, description="largest output shard in bytes (5GB, 500MB, 4GiB, ...)")
+    load_in_8bit: bool = Field(False, description="calibration forward passes in bitsandbytes 8-bit")
+    workers: int = Field(1, ge=1, description="shards written in parallel")
+    backend: Literal["local", "ray"] = "local"
+    allow_pickle: bool = Field(False, description="read .bin pickles (weights_only) when a source has no safetensors")
+    seed: int = 0
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from .architectures import resolve_architecture_name
+
+        return resolve_architecture_name(v)
+
+    @model_validator(mode="after")
+    def _prompts_for_prompt_based_gates(self) -> MergeConfig:
+        if self.gate_mode in PROMPT_GATE_MODES:
+            for i, expert in enumerate(self.experts):
+                if not expert.positive_prompts:
+                    raise ValueError(
+                        f"experts.{i}.positive_prompts: gate_mode {self.gate_mode!r} computes router rows from "
+                        f"each expert's prompts; give some, or use gate_mode: random"
+                    )
+        return self
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        shown = e.get("input")
+        value = "" if e["type"] == "missing" or isinstance(shown, dict) or repr(shown) in msg else f" (got {shown!r})"
+        lines.append(f"  {path}: {msg}{value}")
+    return f"{where}: invalid config\n" + "\n".join(lines)
+
+
+def parse_config(data: Any, *, where: str = "config") -> MergeConfig:
+    """Validate a config mapping; every problem is reported with its key path and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, where)) from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML merge config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(data, where=str(path))
+
+
+def resolve_path(ref: str, config_dir: Path | None) -> Path:
+    """A local model reference as an absolute path (relative ones are taken from the config's folder)."""
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and config_dir is not None:
+        p = config_dir / p
+    return p.resolve()

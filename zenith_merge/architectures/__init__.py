@@ -62,7 +62,7 @@ def _eval_formula(node: ast.AST, lookup) -> int | None:
     raise ValueError(f"unsupported formula element {ast.dump(node)}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(alternative: str) -> ast.Expression | None:
     """A formula's syntax tree, or None when the alternative is a plain config key."""
     return None if alternative.isidentifier() else ast.parse(alternative, mode="eval")
@@ -158,7 +158,7 @@ class TensorId:
     expert: int | None = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _role_regexes(arch_name: str) -> tuple[tuple[str, re.Pattern[str]], ...]:
     arch = ARCHITECTURES[arch_name]
     out = []

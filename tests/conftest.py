@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny real checkpoints (transformers classes, a trained BPE tokenizer), saved sharded.
+
+These are random-weight models for plumbing tests that must run in seconds; the trained
+demo models (zenith_merge.demo) serve the end-to-end tests marked `demo`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+TEXT = ["def add(a, b):\n    return a + b\n", "What is 3 + 4? It is 7.", "class Stack:\n    pass\n"] * 20
+
+
+def save_tokenizer(path: Path, vocab_size: int = 300) -> None:
+    """A byte-level BPE tokenizer with bos/eos, loadable by AutoTokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TEXT, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(path)
+
+
+def make_tiny_deepseek(path: Path, *, seed: int = 0, shard: str = "40KB", dtype=torch.bfloat16) -> Path:
+    """A tiny DeepseekV3ForCausalLM (MLA, group routing, shared expert, dense first layer), sharded."""
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV3Config(
+        vocab_size=320, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2, max_position_embeddings=128)
+    model = transformers.DeepseekV3ForCausalLM(config)
+    with torch.no_grad():  # transformers initialises the router to zeros; give it something to route with
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+            layer.mlp.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    model.to(dtype).save_pretrained(path, max_shard_size=shard)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek(tmp_path_factory) -> Path:
+    """A sharded tiny DeepSeek-V3 folder with tokenizer and generation config (read-only: don't modify it)."""
+    return make_tiny_deepseek(tmp_path_factory.mktemp("tiny-deepseek"))
+
+
+def write_config(tmp_path: Path, **data) -> Path:
+    """A YAML merge config in tmp_path."""
+    import yaml
+
+    p = tmp_path / "merge.yml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def read_index(folder: Path) -> dict:
+    return json.loads((folder / "model.safetensors.index.json").read_text())

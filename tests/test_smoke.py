@@ -1,0 +1,91 @@
+"""The smoke test passes on a good merge and names the failed check on a broken one."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import read_index, write_config
+from safetensors import safe_open
+
+from zenith_merge.cli import main
+from zenith_merge.config import load_config
+from zenith_merge.pipeline import run_merge
+from zenith_merge.smoke import run_smoke_test
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_deepseek):
+    tmp = tmp_path_factory.mktemp("smoke")
+    cfg = load_config(write_config(tmp, base_model=str(tiny_deepseek), output_dir=str(tmp / "out"), max_shard_size="30KB"))
+    return run_merge(cfg, config_dir=tmp, progress=False).output_dir
+
+
+@pytest.fixture
+def broken(tmp_path, good):
+    out = tmp_path / "copy"
+    shutil.copytree(good, out)
+    return out
+
+
+def test_good_merge_passes_and_generates(good):
+    report = run_smoke_test(good)
+    assert report.ok, report.checks
+    assert [c.name for c in report.checks] == ["index", "manifest", "planned-tensors", "finite", "config-tokenizer", "generate"]
+    assert report.samples
+
+
+def test_deleted_shard_fails_index(broken):
+    file = sorted(broken.glob("model-*.safetensors"))[1]
+    file.unlink()
+    report = run_smoke_test(broken, generate=False)
+    assert report.failed == ["index"] and file.name in report.checks[0].detail
+
+
+def test_corrupted_byte_fails_manifest(broken):
+    file = sorted(broken.glob("model-*.safetensors"))[0]
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0xFF
+    file.write_bytes(bytes(data))
+    report = run_smoke_test(broken, generate=False)
+    assert "manifest" in report.failed and file.name in {c.name: c.detail for c in report.checks}["manifest"]
+
+
+def test_nan_fails_finite(broken):
+    from safetensors.torch import save_file
+
+    weight_map = read_index(broken)["weight_map"]
+    file = broken / weight_map["model.norm.weight"]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    report = run_smoke_test(broken, generate=False)
+    assert "finite" in report.failed
+    assert "model.norm.weight" in {c.name: c.detail for c in report.checks}["finite"]
+
+
+def test_vocab_disagreement_fails_config_tokenizer(broken):
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["vocab_size"] = 50
+    (broken / "config.json").write_text(json.dumps(cfg))
+    report = run_smoke_test(broken, generate=False)
+    assert "config-tokenizer" in report.failed
+
+
+def test_cli_exit_code_names_failure(broken, capsys):
+    (broken / ".zenith" / "manifest.json").unlink()
+    assert main(["smoke-test", str(broken), "--no-generate"]) == 1
+    assert "FAILED: manifest" in capsys.readouterr().out
+
+
+def test_wrong_dtype_fails_planned_tensors(broken):
+    from safetensors.torch import save_file
+
+    weight_map = read_index(broken)["weight_map"]
+    file = broken / weight_map["model.norm.weight"]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float16)
+    save_file(tensors, file, metadata={"format": "pt"})
+    assert "planned-tensors" in run_smoke_test(broken, generate=False).failed

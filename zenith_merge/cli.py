@@ -1,0 +1,190 @@
+"""The `zenith-merge` command: subcommands over the library. The only module that prints and exits.
+
+Exit codes: 0 success, 1 a check failed (smoke test, update-config --check),
+2 a user error (bad config, unreadable checkpoint, ...), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ZenithError
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n}"
+
+
+def _load(config: str):
+    from .config import load_config
+
+    path = Path(config).resolve()
+    return load_config(path), path.parent
+
+
+def format_plan(plan) -> str:
+    """A readable summary of a plan: sources, output, shards and estimates."""
+    e = plan.estimates
+    lines = [f"plan {plan.plan_id[:12]}  method: {plan.method}", "sources:"]
+    lines += [f"  {key:<8} {s.architecture:<24} {s.ref}  ({s.path})" for key, s in plan.sources.items()]
+    t = plan.target_config
+    lines += [
+        f"output: {plan.output_dir}",
+        f"  architecture {t.get('architectures', ['?'])[0]}, dtype {t.get('dtype') or t.get('torch_dtype')}, "
+        f"vocab {t.get('vocab_size')}, layers {t.get('num_hidden_layers')}",
+        f"  tensors {e.tensor_count}, {_human(e.total_bytes)} in {len(plan.shards)} shards:",
+    ]
+    lines += [f"    {s.filename}  {len(s.tensors):>6} tensors  {_human(s.nbytes):>11}" for s in plan.shards[:8]]
+    if len(plan.shards) > 8:
+        lines.append(f"    ... {len(plan.shards) - 8} more")
+    lines += [
+        f"  largest tensor {e.largest_tensor} ({_human(e.largest_tensor_bytes)})",
+        f"  estimated peak memory {_human(e.peak_memory_bytes)}, disk {_human(e.total_bytes)}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    from .plan import build_plan
+
+    cfg, config_dir = _load(args.config)
+    plan = build_plan(cfg, config_dir=config_dir, output_dir=args.output)
+    if args.print_output_dir:
+        print(plan.output_dir)
+    else:
+        print(plan.model_dump_json(indent=1) if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .pipeline import run_merge
+    from .plan import build_plan
+
+    cfg, config_dir = _load(args.config)
+    if args.dry_run:
+        print(format_plan(build_plan(cfg, config_dir=config_dir, output_dir=args.output)))
+        print("dry run: nothing written")
+        return 0
+    result = run_merge(cfg, config_dir=config_dir, output_dir=args.output, resume=args.resume,
+                       overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress)
+    w = result.write
+    print(f"merged {len(result.plan.tensors)} tensors into {result.output_dir} "
+          f"({len(w.written)} shards written, {len(w.skipped)} kept from an earlier run)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DEMO_NAMES, ensure_demo
+
+    if args.print_path:
+        print(ensure_demo(args.print_path, progress=not args.no_progress))
+        return 0
+    for name in args.names or DEMO_NAMES:
+        print(f"{name}: {ensure_demo(name, progress=not args.no_progress)}")
+    return 0
+
+
+def cmd_update_config(args) -> int:
+    from .output_config import patch_output
+
+    drift = patch_output(Path(args.output_dir), check=args.check)
+    for d in drift:
+        print(("drift: " if args.check else "updated: ") + str(d))
+    if args.check:
+        print("config is up to date" if not drift else f"{len(drift)} differences")
+        return 1 if drift else 0
+    print(f"{len(drift)} keys updated" if drift else "config already up to date")
+    return 0
+
+
+def cmd_smoke_test(args) -> int:
+    from .smoke import format_report, run_smoke_test
+
+    report = run_smoke_test(args.output_dir, generate=not args.no_generate,
+                            progress=lambda name: print(f"[smoke] {name} ...", file=sys.stderr))
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with a --help on every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="zenith-merge",
+        description="Fuse pretrained Mixture-of-Experts checkpoints into one standard MoE checkpoint.",
+        epilog="Start with: zenith-merge plan merge/config.yml   (shows the whole job before anything heavy runs)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("plan", help="show the output layout, memory and disk needs; reads no weights",
+                        description="Plan a merge from CONFIG and print it: sources, output tensors, shards, "
+                                    "largest tensor, estimated peak memory and disk. Reads configs and "
+                                    "safetensors headers only.")
+    sp.add_argument("config", help="merge config (YAML), e.g. merge/config.yml")
+    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+    sp.add_argument("--json", action="store_true", help="print the full plan as JSON")
+    sp.add_argument("--print-output-dir", action="store_true", help="print only the resolved output folder")
+    sp.set_defaults(fn=cmd_plan)
+
+    sp = sub.add_parser("merge", help="run a merge: plan, write shards, copy tokenizer, write config",
+                        description="Run the merge CONFIG describes. Shards are written atomically and recorded "
+                                    "in <output>/.zenith/manifest.json; an interrupted run continues with --resume.")
+    sp.add_argument("config", help="merge config (YAML)")
+    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="keep shards a previous run of the same plan finished")
+    g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    sp.add_argument("--workers", type=int, metavar="N", help="shards written in parallel (overrides the config)")
+    sp.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.set_defaults(fn=cmd_merge)
+
+    sp = sub.add_parser("demo", help="build the embedded demo models (cached; trained on first use)",
+                        description="Build the small trained demo models (zen-tiny, zen-r1-tiny, qwen3-moe-tiny) "
+                                    "deterministically into the cache ($ZENITH_CACHE or ~/.cache/zenith-merge).")
+    sp.add_argument("names", nargs="*", help="demo models to build (default: all)")
+    sp.add_argument("--print-path", metavar="NAME", help="print NAME's cached folder, building it first if needed")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("update-config", help="patch a merged folder's config from its plan and tokenizer",
+                        description="Bring OUTPUT_DIR/config.json and generation_config.json in line with the "
+                                    "plan (architecture, expert counts, top-k, groups, vocab size, dtype) and "
+                                    "the tokenizer (special-token ids). Idempotent.")
+    sp.add_argument("output_dir", help="a zenith-merge output folder")
+    sp.add_argument("--check", action="store_true", help="report drift without writing; exit 1 if any")
+    sp.set_defaults(fn=cmd_update_config)
+
+    sp = sub.add_parser("smoke-test", help="check a merged folder: structure, hashes, values, load and generate",
+                        description="Check OUTPUT_DIR: index and shards agree, manifest sha256s verify, tensors "
+                                    "as planned and finite, config and tokenizer agree, the model loads with "
+                                    "transformers and generates. Exits 1 naming the failed check.")
+    sp.add_argument("output_dir", help="a zenith-merge output folder")
+    sp.add_argument("--no-generate", action="store_true", help="skip loading the model and generating")
+    sp.set_defaults(fn=cmd_smoke_test)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `zenith-merge` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except ZenithError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Checks a finished output folder, reading only the written files.
+
+Each check is named, so a failure says which one (`manifest`, `finite`, ...).
+Structure first (cheap, streamed tensor by tensor), then a real load with
+transformers and a short greedy generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ZenithError
+
+INDEX_FILE = "model.safetensors.index.json"
+MANIFEST_FILE = ".zenith/manifest.json"
+DEFAULT_PROMPTS = ("def fibonacci(n):", "Question: what is 12 + 7?")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class SmokeReport:
+    folder: Path
+    checks: list[CheckResult] = field(default_factory=list)
+    samples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.name for c in self.checks if not c.ok]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_index(folder: Path) -> str:
+    """The index names existing shards, and each shard holds exactly the tensors the index gives it."""
+    from .io.safetensors_format import read_header
+
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        raise ZenithError(f"{INDEX_FILE} is missing")
+    weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+    by_file: dict[str, set[str]] = {}
+    for tensor, file in weight_map.items():
+        by_file.setdefault(file, set()).add(tensor)
+    for file, names in sorted(by_file.items()):
+        if not (folder / file).is_file():
+            raise ZenithError(f"shard {file} named in the index is missing")
+        in_file = set(read_header(folder / file).tensors)
+        if in_file != names:
+            extra, missing = sorted(in_file - names), sorted(names - in_file)
+            raise ZenithError(f"{file}: tensors not in the index {extra[:3]}, in the index but absent {missing[:3]}")
+    stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in by_file)
+    if stray:
+        raise ZenithError(f"shards not named in the index: {stray}")
+    return f"{len(weight_map)} tensors in {len(by_file)} shards"
+
+
+def check_manifest(folder: Path) -> str:
+    """Every shard's sha256 equals the one recorded when it was written."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise ZenithError(f"{MANIFEST_FILE} is missing")
+    shards = json.loads(path.read_text())["shards"]
+    for name, entry in sorted(shards.items()):
+        if _sha256(folder / name) != entry["sha256"]:
+            raise ZenithError(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
+    return f"{len(shards)} shards verified"
+
+
+def check_planned_tensors(folder: Path) -> str:
+    """Every tensor of the plan is present with the planned shape and dtype, and nothing else."""
+    from .io.reader import Checkpoint
+    from .plan import Plan
+
+    plan = Plan.load(folder)
+    with Checkpoint.open(folder) as ckpt:
+        names = set(ckpt.names())
+        planned = {t.name: t for t in plan.tensors}
+        if names != set(planned):
+            raise ZenithError(f"missing {sorted(set(planned) - names)[:3]}, unplanned {sorted(names - set(planned))[:3]}")
+        for name, t in planned.items():
+            info = ckpt.info(name)
+            if (info.dtype, tuple(info.shape)) != (t.dtype, tuple(t.shape)):
+                raise ZenithError(f"{name}: {info.dtype}{list(info.shape)}, planned {t.dtype}{list(t.shape)}")
+    return f"{len(planned)} tensors as planned"
+
+
+def check_finite(folder: Path) -> str:
+    """No NaN or Inf in any tensor (streamed: one tensor in memory at a time)."""
+    import torch
+
+    from .io.reader import Checkpoint
+
+    with Checkpoint.open(folder) as ckpt:
+        for name in ckpt.names():
+            t = ckpt.read(name)
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+                raise ZenithError(f"{name} has NaN or Inf values")
+        return f"{len(ckpt)} tensors finite"
+
+
+def check_config_tokenizer(folder: Path) -> str:
+    """config.json, the tokenizer and generation_config.json agree on vocabulary size and special-token ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if len(tok) > config.vocab_size:
+        raise ZenithError(f"tokenizer has {len(tok)} tokens but config.json vocab_size is {config.vocab_size}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        cid, tid = getattr(config, key, None), getattr(tok, key, None)
+        if tid is not None and cid is not None and cid != tid and not (isinstance(cid, list) and tid in cid):
+            raise ZenithError(f"config.json {key}={cid} but the tokenizer's is {tid}")
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        bad = [e for e in eos if not 0 <= e < config.vocab_size]
+        if bad:
+            raise ZenithError(f"generation_config.json eos_token_id {bad} outside the vocabulary")
+    return f"vocab {config.vocab_size}, tokenizer {len(tok)}"
+
+
+def check_generation(folder: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16) -> tuple[str, dict[str, str]]:
+    """The folder loads with AutoModelForCausalLM (no custom code) and generates greedily with finite logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    samples = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt")
+            logits = model(**ids).logits
+            if not bool(torch.isfinite(logits).all()):
+                raise ZenithError(f"non-finite logits for prompt {prompt!r}")
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            new = out[0, ids["input_ids"].shape[1]:]
+            if new.numel() == 0:
+                raise ZenithError(f"generated nothing for prompt {prompt!r}")
+            samples[prompt] = tok.decode(new, skip_special_tokens=False)
+    return f"{len(prompts)} prompts, {sum(map(len, samples.values()))} characters generated", samples
+
+
+def run_smoke_test(folder: str | Path, *, generate: bool = True, progress: Callable[[str], None] | None = None) -> SmokeReport:
+    """Run every check on `folder`; each failure is recorded under its check's name rather than raised."""
+    folder = Path(folder).resolve()
+    report = SmokeReport(folder)
+    checks: list[tuple[str, Callable[[Path], object]]] = [
+        ("index", check_index),
+        ("manifest", check_manifest),
+        ("planned-tensors", check_planned_tensors),
+        ("finite", check_finite),
+        ("config-tokenizer", check_config_tokenizer),
+    ]
+    if generate:
+        checks.append(("generate", check_generation))
+    for name, fn in checks:
+        if progress:
+            progress(name)
+        try:
+            detail = fn(folder)
+            if isinstance(detail, tuple):
+                detail, report.samples = detail
+            report.checks.append(CheckResult(name, True, str(detail)))
+        except Exception as err:  # a check's failure is data for the report, whatever raised it
+            report.checks.append(CheckResult(name, False, f"{type(err).__name__}: {err}" if not isinstance(err, ZenithError) else str(err)))
+            if name == "index":  # nothing else can be trusted without a consistent index
+                break
+    return report
+
+
+def format_report(report: SmokeReport) -> str:
+    """A short plain-text table of the checks."""
+    width = max(len(c.name) for c in report.checks)
+    lines = [f"smoke test: {report.folder}"]
+    lines += [f"  {'PASS' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}" for c in report.checks]
+    for prompt, text in report.samples.items():
+        lines.append(f"  sample  {prompt!r} -> {text!r}")
+    lines.append("  result: " + ("ok" if report.ok else "FAILED: " + ", ".join(report.failed)))
+    return "\n".join(lines)
+
+

@@ -71,14 +71,22 @@ def _check_model_ref(value: str) -> str:
 ModelRef = Annotated[str, BeforeValidator(_check_model_ref)]
 
 
-class ExpertSource(_Strict):
-    """One `experts[]` entry: a model whose experts (or MLP, for a dense model) join the output."""
+class SharedExpertSource(_Strict):
+    """mergekit-moe's `Expert`: a model with the prompts that describe what it is good at.
+
+    As a `shared_experts[]` entry, its MLP becomes an always-on expert.
+    """
 
     source_model: ModelRef
     positive_prompts: list[str] = Field(default_factory=list)
     negative_prompts: list[str] = Field(default_factory=list)
     noise_scale: float | None = None
     residual_scale: float | None = None
+
+
+class ExpertSource(SharedExpertSource):
+    """One `experts[]` entry: a model whose experts (or MLP, for a dense model) join the output."""
+
     keep: int | Literal["all"] = Field("all", description="experts kept per layer from this source, most used first")
 
     @field_validator("keep")
@@ -87,16 +95,6 @@ class ExpertSource(_Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError(f"must be >= 1 or 'all', got {v}")
         return v
-
-
-class SharedExpertSource(_Strict):
-    """One `shared_experts[]` entry (mergekit-moe's syntax): a model whose MLP becomes an always-on expert."""
-
-    source_model: ModelRef
-    positive_prompts: list[str] = Field(default_factory=list)
-    negative_prompts: list[str] = Field(default_factory=list)
-    noise_scale: float | None = None
-    residual_scale: float | None = None
 
 
 class TokenSetting(_Strict):

@@ -4,8 +4,9 @@
     .venv/bin/python bench/passthrough.py --sizes demo --repeats 5
 
 Each repeat runs, back to back: `cp` of the checkpoint's files, `zenith-merge merge` of a config
-with only that base (every tensor copied bit for bit), and a merge with `dtype: float32` (every
-tensor decoded and converted, the slow path). Each runs under `/usr/bin/time -v` for its peak RSS.
+with only that base (every tensor copied bit for bit), a merge with `dtype: float32` (every
+tensor decoded and converted, the slow path), and the same copy through mergekit's own
+LazyTensorLoader and TensorWriter (bench/mergekit_copy.py). Each runs under `/usr/bin/time -v` for its peak RSS.
 Medians are reported; the page cache is warm for all contenders after the first repeat.
 """
 
@@ -32,7 +33,7 @@ CLI = [sys.executable, "-m", "zenith_merge.cli"]
 SIZES = {
     # (hidden, layers, experts, moe_inter, vocab): ~5 MB and ~4 GB in bfloat16
     "demo": dict(hidden_size=128, num_hidden_layers=4, n_routed_experts=8, moe_intermediate_size=64, vocab_size=2048),
-    "4GB": dict(hidden_size=2048, num_hidden_layers=8, n_routed_experts=32, moe_intermediate_size=1024, vocab_size=32000),
+    "4GB": dict(hidden_size=2048, num_hidden_layers=10, n_routed_experts=32, moe_intermediate_size=1024, vocab_size=32000),
 }
 
 
@@ -112,19 +113,15 @@ def bench_size(label: str, work: Path, repeats: int) -> dict:
     src = synthetic_deepseek(work / f"src-{label}", SIZES[label])
     files = sorted(src.glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
-    import safetensors
+    from zenith_merge.io.safetensors_format import read_header
 
-    largest = 0
-    for f in files:
-        with safetensors.safe_open(f, "pt") as h:
-            largest = max(largest, max(h.get_slice(k).get_shape().__len__() and
-                                       torch.Size(h.get_slice(k).get_shape()).numel() * 2 for k in h.keys()))
+    largest = max(e.end - e.begin for f in files for e in read_header(f).tensors.values())
     configs = {}
     for name, extra in (("zenith copy", ""), ("zenith to-f32", "dtype: float32\n")):
         cfg = work / f"{label}-{name.replace(' ', '_')}.yml"
         cfg.write_text(f"base_model: {src}\nmax_shard_size: 1GB\n{extra}")
         configs[name] = cfg
-    runs: dict[str, list[tuple[float, int]]] = {"cp": [], **{k: [] for k in configs}}
+    runs: dict[str, list[tuple[float, int]]] = {"cp": [], **{k: [] for k in configs}, "mergekit io": []}
     for _ in range(repeats):
         dst = work / "out"
         shutil.rmtree(dst, ignore_errors=True)
@@ -133,6 +130,9 @@ def bench_size(label: str, work: Path, repeats: int) -> dict:
         for name, cfg in configs.items():
             shutil.rmtree(dst, ignore_errors=True)
             runs[name].append(timed([*CLI, "merge", str(cfg), "--output", str(dst), "--no-progress"]))
+        shutil.rmtree(dst, ignore_errors=True)
+        runs["mergekit io"].append(timed([sys.executable, str(ROOT / "bench" / "mergekit_copy.py"), str(src), str(dst),
+                                          str(10**9)]))
         shutil.rmtree(dst, ignore_errors=True)
     out = {"label": label, "bytes": nbytes, "largest_tensor_bytes": largest, "repeats": repeats}
     for name, rs in runs.items():
@@ -161,7 +161,7 @@ def main() -> None:
     print("| checkpoint | contender | median wall s | throughput vs cp | peak RSS MiB | RSS - 2x largest tensor MiB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        for name in ("cp", "zenith copy", "zenith to-f32"):
+        for name in ("cp", "zenith copy", "zenith to-f32", "mergekit io"):
             m = r[name]
             print(f"| {r['label']} ({r['bytes'] / mb:.0f} MiB, largest tensor {r['largest_tensor_bytes'] / mb:.1f} MiB) "
                   f"| {name} | {m['wall_s']:.2f} | {r['cp']['wall_s'] / m['wall_s']:.2f}x | {m['rss_bytes'] / mb:.0f} "

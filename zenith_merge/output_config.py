@@ -10,13 +10,13 @@ by another tool can be checked without being written.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .architectures import ARCHITECTURES
 from .errors import OutputError
+from .io.manifest import write_json_atomic
 
 # Config keys the merge owns, beyond an architecture's own dimension keys.
 _MANAGED_KEYS = ("architectures", "model_type", "vocab_size", "dtype", "torch_dtype", "n_group", "topk_group",
@@ -35,13 +35,6 @@ class Drift:
 
     def __str__(self) -> str:
         return f"{self.file}: {self.key} is {self.found!r}, expected {self.expected!r}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import MergeConfig
+from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
-from .output_config import patch_output, write_json_atomic
+from .output_config import patch_output
 from .plan import Plan, build_plan
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class PlanTensorSource:
         ckpt = self._checkpoint(recipe.source)
         info = ckpt.info(recipe.tensor)
         if info.dtype == spec.dtype:
-            return ckpt.read_bytes(recipe.tensor)
+            return ckpt.byte_range(recipe.tensor) or ckpt.read_bytes(recipe.tensor)
         return ckpt.read(recipe.tensor).to(torch_dtype(spec.dtype))
 
     def close(self) -> None:

@@ -2,23 +2,31 @@
 
 Opening reads only `config.json`, the index and each shard's safetensors header,
 so it is cheap even for a 163-shard DeepSeek-V3. Tensors are then read one at a
-time with positioned reads (`preadv`) into a fresh buffer, not through
-safetensors' memory map: pages of a mapped file stay resident and count toward
-the process's RSS while the file is mapped, so streaming a 4 GB checkpoint
-through `safe_open` grows RSS towards the size of the files, whereas a merge
-here should hold about one tensor whatever the checkpoint's size (bench/).
+time with positioned reads into a fresh buffer, not through safetensors' memory
+map: pages of a memory-mapped file stay resident and count toward the process's
+RSS while the file is mapped, so streaming a 4 GB checkpoint through `safe_open`
+grows RSS to the size of the files, whereas a merge here should peak at about
+twice the largest tensor whatever the checkpoint's size (bench/ measures it).
+Pages read with `pread` land in the kernel's page cache, which the kernel can
+drop at will and which is not charged to the process. (Measured with safetensors
+0.8: reading every tensor of a 400 MB file of 20 MB tensors grew RSS by 387 MiB
+through `safe_open`, by 23 MiB here. safetensors 0.8 added `backend="pread"`,
+which behaves like this reader, but we support older versions.)
+
+The folder is read the way transformers reads it: `model.safetensors.index.json`
+if present, else `model.safetensors`; pickled `pytorch_model.bin` (single or
+indexed) only on request (`allow_pickle`), and then with `torch.load(weights_only=True)`.
 
 Every inconsistency is refused with the file and tensor named: an index entry
 pointing outside the folder, a missing shard, a tensor the index and the shard
 disagree on, a truncated or corrupt file, a shape or dtype that contradicts
-config.json. Pickled `.bin` checkpoints are read only when asked to
-(`allow_pickle`), and then with `torch.load(weights_only=True)`.
+config.json, FP8 weights without a `quantization_config`.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +34,7 @@ import torch
 
 from ..architectures import expected_shape
 from ..errors import CheckpointError
+from .byte_range import ByteRange, pread_into
 from .safetensors_format import CODES, FLOAT_CODES, FP8_CODES, read_header, torch_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -42,149 +51,207 @@ class TensorInfo:
     dtype: str  # safetensors code: "BF16", "F32", ...
     shape: tuple[int, ...]
     file: Path
-    offset: int  # absolute byte offset in `file` (-1 for pickled tensors)
+    offset: int  # absolute byte offset of the data in `file` (-1 for pickled tensors)
     nbytes: int
 
 
-def _inside(folder: Path, entry: str, index_name: str) -> Path:
-    """The path of an index entry, refused unless it stays inside `folder` (symlinks resolved)."""
+def _hf_cache_blobs(folder: Path) -> Path | None:
+    """The `blobs/` folder when `folder` is a Hugging Face hub snapshot, whose files are links into it."""
+    folder = folder.absolute()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return (folder.parent.parent / "blobs").resolve()
+    return None
+
+
+def _inside(folder: Path, entry: object, listed_in: str | None) -> Path:
+    """The file an index entry names, refused unless it exists and stays inside `folder`.
+
+    Links out of the folder are refused (an index must not make us read arbitrary files), except
+    the links of a Hugging Face hub cache snapshot into its own `blobs/`, which is how
+    `huggingface_hub.snapshot_download` lays every model out.
+    """
+    where = f"{folder / listed_in}: entry {entry!r}" if listed_in else str(folder / str(entry))
+    if not isinstance(entry, str) or not entry:
+        raise CheckpointError(f"{where} is not a file name")
     p = Path(entry)
     if p.is_absolute() or ".." in p.parts:
-        raise CheckpointError(f"{folder / index_name}: entry {entry!r} points outside the model folder")
+        raise CheckpointError(f"{where} points outside the model folder")
     full = folder / p
-    if full.exists() and not full.resolve().is_relative_to(folder.resolve()):
-        raise CheckpointError(f"{folder / index_name}: entry {entry!r} is a link to {full.resolve()}, outside the model folder")
+    if full.exists():
+        target = full.resolve()
+        blobs = _hf_cache_blobs(folder)
+        if not target.is_relative_to(folder.resolve()) and not (blobs and target.is_relative_to(blobs)):
+            raise CheckpointError(f"{where} is a link to {target}, outside the model folder")
     if not full.is_file():
-        raise CheckpointError(f"{folder}: shard {entry!r} named in {index_name} is missing")
+        raise CheckpointError(f"{folder}: shard {entry!r} named in {listed_in} is missing")
     return full
 
 
-def _read_index(folder: Path, index_name: str) -> dict[str, str]:
+def _read_json(path: Path) -> dict:
     try:
-        weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder / index_name}: unreadable index ({err})") from None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+def _weight_map(folder: Path, index_name: str) -> dict[str, str]:
+    weight_map = _read_json(folder / index_name).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{folder / index_name}: 'weight_map' is not a mapping")
+        raise CheckpointError(f"{folder / index_name}: no 'weight_map' mapping tensor names to files")
     return weight_map
 
 
-def _read_into(fd: int, buf: bytearray, offset: int, file: Path, name: str) -> None:
-    view, done = memoryview(buf), 0
-    while done < len(buf):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise CheckpointError(f"{file.name}: truncated file while reading tensor {name!r}")
-        done += n
+def _index_files(folder: Path, weight_map: dict[str, str], index_name: str) -> dict[Path, set[str]]:
+    """The files an index names, validated, in file-name order (shard 1 first), each with its listed tensors."""
+    files = {entry: _inside(folder, entry, index_name) for entry in dict.fromkeys(weight_map.values())}
+    by_file: dict[Path, set[str]] = {path: set() for path in sorted(files.values(), key=lambda p: p.name)}
+    for name, entry in weight_map.items():
+        by_file[files[entry]].add(name)
+    return by_file
+
+
+def _check_against_index(file: Path, names: list[str], listed: set[str], weight_map: dict[str, str],
+                         index_name: str) -> None:
+    """Refuse a shard whose tensors (`names`) differ from those the index gives it (`listed`)."""
+    for name in names:
+        if name not in listed:
+            if name in weight_map:
+                raise CheckpointError(f"{file}: tensor {name!r} is in this shard but {index_name} places it in "
+                                      f"{weight_map[name]!r}")
+            raise CheckpointError(f"{file}: tensor {name!r} is in this shard but not listed in {index_name}")
+    absent = listed.difference(names)
+    if absent:
+        more = f" ({len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise CheckpointError(f"{file}: tensor {min(absent)!r} is listed in {index_name} but absent from this shard{more}")
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, unpickled with `weights_only` (no code runs), memory-mapped where the format allows."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except Exception as err:  # torch raises many types for a bad or unsafe pickle
+        raise CheckpointError(f"{file}: cannot load with weights_only=True ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not a state dict (a {type(state).__name__})")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{file}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in CODES:
+            raise CheckpointError(f"{file}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
+    return state
 
 
 class Checkpoint:
-    """A lazy view over a local model folder (safetensors, single or sharded; `.bin` on request)."""
+    """A lazy view over a local Hugging Face model folder.
 
-    def __init__(self, path: Path, config: dict, infos: dict[str, TensorInfo], pickled: dict[Path, dict] | None = None):
+    Use `Checkpoint.open(path)`; close it (or use it as a context manager) to release the
+    file handles it caches, one per shard. Reads are positioned and thread-safe.
+    """
+
+    def __init__(self, path: Path, config: dict, infos: dict[str, TensorInfo], *, pickled: bool = False):
         self.path = path
         self.config = config
         self._infos = infos
-        self._fds: dict[Path, int] = {}
         self._pickled = pickled
+        self._handles: dict[Path, object] = {}  # shard -> raw file object (safetensors) or state dict (.bin)
+        self._lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, allow_pickle: bool = False, check_shapes: bool = True) -> Checkpoint:
-        """Open a model folder, reading only config, index and headers, and validate them."""
+        """Open a model folder, reading only config, index and headers, and validate them.
+
+        `check_shapes=False` skips the comparison of tensor shapes and dtypes with config.json
+        (for folders whose config is known to be stale); the file-level checks always run.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: no such model folder")
-        config = {}
-        if (folder / "config.json").is_file():
-            try:
-                config = json.loads((folder / "config.json").read_text())
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
-
+        config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         if (folder / SAFETENSORS_INDEX).is_file():
-            ckpt = cls._open_safetensors(folder, config, _read_index(folder, SAFETENSORS_INDEX))
-        elif (folder / SAFETENSORS_SINGLE).is_file() or any(folder.glob("*.safetensors")):
-            files = [folder / SAFETENSORS_SINGLE] if (folder / SAFETENSORS_SINGLE).is_file() else \
-                sorted(f for f in folder.glob("*.safetensors") if not f.name.startswith("."))
-            ckpt = cls._open_safetensors(folder, config, None, files)
+            weight_map = _weight_map(folder, SAFETENSORS_INDEX)
+            files = _index_files(folder, weight_map, SAFETENSORS_INDEX)
+            ckpt = cls(folder, config, cls._safetensors_infos(folder, files, weight_map))
+        elif (folder / SAFETENSORS_SINGLE).is_file():
+            files = {_inside(folder, SAFETENSORS_SINGLE, None): set()}
+            ckpt = cls(folder, config, cls._safetensors_infos(folder, files, None))
         elif (folder / PICKLE_INDEX).is_file() or (folder / PICKLE_SINGLE).is_file():
             ckpt = cls._open_pickle(folder, config, allow_pickle)
         else:
-            raise CheckpointError(
-                f"{folder}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, *.safetensors, "
-                f"{PICKLE_INDEX}, {PICKLE_SINGLE})")
+            found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+            hint = f"; found {', '.join(found[:5])} but no index saying what they hold" if found else ""
+            raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+                                  f"{PICKLE_INDEX}, {PICKLE_SINGLE}){hint}")
         ckpt._validate(check_shapes)
         return ckpt
 
-    @classmethod
-    def _open_safetensors(cls, folder: Path, config: dict, weight_map: dict[str, str] | None,
-                          files: list[Path] | None = None) -> Checkpoint:
-        if weight_map is not None:
-            files = []
-            for entry in dict.fromkeys(weight_map.values()):
-                files.append(_inside(folder, entry, SAFETENSORS_INDEX))
+    @staticmethod
+    def _safetensors_infos(folder: Path, files: dict[Path, set[str]],
+                           weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
-        for file in files:
+        for file, listed in files.items():
             header = read_header(file)
-            for name, e in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):
+            if weight_map is not None:
+                _check_against_index(file, list(header.tensors), listed, weight_map, SAFETENSORS_INDEX)
+            for name, e in header.tensors.items():
                 if name in infos:
-                    raise CheckpointError(f"{folder}: tensor {name!r} appears in both {infos[name].file.name} and {file.name}")
-                if weight_map is not None and weight_map.get(name) is None:
-                    raise CheckpointError(f"{file.name}: tensor {name!r} is not listed in {SAFETENSORS_INDEX}")
-                if weight_map is not None and (folder / weight_map[name]).resolve() != file.resolve():
-                    raise CheckpointError(
-                        f"{file.name}: tensor {name!r} is here but {SAFETENSORS_INDEX} places it in {weight_map[name]}")
+                    raise CheckpointError(f"{folder}: tensor {name!r} appears in both {infos[name].file.name} and "
+                                          f"{file.name}")
                 infos[name] = TensorInfo(name, e.dtype, e.shape, file, header.data_start + e.begin, e.end - e.begin)
-        if weight_map is not None:
-            for name, entry in weight_map.items():
-                if name not in infos:
-                    raise CheckpointError(f"{entry}: tensor {name!r} listed in {SAFETENSORS_INDEX} is absent from the shard")
-        return cls(folder, config, infos)
+        return infos
 
     @classmethod
     def _open_pickle(cls, folder: Path, config: dict, allow_pickle: bool) -> Checkpoint:
-        if (folder / PICKLE_INDEX).is_file():
-            files = [_inside(folder, e, PICKLE_INDEX) for e in dict.fromkeys(_read_index(folder, PICKLE_INDEX).values())]
-        else:
-            files = [folder / PICKLE_SINGLE]
+        weight_map = _weight_map(folder, PICKLE_INDEX) if (folder / PICKLE_INDEX).is_file() else None
+        files = _index_files(folder, weight_map, PICKLE_INDEX) if weight_map is not None else \
+            {_inside(folder, PICKLE_SINGLE, None): set()}
         if not allow_pickle:
             raise CheckpointError(
-                f"{files[0]}: pickled .bin checkpoint; pickles can run code when loaded, so they are read only on "
-                f"request: convert it to safetensors, or set allow_pickle: true in the config (read with weights_only)")
-        pickled, infos = {}, {}
-        for file in files:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:  # torch raises many types for a bad pickle
-                raise CheckpointError(f"{file.name}: cannot load with weights_only ({err})") from None
-            pickled[file] = state
+                f"{next(iter(files))}: pickled .bin checkpoint; a pickle can run code when loaded, so it is read "
+                f"only on request: convert the model to safetensors, or opt in with `allow_pickle: true` in the "
+                f"merge config (Checkpoint.open(..., allow_pickle=True)); it is then read with "
+                f"torch.load(weights_only=True)")
+        ckpt = cls(folder, config, {}, pickled=True)
+        for file, listed in files.items():
+            state = _torch_load(file)
+            if weight_map is not None:
+                _check_against_index(file, list(state), listed, weight_map, PICKLE_INDEX)
             for name, t in state.items():
-                if t.dtype not in CODES:
-                    raise CheckpointError(f"{file.name}: tensor {name!r} has unsupported dtype {t.dtype}")
-                infos[name] = TensorInfo(name, CODES[t.dtype], tuple(t.shape), file, -1, t.numel() * t.element_size())
-        return cls(folder, config, infos, pickled)
+                if name in ckpt._infos:
+                    raise CheckpointError(f"{folder}: tensor {name!r} appears in both {ckpt._infos[name].file.name} "
+                                          f"and {file.name}")
+                ckpt._infos[name] = TensorInfo(name, CODES[t.dtype], tuple(t.shape), file, -1,
+                                               t.numel() * t.element_size())
+            ckpt._handles[file] = state
+        return ckpt
 
     def _validate(self, check_shapes: bool) -> None:
         quantized = bool(self.config.get("quantization_config"))
         for info in self._infos.values():
-            where = f"{info.file.name}: tensor {info.name!r}"
+            where = f"{info.file}: tensor {info.name!r}"
             if info.dtype in FP8_CODES and not quantized:
-                raise CheckpointError(f"{where} is {info.dtype} but config.json has no quantization_config "
-                                      f"(an FP8 checkpoint must say how its scales are laid out)")
-            if not check_shapes:
-                continue
-            want = expected_shape(self.config, info.name)
+                raise CheckpointError(
+                    f"{where} is {info.dtype} but config.json has no quantization_config, so its scales cannot be "
+                    f"interpreted (FP8 checkpoints without one are not supported yet)")
+            want = expected_shape(self.config, info.name) if check_shapes else None
             if want is None:
                 continue
-            if tuple(info.shape) != want:
-                raise CheckpointError(f"{where} has shape {tuple(info.shape)} but config.json implies {want}")
+            if tuple(info.shape) != tuple(want):
+                raise CheckpointError(f"{where} has shape {tuple(info.shape)} but config.json implies {tuple(want)}")
             if info.dtype not in FLOAT_CODES:
                 raise CheckpointError(f"{where} has dtype {info.dtype}; a floating-point weight was expected")
 
     # -- access --------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Tensor names in file order (shard by shard, by offset)."""
+        """Tensor names in file order: shard by shard (by file name), by offset within a shard."""
         return list(self._infos)
 
     def info(self, name: str) -> TensorInfo:
@@ -201,39 +268,53 @@ class Checkpoint:
         return len(self._infos)
 
     def files(self) -> list[Path]:
-        """The weight files of this checkpoint."""
+        """The weight files of this checkpoint, in the order `names()` visits them."""
         return list(dict.fromkeys(i.file for i in self._infos.values()))
 
+    def _handle(self, file: Path):
+        with self._lock:
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = _torch_load(file) if self._pickled else open(file, "rb", buffering=0)
+                self._handles[file] = handle
+            return handle
+
     def read_bytes(self, name: str) -> bytearray:
-        """A tensor's raw little-endian bytes, in a buffer of their own."""
+        """A tensor's raw little-endian bytes in a buffer of their own: the fast path for same-dtype copies."""
         info = self.info(name)
-        if self._pickled is not None:
-            t = self._pickled[info.file][name].contiguous()
-            return bytearray(t.view(torch.uint8).numpy().tobytes()) if t.numel() else bytearray()
+        if self._pickled:
+            t = self._handle(info.file)[name]
+            return bytearray(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else bytearray()
         buf = bytearray(info.nbytes)
         if info.nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            _read_into(fd, buf, info.offset, info.file, name)
+            pread_into(self._handle(info.file), memoryview(buf), info.offset, self._lock, f"tensor {name!r}")
         return buf
+
+    def byte_range(self, name: str) -> ByteRange | None:
+        """Where a tensor's raw bytes lie on disk, for the writer to copy in chunks; None for pickled tensors.
+
+        The fastest same-dtype copy: nothing is read until the writer streams it, and never all at once.
+        """
+        info = self.info(name)
+        return None if self._pickled else ByteRange(info.file, info.offset, info.nbytes)
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in memory of its own (not a view of a mapped file)."""
         info = self.info(name)
+        if self._pickled:
+            return self._handle(info.file)[name].clone(memory_format=torch.contiguous_format)
         dtype = torch_dtype(info.dtype)
-        if self._pickled is not None:
-            return self._pickled[info.file][name].clone()
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buf = self.read_bytes(name)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+        return torch.frombuffer(self.read_bytes(name), dtype=torch.uint8).view(dtype).reshape(info.shape)
 
     def close(self) -> None:
-        """Close the file descriptors opened for reading."""
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """Release the cached file handles (and memory-mapped .bin state dicts); reads reopen them."""
+        with self._lock:
+            handles, self._handles = self._handles, {}
+        for h in handles.values():
+            if hasattr(h, "close"):
+                h.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -241,8 +322,18 @@ class Checkpoint:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __getstate__(self) -> dict:
+        # A checkpoint sent to a worker process reopens its files there.
+        state = dict(self.__dict__)
+        state["_handles"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown
+        except Exception:  # interpreter shutdown: modules may already be gone
             pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,19 +20,26 @@ import torch
 
 from ..errors import CheckpointError
 
-# safetensors dtype code -> torch dtype
+# safetensors dtype code -> torch dtype. Codes whose torch dtype this torch build lacks are left out.
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    code: getattr(torch, name)
+    for code, name in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+        ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu"),
+        ("C64", "complex64"),
+    )
+    if hasattr(torch, name)
 }
-for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _name):
-        DTYPES[_code] = getattr(torch, _name)
 CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
+# Sub-byte codes the format defines but that have no one-element-per-item torch dtype.
+UNSUPPORTED_CODES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"}) | FP8_CODES
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+DEFAULT_METADATA = {"format": "pt"}  # transformers refuses files without it
 
 
 def itemsize(code: str) -> int:
@@ -45,15 +53,17 @@ def torch_dtype(code: str) -> torch.dtype:
 
 
 def dtype_code(dtype: torch.dtype) -> str:
-    """The safetensors dtype code of a torch dtype."""
+    """The safetensors dtype code of a torch dtype (KeyError for one the format cannot store)."""
     return CODES[dtype]
 
 
 @dataclass(frozen=True)
 class HeaderEntry:
+    """One tensor of a header; `begin`/`end` are relative to `Header.data_start`."""
+
     dtype: str
     shape: tuple[int, ...]
-    begin: int  # relative to data_start
+    begin: int
     end: int
 
 
@@ -62,66 +72,100 @@ class Header:
     """A parsed, validated safetensors header."""
 
     path: Path
-    tensors: dict[str, HeaderEntry]
+    tensors: dict[str, HeaderEntry]  # in file order (by offset)
     metadata: dict[str, str]
-    data_start: int
+    data_start: int  # absolute offset of the first data byte
     file_size: int
 
 
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, raw: object, data_len: int, file_size: int, data_start: int) -> HeaderEntry:
+    """Validate one header entry against the format and the file's size."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: corrupt safetensors header (entry is not an object)")
+    code, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
+        raise CheckpointError(f"{where}: corrupt safetensors header (shape {shape!r})")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: corrupt safetensors header (data_offsets {offsets!r})")
+    if code in UNSUPPORTED_CODES:
+        raise CheckpointError(f"{where} has dtype {code}, which zenith-merge does not support yet")
+    if code not in DTYPES:
+        raise CheckpointError(f"{where} has unknown dtype {code!r} (a corrupt header, or a dtype newer than "
+                              f"zenith-merge knows)")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * itemsize(code):
+        raise CheckpointError(
+            f"{where}: corrupt safetensors header ({code}{shape} needs {math.prod(shape) * itemsize(code)} bytes, "
+            f"its offsets span {end - begin})")
+    if end > data_len:
+        raise CheckpointError(
+            f"{where}: truncated file (the tensor ends at byte {data_start + end}, the file has {file_size} bytes)")
+    return HeaderEntry(code, tuple(shape), begin, end)
+
+
 def read_header(path: Path) -> Header:
-    """Parse and validate the header of a safetensors file; refuse truncated or corrupt files by name."""
+    """Parse and validate the header of a safetensors file, reading nothing past it.
+
+    Refuses, naming the file (and tensor): a header longer than the file ("truncated"), JSON
+    that does not parse or does not describe tensors ("corrupt"), unknown dtypes, byte spans
+    that disagree with dtype and shape, tensors ending past the end of the file, and overlaps.
+    """
     path = Path(path)
     try:
         file_size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path.name}: truncated safetensors file ({file_size} bytes, no header)")
+                raise CheckpointError(f"{path}: truncated safetensors file ({file_size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > file_size:
-                kind = "truncated" if n <= MAX_HEADER_BYTES else "corrupt"
-                raise CheckpointError(f"{path.name}: {kind} safetensors file (header of {n} bytes, file of {file_size})")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors file (header length {n} is implausible)")
+            if 8 + n > file_size:
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file (header of {n} bytes, file of {file_size})")
             raw = f.read(n)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header (not valid JSON)") from None
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header (not a JSON object)")
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = data.pop("__metadata__", None) or {}
-    data_start, data_len = 8 + n, file_size - 8 - n
-    tensors: dict[str, HeaderEntry] = {}
-    for name, e in data.items():
-        try:
-            code, shape, (begin, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path.name}: corrupt header entry for tensor {name!r}") from None
-        if code not in DTYPES:
-            raise CheckpointError(f"{path.name}: tensor {name!r} has unknown dtype {code!r}")
-        if end - begin != math.prod(shape) * itemsize(code) or begin < 0:
-            raise CheckpointError(f"{path.name}: corrupt header: tensor {name!r} {code}{list(shape)} spans {end - begin} bytes")
-        if end > data_len:
-            raise CheckpointError(
-                f"{path.name}: truncated file: tensor {name!r} ends at byte {data_start + end}, the file has {file_size}")
-        tensors[name] = HeaderEntry(code, shape, begin, end)
-    spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
-    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise CheckpointError(f"{path.name}: corrupt header: tensors {a!r} and {b!r} overlap")
-    return Header(path, tensors, metadata, data_start, file_size)
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    data_start = 8 + n
+    entries = {name: _entry(path, name, e, file_size - data_start, file_size, data_start) for name, e in data.items()}
+    ordered = sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end))
+    spans = [(name, e) for name, e in ordered if e.end > e.begin]
+    for (a, ea), (b, eb) in zip(spans, spans[1:]):
+        if eb.begin < ea.end:
+            raise CheckpointError(f"{path}: corrupt safetensors header (tensors {a!r} and {b!r} overlap)")
+    return Header(path, dict(ordered), metadata, data_start, file_size)
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> bytes:
-    """The header bytes (length prefix included) laying `entries` out contiguously in the given order.
+def build_header(
+    tensors: Sequence[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+) -> bytes:
+    """The header bytes (length prefix included) for `tensors` laid out contiguously in the given order.
 
-    The JSON is padded with spaces to a multiple of 8 bytes, as the safetensors library does, so
-    tensor data starts aligned.
+    Knowing every name, dtype and shape up front is what lets the writer put the header first
+    and stream the data after it. The JSON is padded with spaces to a multiple of 8 bytes, as
+    the safetensors library does, so tensor data starts aligned. `metadata` defaults to
+    `{"format": "pt"}`, which transformers requires.
     """
-    obj: dict[str, object] = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}
+    obj: dict[str, object] = {"__metadata__": dict(DEFAULT_METADATA if metadata is None else metadata)}
     offset = 0
-    for name, code, shape in entries:
+    for name, code, shape in tensors:
+        if name in obj:
+            raise ValueError(f"tensor {name!r} appears twice in one safetensors header")
         size = math.prod(shape) * itemsize(code)
         obj[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size

@@ -3,197 +3,203 @@
 The plan knows every output tensor's name, dtype and shape before any weight is
 read, so each shard's safetensors header is written first and its tensors are
 then produced and appended one at a time: memory holds about one tensor, never a
-shard. Each shard is written under a temporary name, fsync'd and renamed; the
-manifest (`.zenith/manifest.json`, each finished shard's sha256) is rewritten
-atomically after every shard; the index is written last. A run killed at any
-point and resumed keeps the finished shards and ends byte-identical to an
-uninterrupted run. Shards are independent, so they can be written in parallel by
-local processes or Ray tasks.
+shard. Each shard is written under a hidden temporary name, fsync'd and renamed;
+the manifest (`.zenith/manifest.json`, each finished shard's sha256 and size) is
+rewritten atomically after every shard; the index is written last, so its presence
+means the folder is complete. A run killed at any point and resumed keeps the
+finished shards and ends byte-identical to an uninterrupted run. Shards are
+independent, so they can be written in parallel by local processes or Ray tasks.
+
+Bytes are written in the host's byte order, which is little-endian on every
+platform torch ships for, as safetensors requires.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import shutil
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from multiprocessing import get_context
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..errors import OutputError
-from .safetensors_format import build_header, dtype_code, itemsize
+from .byte_range import COPY_CHUNK_BYTES, ByteRange, pread_into
+from .layout import ShardSpec, TensorSpec, layout_shards
+from .manifest import (
+    MANIFEST_FILE,
+    TMP_SUFFIX,
+    file_sha256,
+    fsync_dir,
+    read_manifest,
+    temp_path,
+    write_json_atomic,
+    write_manifest,
+)
+from .parallel import import_ray, write_with_pool, write_with_ray
+from .safetensors_format import CODES, build_header
+
+__all__ = [
+    "ByteRange",
+    "INDEX_FILE",
+    "MANIFEST_FILE",
+    "ShardSpec",
+    "TensorSource",
+    "TensorSpec",
+    "WriteResult",
+    "layout_shards",
+    "prepare_output_dir",
+    "read_manifest",
+    "write_checkpoint",
+    "write_shard",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
-MANIFEST_FILE = ".zenith/manifest.json"
-TMP_SUFFIX = ".tmp"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """An output tensor as the header needs it."""
-
-    name: str
-    dtype: str  # safetensors code
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """One output file and the tensors it holds, in order."""
-
-    filename: str
-    tensors: tuple[TensorSpec, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-def layout_shards(tensors: Sequence[TensorSpec], max_shard_size: int, prefix: str = "model") -> list[ShardSpec]:
-    """Pack tensors, in order, into shards of at most `max_shard_size` bytes of tensor data.
-
-    A tensor larger than the limit gets a shard of its own. Names follow transformers:
-    `model-00001-of-00003.safetensors`.
-    """
-    groups: list[list[TensorSpec]] = [[]]
-    size = 0
-    for t in tensors:
-        if groups[-1] and size + t.nbytes > max_shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(t)
-        size += t.nbytes
-    groups = [g for g in groups if g]
-    n = len(groups)
-    return [ShardSpec(f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+ZENITH_DIR = ".zenith"
 
 
 class TensorSource(Protocol):
-    """What the writer pulls tensors from. Must be picklable: it is sent to worker processes."""
+    """What the writer pulls tensors from. Must be picklable: it is sent to worker processes.
 
-    def produce(self, spec: TensorSpec) -> torch.Tensor | bytes | bytearray | memoryview: ...
+    `produce` returns the tensor for `spec` with exactly its dtype and shape, or its raw
+    little-endian bytes (written as they are: the fast path for same-dtype copies), or a
+    `ByteRange` of a file holding those bytes (copied in chunks: the fastest path, and the
+    only one that never holds the whole tensor).
+    """
+
+    def produce(self, spec: TensorSpec) -> torch.Tensor | bytes | bytearray | memoryview | ByteRange: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class WriteResult:
-    """What a write did: shards written now, shards kept from an earlier run, sha256 per shard."""
+    """What a write did: shards written now and kept from an earlier run (in shard order), bytes, sha256s."""
 
-    written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    sha256: dict[str, str] = field(default_factory=dict)
-    total_bytes: int = 0
+    written: list[str]
+    skipped: list[str]
+    total_bytes: int  # tensor bytes of the whole checkpoint, as the index's total_size
+    sha256: dict[str, str]  # every shard of the checkpoint
 
 
 def _as_bytes(spec: TensorSpec, data) -> memoryview:
+    """The bytes to write for `spec`, refused unless they are exactly what the header promised."""
     if isinstance(data, torch.Tensor):
-        code = dtype_code(data.dtype)
+        code = CODES.get(data.dtype, str(data.dtype))
         if code != spec.dtype or tuple(data.shape) != tuple(spec.shape):
-            raise OutputError(f"tensor {spec.name!r}: produced {code}{list(data.shape)}, planned {spec.dtype}{list(spec.shape)}")
+            raise OutputError(f"tensor {spec.name!r}: produced {code}{list(data.shape)}, "
+                              f"planned {spec.dtype}{list(spec.shape)}")
         if data.numel() == 0:
             return memoryview(b"")
-        flat = data.detach().contiguous().reshape(-1)
+        flat = data.detach().cpu().contiguous().reshape(-1)
         return memoryview(flat.view(torch.uint8).numpy())
-    view = memoryview(data).cast("B")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise OutputError(f"tensor {spec.name!r}: produced a {type(data).__name__}, not a tensor or "
+                          f"contiguous bytes") from None
     if view.nbytes != spec.nbytes:
-        raise OutputError(f"tensor {spec.name!r}: produced {view.nbytes} bytes, planned {spec.nbytes}")
+        raise OutputError(f"tensor {spec.name!r}: produced {view.nbytes} bytes, planned {spec.nbytes} "
+                          f"({spec.dtype}{list(spec.shape)})")
     return view
 
 
-def _atomic_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class _RangeCopier:
+    """Streams `ByteRange`s into the shard through one reusable chunk buffer, source files opened once."""
+
+    def __init__(self):
+        self._files: dict[Path, object] = {}
+        self._buf: memoryview | None = None
+
+    def copy(self, spec: TensorSpec, rng: ByteRange, write: Callable[[memoryview], None]) -> None:
+        if rng.nbytes != spec.nbytes:
+            raise OutputError(f"tensor {spec.name!r}: produced a range of {rng.nbytes} bytes, planned {spec.nbytes} "
+                              f"({spec.dtype}{list(spec.shape)})")
+        if rng.nbytes == 0:
+            return
+        f = self._files.get(rng.file)
+        if f is None:
+            f = self._files[rng.file] = open(rng.file, "rb", buffering=0)  # closed in close()
+        need = min(COPY_CHUNK_BYTES, rng.nbytes)
+        if self._buf is None or len(self._buf) < need:
+            self._buf = memoryview(bytearray(need))
+        for start in range(0, rng.nbytes, len(self._buf)):
+            chunk = self._buf[:min(len(self._buf), rng.nbytes - start)]
+            pread_into(f, chunk, rng.offset + start, None, f"tensor {spec.name!r}")
+            write(chunk)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
 
-def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource, on_bytes=None) -> tuple[str, str, int]:
-    """Write one shard atomically; return (filename, sha256, size). The unit of work of a worker."""
-    final = out_dir / shard.filename
-    tmp = out_dir / f".{shard.filename}{TMP_SUFFIX}"
-    digest = hashlib.sha256()
+def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
+                on_bytes: Callable[[int], None] | None = None) -> tuple[str, str, int]:
+    """Write one shard atomically and return (filename, sha256, size): the unit of work of a worker.
+
+    The sha256 is computed from the bytes as they are written, so the file is never read back.
+    The temporary name carries the process id, so a worker orphaned by a killed parent can
+    never write into a file a resumed run is writing.
+    """
+    final = Path(out_dir) / shard.filename
+    tmp = temp_path(final, f".{os.getpid()}")
     header = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors])
-    with tmp.open("wb") as f:
-        f.write(header)
-        digest.update(header)
-        for spec in shard.tensors:
-            data = _as_bytes(spec, source.produce(spec))
-            f.write(data)
-            digest.update(data)
-            if on_bytes:
-                on_bytes(spec.nbytes)
-            del data
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
-    os.replace(tmp, final)
+    digest = hashlib.sha256()
+    copier = _RangeCopier()
+    try:
+        with tmp.open("wb") as f:
+            def write(data) -> None:
+                f.write(data)
+                digest.update(data)
+
+            write(header)
+            for spec in shard.tensors:
+                data = source.produce(spec)
+                if isinstance(data, ByteRange):
+                    copier.copy(spec, data, write)
+                else:
+                    write(_as_bytes(spec, data))
+                del data  # drop this tensor before producing the next
+                if on_bytes is not None:
+                    on_bytes(spec.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        copier.close()
+    fsync_dir(final.parent)
     return shard.filename, digest.hexdigest(), size
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(16 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
+def _check_layout(shards: Sequence[ShardSpec]) -> None:
+    seen_files, seen_tensors = set(), set()
+    for shard in shards:
+        name = shard.filename
+        if name in seen_files or Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise ValueError(f"bad or repeated shard file name {name!r}")
+        seen_files.add(name)
+        for t in shard.tensors:
+            if t.name in seen_tensors:
+                raise ValueError(f"tensor {t.name!r} is planned twice")
+            seen_tensors.add(t.name)
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    """The manifest of an output folder, or None when there is none."""
-    path = out_dir / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a manifest is only ever replaced atomically; an unreadable one is treated as absent
-
-
-def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, source_dirs: Sequence[Path]) -> None:
-    """Make sure `out_dir` may be written: never a source's folder, never a non-empty folder by accident."""
-    out = Path(out_dir).resolve()
-    for src in source_dirs:
-        src = Path(src).resolve()
-        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
-            raise OutputError(f"output folder {out} overlaps source model folder {src}; source models are never modified")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise OutputError(f"output folder {out} is not empty: pass --resume to continue an interrupted merge, "
-                              f"or --overwrite to replace it")
-        if not (out / ".zenith").is_dir():
-            raise OutputError(f"output folder {out} is not a zenith-merge output (no .zenith/); refusing to delete "
-                              f"its contents with --overwrite: choose an empty folder")
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _finished(out_dir: Path, shards: Sequence[ShardSpec], manifest: dict | None, verify: bool) -> dict[str, dict]:
-    if not manifest:
-        return {}
+def _finished_shards(out_dir: Path, shards: Sequence[ShardSpec], manifest: dict, verify: bool) -> dict[str, dict]:
+    """The shards a manifest records that are still on disk as they were written."""
     done = {}
     for shard in shards:
-        entry = manifest.get("shards", {}).get(shard.filename)
+        entry = manifest["shards"].get(shard.filename)
         path = out_dir / shard.filename
-        if not entry or not path.is_file() or path.stat().st_size != entry["bytes"]:
+        if not isinstance(entry, dict) or not path.is_file() or path.stat().st_size != entry.get("bytes"):
             continue
-        if verify and _file_sha256(path) != entry["sha256"]:
+        if verify and file_sha256(path) != entry.get("sha256"):
             continue
         done[shard.filename] = entry
     return done
@@ -211,70 +217,89 @@ def write_checkpoint(
     progress: bool = True,
     verify_on_resume: bool = True,
 ) -> WriteResult:
-    """Write `shards` into `out_dir` (which `prepare_output_dir` has checked), then the index.
+    """Write `shards` into `out_dir`, pulling each tensor from `source`, then the index.
 
-    With `resume`, shards the manifest records for the same `plan_id`, present with the recorded
-    size (and sha256, when `verify_on_resume`), are kept; the rest are rewritten.
+    Without `resume`, `out_dir` must be empty or new (`prepare_output_dir` checks it). With it,
+    shards the manifest records for the same `plan_id` that are present with the recorded size
+    (and sha256, when `verify_on_resume`) are kept and the rest rewritten; a manifest from another
+    plan is refused. `workers > 1` writes shards concurrently in local processes; `backend="ray"`
+    runs them as Ray tasks (at most `workers` at a time) on a filesystem the cluster shares.
+    Output bytes do not depend on `workers` or `backend`.
     """
+    _check_layout(shards)
+    if backend not in ("local", "ray"):
+        raise OutputError(f"backend: {backend!r} is not one of 'local', 'ray'")
+    if backend == "ray":
+        import_ray()  # refuse before touching the folder
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out_dir)
-    if manifest and manifest.get("plan_id") != plan_id:
-        if resume:
-            raise OutputError(f"{out_dir} was written from a different plan (plan {str(manifest.get('plan_id'))[:12]}, "
-                              f"now {plan_id[:12]}): the config or a source changed; use --overwrite")
-        manifest = None
+    manifest = read_manifest(out_dir) if resume else None
+    if manifest is not None and manifest.get("plan_id") != plan_id:
+        raise OutputError(f"{out_dir}: the output folder was written from a different plan (plan "
+                          f"{str(manifest.get('plan_id'))[:12]}, now {plan_id[:12]}): the config or a source changed; "
+                          f"use overwrite to start again")
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # its presence means "complete"; it comes back last
     for stale in out_dir.glob(f".*{TMP_SUFFIX}"):
-        stale.unlink()
+        stale.unlink(missing_ok=True)
 
-    done = _finished(out_dir, shards, manifest if resume else None, verify_on_resume)
-    state = {"plan_id": plan_id, "shards": dict(done)}
-    _atomic_json(out_dir / MANIFEST_FILE, state)
-    result = WriteResult(skipped=sorted(done))
+    done = _finished_shards(out_dir, shards, manifest, verify_on_resume) if manifest else {}
+    records = dict(done)
+    write_manifest(out_dir, plan_id, records)
     todo = [s for s in shards if s.filename not in done]
 
-    bar = tqdm(total=sum(s.nbytes for s in shards), initial=sum(s.nbytes for s in shards if s.filename in done),
-               unit="B", unit_scale=True, unit_divisor=1024, desc="writing shards", disable=not progress)
+    def record(filename: str, sha256: str, size: int) -> None:
+        records[filename] = {"sha256": sha256, "bytes": size}
+        write_manifest(out_dir, plan_id, records)
 
-    def record(filename: str, sha: str, size: int) -> None:
-        state["shards"][filename] = {"sha256": sha, "bytes": size}
-        _atomic_json(out_dir / MANIFEST_FILE, state)
-        result.written.append(filename)
-
-    try:
-        if workers <= 1 or len(todo) <= 1:
+    total = sum(s.nbytes for s in shards)
+    with tqdm(total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
+              unit_divisor=1024, desc="writing shards", disable=not progress, dynamic_ncols=True) as bar:
+        if backend == "ray":
+            write_with_ray(out_dir, todo, source, workers, record, bar.update)
+        elif workers > 1 and len(todo) > 1:
+            write_with_pool(out_dir, todo, source, workers, record, bar.update)
+        else:
             for shard in todo:
                 record(*write_shard(out_dir, shard, source, on_bytes=bar.update))
-        elif backend == "ray":
-            _write_with_ray(out_dir, todo, source, workers, record, bar)
-        else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(write_shard, out_dir, shard, source): shard for shard in todo}
-                for fut in as_completed(futures):
-                    record(*fut.result())
-                    bar.update(futures[fut].nbytes)
-    finally:
-        bar.close()
 
     weight_map = {t.name: s.filename for s in shards for t in s.tensors}
-    total = sum(s.nbytes for s in shards)
-    _atomic_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    result.sha256 = {name: e["sha256"] for name, e in state["shards"].items()}
-    result.total_bytes = total
-    return result
+    write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return WriteResult(
+        written=[s.filename for s in todo],
+        skipped=[s.filename for s in shards if s.filename in done],
+        total_bytes=total,
+        sha256={s.filename: records[s.filename]["sha256"] for s in shards},
+    )
 
 
-def _write_with_ray(out_dir, todo, source, workers, record, bar) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise OutputError("backend: ray needs Ray: pip install 'zenith-merge[distributed]'") from None
-    if not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-    task = ray.remote(num_cpus=1)(write_shard)
-    pending = {task.remote(out_dir, shard, source): shard for shard in todo}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            record(*ray.get(ref))
-            bar.update(pending.pop(ref).nbytes)
+def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, source_dirs: Sequence[Path]) -> None:
+    """Make sure `out_dir` may be written, and create it.
+
+    Refuses an output folder that is, or is inside, a source model's folder (or contains one):
+    sources are never modified. Refuses a non-empty folder unless `resume` (which needs a
+    previous zenith-merge output there: a `.zenith/` folder) or `overwrite`. `overwrite` empties
+    the folder entirely, but only a folder that holds a previous zenith-merge output, so that a
+    mistyped path cannot wipe unrelated files.
+    """
+    if resume and overwrite:
+        raise OutputError("resume and overwrite exclude each other: resume keeps finished shards, overwrite deletes them")
+    out = Path(out_dir).resolve()
+    for src in source_dirs:
+        src = Path(src).resolve()
+        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+            raise OutputError(f"output folder {out} overlaps source model folder {src}; source models are never "
+                              f"modified: choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        ours = (out / ZENITH_DIR).is_dir()
+        if not (resume or overwrite):
+            raise OutputError(f"output folder {out} is not empty: pass --resume to continue an interrupted merge, "
+                              f"or --overwrite to replace it")
+        if not ours:
+            raise OutputError(f"output folder {out} is not empty and is not a zenith-merge output (no {ZENITH_DIR}/): "
+                              f"nothing to {'resume' if resume else 'overwrite'}; choose an empty folder")
+        if overwrite:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)

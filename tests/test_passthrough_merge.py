@@ -152,3 +152,13 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert "usage: zenith-merge " + command in capsys.readouterr().out
+
+
+def test_base_listed_among_experts_means_its_own_experts(tmp_path):
+    """The flagship lists the base among `experts` by its demo:// reference; that is not a donor."""
+    from zenith_merge.sources import resolve_model
+
+    assert resolve_model("demo://zen-tiny", build_demo=False).path.name == "zen-tiny"
+    from zenith_merge.demo import demo_dir
+
+    assert resolve_model("demo://zen-tiny", build_demo=False).path == demo_dir() / "zen-tiny"

@@ -39,12 +39,12 @@ class SourceModel:
 def resolve_model(ref: str, config_dir: Path | None = None, *, build_demo: bool = True) -> SourceModel:
     """Turn `demo://<name>` or a folder into a `SourceModel`; demo models are built on first use."""
     if ref.startswith(DEMO_SCHEME):
-        from .demo import cache_root, ensure_demo
+        from .demo import demo_dir, ensure_demo
 
         name = ref[len(DEMO_SCHEME):]
         if build_demo:
             return SourceModel(ref, ensure_demo(name))
-        return SourceModel(ref, cache_root() / name)
+        return SourceModel(ref, demo_dir() / name)
     path = resolve_path(ref, config_dir)
     if not path.is_dir():
         raise CheckpointError(f"{ref}: no such model folder ({path})")

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/demo_models.py            # the cached models (built first if missing)
     .venv/bin/python bench/demo_models.py --fresh    # build everything into a temporary cache, timed
+    .venv/bin/python bench/demo_models.py --bf16-cost  # also: what saving in bf16 costs (rebuilds two in float32)
 
 Bits per byte do not depend on the tokenizer, so models with different vocabularies compare
 directly. The parent (`zen-parent`) is listed too: each child should beat it on its own domain
@@ -50,6 +51,34 @@ def measure(folders: dict[str, Path]) -> list[dict]:
     return rows
 
 
+def bf16_cost(names=(PARENT_NAME, "qwen3-moe-tiny")) -> str:
+    """Rebuild models saving float32, and compare their bits per byte with the same weights rounded to bf16."""
+    from zenith_merge.demo import build
+
+    lines = ["| model | domain | float32 bpb | bf16 weights, float32 compute | bf16 weights and compute |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    build.SAVE_DTYPE = torch.float32
+    try:
+        with tempfile.TemporaryDirectory(prefix="zenith-demo-f32-") as tmp:
+            for name in names:
+                folder = build.build_model(name, Path(tmp) / name)
+                tok = AutoTokenizer.from_pretrained(folder)
+                f32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                rounded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                with torch.no_grad():  # as save_model does: all but e_score_correction_bias (kept float32)
+                    for n, t in rounded.state_dict().items():  # saved tensors only (not rotary caches)
+                        if t.is_floating_point() and not n.endswith("e_score_correction_bias"):
+                            t.copy_(t.to(torch.bfloat16))
+                bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+                for domain in ("code", "maths"):
+                    text = heldout_text(domain)
+                    bpb = [bits_per_byte(m, tok, text) for m in (f32, rounded, bf16)]
+                    lines.append(f"| {name} | {domain} | " + " | ".join(f"{b:.4f}" for b in bpb) + " |")
+    finally:
+        build.SAVE_DTYPE = torch.bfloat16
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     lines = ["| model | parameters | steps | lr | build s | final train loss | code bpb | maths bpb | maths (Qwen chat) bpb |",
@@ -63,6 +92,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fresh", action="store_true", help="build into a new temporary cache and time the whole build")
+    ap.add_argument("--bf16-cost", action="store_true",
+                    help="also rebuild zen-parent and qwen3-moe-tiny saving float32 and compare with bf16 (~5 min)")
     ap.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="zenith-demo-bench-") as tmp:
@@ -82,6 +113,8 @@ def main() -> None:
             f"{len(heldout_text('maths').encode())} bytes of maths (plain R1-style), "
             f"{len(heldout_text('maths', style='qwen_chat').encode())} bytes of maths as Qwen chat.",
         ])
+        if args.bf16_cost:
+            report += "\n\nbf16 cost (same weights, float32 vs rounded to bf16):\n\n" + bf16_cost()
     print(report)
     if args.out:
         args.out.write_text(report + "\n")

@@ -64,3 +64,53 @@ def write_config(tmp_path: Path, **data) -> Path:
 
 def read_index(folder: Path) -> dict:
     return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def make_tiny_qwen3_moe(path: Path, *, seed: int = 0, hidden: int = 24, layers: int = 2, experts: int = 4,
+                        moe_inter: int = 12, shard: str = "20KB", dtype=torch.bfloat16) -> Path:
+    """A tiny Qwen3MoeForCausalLM (GQA, softmax routing, no shared expert) of another width, sharded."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=moe_inter,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=experts,
+        num_experts_per_tok=2, norm_topk_prob=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        max_position_embeddings=128)
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    model = transformers.Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    model.to(dtype).save_pretrained(path, max_shard_size=shard)
+    save_tokenizer(path)
+    return path
+
+
+def make_tiny_dense(path: Path, *, seed: int = 0, hidden: int = 32, inter: int = 40, layers: int = 2,
+                    cls: str = "Qwen3ForCausalLM", dtype=torch.bfloat16) -> Path:
+    """A tiny dense decoder (Qwen3 by default): its MLP becomes one expert."""
+    torch.manual_seed(seed)
+    config_cls = getattr(transformers, cls.replace("ForCausalLM", "Config"))
+    config = config_cls(vocab_size=320, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, bos_token_id=0, eos_token_id=1,
+                        pad_token_id=2, max_position_embeddings=128)
+    config.architectures = [cls]
+    getattr(transformers, cls)(config).to(dtype).save_pretrained(path, max_shard_size="20KB")
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_moe(tmp_path_factory) -> Path:
+    """A sharded tiny Qwen3-MoE folder (hidden 24: another width than tiny_deepseek's 32)."""
+    return make_tiny_qwen3_moe(tmp_path_factory.mktemp("tiny-qwen-moe"))
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded output folder, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for name, file in read_index(folder)["weight_map"].items():
+        with safe_open(folder / file, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out

@@ -91,16 +91,6 @@ def test_plan_id_is_stable_and_tracks_content(tmp_path, tiny_deepseek):
     assert a.plan_id == b.plan_id != c.plan_id
 
 
-def test_refuses_donor_experts_until_grafting_lands(tmp_path, tiny_deepseek):
-    from conftest import make_tiny_deepseek
-
-    donor = make_tiny_deepseek(tmp_path / "donor", seed=1)
-    cfg = load_config(write_config(tmp_path, base_model=str(tiny_deepseek), gate_mode="random",
-                                   experts=[{"source_model": str(donor)}]))
-    with pytest.raises(PlanError, match="experts.0.source_model"):
-        build_plan(cfg, config_dir=tmp_path)
-
-
 def test_experts_per_token_larger_than_expert_count(tmp_path, tiny_deepseek):
     cfg = load_config(write_config(tmp_path, base_model=str(tiny_deepseek), experts_per_token=9))
     with pytest.raises(PlanError, match="experts_per_token: 9 is more than the 4 routed experts"):

@@ -48,7 +48,53 @@ def format_plan(plan) -> str:
         f"  largest tensor {e.largest_tensor} ({_human(e.largest_tensor_bytes)})",
         f"  estimated peak memory {_human(e.peak_memory_bytes)}, disk {_human(e.total_bytes)}",
     ]
+    lines += format_expert_table(plan)
     return "\n".join(lines)
+
+
+def _slot_range(slots) -> str:
+    """A run of slots from one source as `donor1 L2 e0-e5` (or `top 4 by usage`, `MLP`)."""
+    s = slots[0]
+    where = f"{s.source} L{s.source_layer}"
+    if s.kind != "routed":
+        return f"{where} {'MLP' if s.kind == 'dense_mlp' else 'shared expert'}"
+    if s.expert is None:
+        return f"{where} top {len(slots)} by usage"
+    ids = [x.expert for x in slots]
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{where} e{ids[0]}-e{ids[-1]}" if len(ids) > 1 else f"{where} e{ids[0]}"
+    return f"{where} e" + ",".join(map(str, ids))
+
+
+def format_expert_table(plan) -> list[str]:
+    """The plan's layer map and expert table: for each output MoE layer, which source fills which slots."""
+    if not plan.expert_table:
+        return []
+    t = plan.target_config
+    lines = ["experts:"]
+    for key, tr in plan.transforms.items():
+        how = {"none": "the base's own", "identity": "same width, copied", "fit": "mapped by fitted A/B"}[tr.align]
+        lines.append(f"  {key:<8} {how}; routing {tr.routing['scoring']} top-{tr.routing['top_k']}"
+                     f"{' normalised' if tr.routing['norm_topk_prob'] else ''}")
+    groups = f", {t['n_group']} groups, top-{t['topk_group']} groups" if "n_group" in t else ""
+    lines.append(f"  per MoE layer: {len(plan.expert_table[0].slots)} experts, top-k "
+                 f"{t.get('num_experts_per_tok')}{groups}")
+    for le in plan.expert_table:
+        runs, start = [], 0
+        for j in range(1, len(le.slots) + 1):
+            if j == len(le.slots) or (le.slots[j].source, le.slots[j].kind) != (le.slots[start].source,
+                                                                                le.slots[start].kind):
+                scale = le.slots[start].scale
+                runs.append(f"[{start}-{j - 1}] {_slot_range(le.slots[start:j])}"
+                            + (f" x{scale:.3g}" if scale not in (None, 1.0) else ""))
+                start = j
+        lines.append(f"  layer {le.layer:>3}: " + "  ".join(runs))
+    stages = plan.stages
+    if stages.usage:
+        lines.append("  stage usage: " + ", ".join(f"{k} layers {list(v)}" for k, v in stages.usage.items()))
+    if stages.align:
+        lines.append("  stage align: " + ", ".join(f"{k} pairs {list(v)}" for k, v in stages.align.items()))
+    return lines
 
 
 def cmd_plan(args) -> int:

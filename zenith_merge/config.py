@@ -88,6 +88,8 @@ class ExpertSource(SharedExpertSource):
     """One `experts[]` entry: a model whose experts (or MLP, for a dense model) join the output."""
 
     keep: int | Literal["all"] = Field("all", description="experts kept per layer from this source, most used first")
+    shared_expert: Literal["drop", "routed"] = Field(
+        "drop", description="a donor's shared expert: dropped, or grafted as one more routed expert")
 
     @field_validator("keep")
     @classmethod
@@ -113,6 +115,46 @@ class TokenizerSettings(_Strict):
     slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="0 keeps the base's row, 1 takes the donor's")
 
 
+TENSOR_CLASSES = ("embeddings", "lm_head", "norms", "attention", "router", "routed_experts", "shared_experts",
+                  "dense_mlp", "other")
+
+
+class AlignSettings(_Strict):
+    """`align:` how donor experts are mapped into the base's hidden space (DESIGN.md "Heterogeneous grafting")."""
+
+    mode: Literal["auto", "identity", "fit"] = Field(
+        "auto", description="auto: identity where widths agree, a ridge fit on calibration text where they differ")
+    ridge: float = Field(1e-2, gt=0, description="ridge strength, relative to the mean input variance")
+    calibration: list[str] = Field(
+        default_factory=list,
+        description="calibration text: text files (relative to the config) or demo:code / demo:maths; "
+                    "default: the experts' prompts")
+    max_tokens: int = Field(20_000, ge=1, description="calibration tokens per model, at most")
+
+
+class AssemblySettings(_Strict):
+    """`assembly:` tensor-by-tensor interpolation of same-family parents (Assembly of Experts).
+
+    W = sum_i weights[class][i] * W_i over the `experts[]` entries, where `class` is the
+    tensor's class (missing classes use `default`). A tensor is interpolated only where some
+    parent differs from the base by more than `threshold` in normalised Frobenius norm
+    (||W_i - W_base|| / ||W_base||); elsewhere the base's tensor is kept.
+    """
+
+    weights: dict[str, list[float]]
+    threshold: float = Field(0.0, ge=0.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_classes(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for key, ws in v.items():
+            if key != "default" and key not in TENSOR_CLASSES:
+                raise ValueError(f"unknown tensor class {key!r}; classes: default, {', '.join(TENSOR_CLASSES)}")
+            if any(w < 0 for w in ws) or not ws or sum(ws) <= 0:
+                raise ValueError(f"{key}: weights must be >= 0 with a positive sum, got {ws}")
+        return v
+
+
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "transfer")
 OutputDtype = Literal["float32", "float16", "bfloat16"]
@@ -131,6 +173,10 @@ class MergeConfig(_Strict):
     shared_experts: list[SharedExpertSource] | None = None
     tokenizer: TokenizerSettings | None = None
     # zenith-merge keys
+    merge_method: Literal["concat", "assembly"] = Field(
+        "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors")
+    align: AlignSettings = Field(default_factory=AlignSettings)
+    assembly: AssemblySettings | None = None
     output_dir: str = "./merged_model"
     max_shard_size: ByteSize = Field(5 * 10**9, description="largest output shard in bytes (5GB, 500MB, 4GiB, ...)")
     load_in_8bit: bool = Field(False, description="calibration forward passes in bitsandbytes 8-bit")
@@ -147,6 +193,22 @@ class MergeConfig(_Strict):
         from .architectures import resolve_architecture_name
 
         return resolve_architecture_name(v)
+
+    @model_validator(mode="after")
+    def _assembly_weights_match_experts(self) -> MergeConfig:
+        if self.merge_method == "assembly":
+            if self.assembly is None:
+                raise ValueError("assembly: merge_method assembly needs assembly.weights (per tensor class, one "
+                                 "weight per experts[] entry), e.g. {default: [1, 0], routed_experts: [0, 1]}")
+            if "default" not in self.assembly.weights:
+                raise ValueError("assembly.weights.default: required (the weights of every class not listed)")
+            for key, ws in self.assembly.weights.items():
+                if len(ws) != len(self.experts):
+                    raise ValueError(f"assembly.weights.{key}: {len(ws)} weights for {len(self.experts)} experts[] "
+                                     f"entries; give one weight per entry")
+        elif self.assembly is not None:
+            raise ValueError("assembly: only used with merge_method: assembly")
+        return self
 
     @model_validator(mode="after")
     def _prompts_for_prompt_based_gates(self) -> MergeConfig:

@@ -19,3 +19,7 @@ class PlanError(ZenithError):
 
 class OutputError(ZenithError):
     """The output folder cannot be written as asked (not empty, inside a source model, plan changed on resume)."""
+
+
+class CalibrationError(ZenithError):
+    """A calibration forward pass cannot run (model folder unloadable, 8-bit or offload unavailable here)."""

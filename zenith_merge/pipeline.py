@@ -7,30 +7,38 @@ into bytes, one tensor at a time, in whichever process writes its shard.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import MergeConfig
+import torch
+
+from .architectures import ARCHITECTURES, facts, tensor_name
+from .config import MergeConfig, resolve_path
+from .errors import ConfigError
+from .graft_math import fold_projection, interpolate, pad_to, relative_difference
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
 from .output_config import patch_output
-from .plan import Plan, build_plan
+from .plan import AssembleRecipe, CopyRecipe, ExpertRecipe, Plan, RouterRecipe, build_plan, resolve, source_router, \
+    source_tensor
 
 log = logging.getLogger(__name__)
 
 
 class PlanTensorSource:
     """Produces each output tensor from its recipe. Picklable: it carries only the plan, and opens
-    source checkpoints lazily in the process that uses it."""
+    source checkpoints and stage artefacts lazily in the process that uses it."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self._recipes = None
         self._open: dict[str, Checkpoint] = {}
+        self._alignments: dict[str, object] = {}
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -44,21 +52,102 @@ class PlanTensorSource:
             self._open[key] = Checkpoint.open(Path(src.path), allow_pickle=self.plan.config.get("allow_pickle", False))
         return self._open[key]
 
+    def _maps(self, source: str, layer: int, source_layer: int):
+        """(A, B) of a source's layer pair, or (None, None) where the source needs no map."""
+        if self.plan.transforms[source].align != "fit":
+            return None, None
+        if source not in self._alignments:
+            from .stages.align import load_alignment
+
+            self._alignments[source] = load_alignment(alignment_dir(Path(self.plan.output_dir), source))
+        al = self._alignments[source]
+        return al.A[(layer, source_layer)], al.B[(layer, source_layer)]
+
     def produce(self, spec: TensorSpec):
         """The bytes (same dtype: raw copy) or tensor (converted) for one output tensor."""
         if self._recipes is None:
             self._recipes = {t.name: t.recipe for t in self.plan.tensors}
         recipe = self._recipes[spec.name]
-        ckpt = self._checkpoint(recipe.source)
-        info = ckpt.info(recipe.tensor)
-        if info.dtype == spec.dtype:
-            return ckpt.byte_range(recipe.tensor) or ckpt.read_bytes(recipe.tensor)
-        return ckpt.read(recipe.tensor).to(torch_dtype(spec.dtype))
+        if isinstance(recipe, CopyRecipe):
+            ckpt = self._checkpoint(recipe.source)
+            info = ckpt.info(recipe.tensor)
+            if info.dtype == spec.dtype and not recipe.pad:
+                return ckpt.byte_range(recipe.tensor) or ckpt.read_bytes(recipe.tensor)
+            out = ckpt.read(recipe.tensor)
+        elif isinstance(recipe, ExpertRecipe):
+            out = self._expert(recipe)
+        elif isinstance(recipe, RouterRecipe):
+            out = self._router(recipe)
+        else:
+            out = self._assemble(recipe)
+        return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
+
+    def _expert(self, r: ExpertRecipe) -> torch.Tensor:
+        slot = self.plan.slot(r.layer, r.slot)
+        w = self._checkpoint(slot.source).read(source_tensor(self.plan, slot, r.proj))
+        A, B = self._maps(slot.source, r.layer, slot.source_layer)
+        return fold_projection(w, r.proj, A=A, B=B, scale=slot.scale)
+
+    def _router(self, r: RouterRecipe) -> torch.Tensor:
+        le = next(le for le in self.plan.expert_table if le.layer == r.layer)
+        base = self._checkpoint("base")
+        base_arch = ARCHITECTURES[self.plan.sources["base"].architecture]
+        base_name = tensor_name(base_arch, "router" if r.part == "weight" else "router_bias", r.layer)
+        base_rows = base.read(base_name).float() if base_name in base else None
+        mode = self.plan.config.get("gate_mode", "random")
+        rows = []
+        for j, slot in enumerate(le.slots):
+            if slot.source == "base":
+                rows.append(base_rows[slot.expert])
+            elif r.part == "bias":  # a grafted expert starts at the base's mean correction
+                rows.append(base_rows.mean() if base_rows is not None else torch.tensor(0.0))
+            elif mode == "transfer":
+                donor = self._checkpoint(slot.source).read(source_router(self.plan, slot, "weight")).float()
+                A, _ = self._maps(slot.source, r.layer, slot.source_layer)
+                rows.append(fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0])
+            else:
+                std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else 0.02
+                rows.append(random_router_row(facts(self.plan.target_config).hidden_size, std,
+                                              self.plan.config.get("seed", 0), r.layer, j,
+                                              uniform=mode == "uniform_random"))
+        out = torch.stack(rows)
+        if r.part == "bias":  # same-family donors keep their own corrections: they share the base's scale
+            for j, slot in enumerate(le.slots):
+                if slot.source != "base" and mode == "transfer" and self.plan.transforms[slot.source].align == "identity":
+                    name = source_router(self.plan, slot, "bias")
+                    donor = self._checkpoint(slot.source)
+                    if name is not None and name in donor:
+                        out[j] = donor.read(name).float()[slot.expert]
+        return out
+
+    def _assemble(self, r: AssembleRecipe) -> torch.Tensor:
+        base = self._checkpoint("base").read(r.tensor)
+        parents = {key: (base if key == "base" else self._checkpoint(key).read(r.tensor)) for key in r.sources}
+        far = max((relative_difference(t, base) for key, t in parents.items() if key != "base"), default=0.0)
+        if far <= r.threshold:
+            return base
+        if len(parents) == 1:
+            return next(iter(parents.values()))
+        return interpolate(list(parents.values()), list(r.weights))
 
     def close(self) -> None:
         for ckpt in self._open.values():
             ckpt.close()
         self._open.clear()
+        self._alignments.clear()
+
+
+def random_router_row(width: int, std: float, seed: int, layer: int, slot: int, *, uniform: bool) -> torch.Tensor:
+    """A seeded random router row with the spread `std` of the base's rows (mergekit's `random`/`uniform_random`)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + slot) % 2**31)
+    if uniform:  # uniform on [-a, a] has std a / sqrt(3)
+        return (torch.rand(width, generator=gen) * 2 - 1) * std * 3 ** 0.5
+    return torch.randn(width, generator=gen) * std
+
+
+def alignment_dir(out_dir: Path, source: str) -> Path:
+    """Where a source's fitted maps A and B are kept: `<output>/.zenith/align-<source>/`."""
+    return out_dir / ".zenith" / f"align-{source}"
 
 
 @dataclass(frozen=True)
@@ -78,6 +167,90 @@ def write_side_files(plan: Plan, out_dir: Path) -> None:
     write_json_atomic(out_dir / "config.json", plan.target_config)
 
 
+def calibration_texts(cfg: MergeConfig, config_dir: Path | None) -> list[str]:
+    """The alignment's calibration text: `align.calibration` (files, or demo:<domain>), else every prompt."""
+    texts = []
+    for i, item in enumerate(cfg.align.calibration):
+        if item.startswith("demo:"):
+            from .demo import calibration_text
+
+            domain = item.removeprefix("demo:")
+            if domain not in ("code", "maths"):
+                raise ConfigError(f"align.calibration.{i}: unknown demo text {item!r}; use demo:code or demo:maths")
+            texts.append(calibration_text(domain))
+            continue
+        path = resolve_path(item, config_dir)
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"align.calibration.{i}: cannot read {path} ({err.strerror})") from None
+    if not texts:
+        texts = [p for e in cfg.experts for p in (*e.positive_prompts, *e.negative_prompts)]
+    if not texts:
+        raise ConfigError("align.calibration: fitting the hidden-space maps needs calibration text; give text "
+                          "files (or experts' prompts)")
+    return texts
+
+
+def _sha(path: Path) -> str:
+    from .io.manifest import file_sha256
+
+    return file_sha256(path)
+
+
+def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, key: str, cfg: MergeConfig,
+           progress: bool) -> None:
+    """Fit (or reuse, when fitted for this plan) the maps A and B of one source's layer pairs."""
+    from .stages.align import fit_alignment, save_alignment
+
+    info = folder / "align.json"
+    if info.is_file() and (folder / "align.safetensors").is_file():
+        if json.loads(info.read_text()).get("meta", {}).get("plan_key") == key:
+            return
+    base_arch = ARCHITECTURES[plan.sources["base"].architecture]
+    src_arch = ARCHITECTURES[plan.sources[source].architecture]
+    alignment = fit_alignment(
+        plan.sources["base"].path, plan.sources[source].path, list(pairs), texts,
+        base_points=lambda layer: (base_arch.mlp_module.format(layer=layer), base_arch.layer_module.format(layer=layer)),
+        donor_points=lambda layer: (src_arch.mlp_module.format(layer=layer), src_arch.layer_module.format(layer=layer)),
+        ridge=cfg.align.ridge, max_tokens=cfg.align.max_tokens, load_in_8bit=cfg.load_in_8bit, progress=progress)
+    alignment.meta["plan_key"] = key
+    save_alignment(alignment, folder)
+    log.info("aligned %s: %s", source, ", ".join(
+        f"{p}: R2(A) {alignment.r2_A[p]:.2f}, R2(B) {alignment.r2_B[p]:.2f}" for p in alignment.pairs))
+
+
+def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, progress: bool = True) -> Plan:
+    """Run the stages the plan asks for (expert usage, alignment fits) and return the resolved plan.
+
+    Artefacts go to `<output>/.zenith/`; ones computed for this same plan are reused, so a
+    resumed merge does not redo them.
+    """
+    from .stages.usage import expert_usage, load_usage, save_usage
+
+    out, key = Path(plan.output_dir), plan.plan_id
+    zdir = out / ".zenith"
+    artefacts: dict[str, str] = {}
+    usage = None
+    if plan.stages.usage:
+        usage = load_usage(zdir, key)
+        if usage is None:
+            usage = {}
+            for source, layers in plan.stages.usage.items():
+                log.info("expert usage of %s on its prompts, layers %s", source, list(layers))
+                usage[source] = expert_usage(Path(plan.sources[source].path), layers, plan.transforms[source].prompts,
+                                             load_in_8bit=cfg.load_in_8bit, progress=progress)
+            save_usage(usage, zdir, key)
+        artefacts["usage.json"] = _sha(zdir / "usage.json")
+    if plan.stages.align:
+        texts = calibration_texts(cfg, config_dir)
+        for source, pairs in plan.stages.align.items():
+            folder = alignment_dir(out, source)
+            _align(plan, source, pairs, texts, folder, key=key, cfg=cfg, progress=progress)
+            artefacts[f"align-{source}"] = _sha(folder / "align.safetensors")
+    return resolve(plan, usage, artefacts)
+
+
 def run_merge(
     cfg: MergeConfig,
     *,
@@ -88,10 +261,12 @@ def run_merge(
     workers: int | None = None,
     progress: bool = True,
 ) -> MergeResult:
-    """Plan and write a merge; on resume, finished shards are kept and the rest rewritten."""
+    """Plan, run the stages, and write a merge; on resume, finished shards are kept and the rest rewritten."""
     plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
     out = Path(plan.output_dir)
     prepare_output_dir(out, resume=resume, overwrite=overwrite, source_dirs=[Path(s.path) for s in plan.sources.values()])
+    if not plan.resolved or plan.stages.align:
+        plan = run_stages(plan, cfg, config_dir=config_dir, progress=progress)
     plan.save(out)
     source = PlanTensorSource(plan)
     try:

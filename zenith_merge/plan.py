@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .architectures import architecture_of, classify, facts
-from .config import MergeConfig
+from .architectures import Architecture, ModelFacts, architecture_of, classify, expected_shape, facts, tensor_name
+from .config import ExpertSource, MergeConfig
 from .errors import PlanError
+from .expert_table import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
 from .io.reader import Checkpoint
 from .io.writer import ShardSpec, TensorSpec, layout_shards
+from .routing import RoutingSpec, routing_spec
 from .sources import SourceModel, fingerprint, resolve_model, tokenizer_files
 
 PLAN_FORMAT_VERSION = 1
@@ -38,15 +42,89 @@ class _Frozen(BaseModel):
 
 
 class CopyRecipe(_Frozen):
-    """Copy a source tensor, converting its dtype only when the output dtype differs."""
+    """Copy a source tensor, converting its dtype only when the output dtype differs.
+
+    `pad_to` (the output shape) pads with zeros: a smaller intermediate dimension grown to the
+    output's, which leaves a SiLU-gated FFN's function unchanged (zero rows of gate/up give
+    silu(0) * 0 = 0, zero columns of down add nothing).
+    """
 
     kind: Literal["copy"] = "copy"
     source: str
     tensor: str
+    pad: bool = False
 
 
-Recipe = Annotated[CopyRecipe, Field(discriminator="kind")]
+class ExpertRecipe(_Frozen):
+    """One projection of the expert in output slot `slot` of `layer`, from the plan's expert table.
 
+    gate' = pad(gate . A), up' = pad(up . A), down' = pad(c * B . down): A maps the base's
+    normalised MoE input into the source's, B the source's residual stream back into the
+    base's (identity where widths agree), c is the slot's scale compensation.
+    """
+
+    kind: Literal["expert"] = "expert"
+    layer: int
+    slot: int
+    proj: Literal["gate", "up", "down"]
+
+
+class RouterRecipe(_Frozen):
+    """The router of output `layer` (its weight rows or its score-correction bias), one row per slot."""
+
+    kind: Literal["router"] = "router"
+    layer: int
+    part: Literal["weight", "bias"]
+
+
+class AssembleRecipe(_Frozen):
+    """W = sum_i w_i W_i / sum_i w_i over same-family parents, or the base's tensor where no parent
+    differs from it by more than `threshold` in normalised Frobenius norm."""
+
+    kind: Literal["assemble"] = "assemble"
+    tensor: str
+    tensor_class: str
+    sources: tuple[str, ...]
+    weights: tuple[float, ...]
+    threshold: float
+
+
+Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe, Field(discriminator="kind")]
+
+
+class ExpertSlot(_Frozen):
+    """What fills one output expert slot: a source's routed expert, its dense MLP, or its shared expert."""
+
+    source: str
+    source_layer: int
+    kind: Literal["routed", "dense_mlp", "shared"] = "routed"
+    expert: int | None = Field(None, description="the source's expert index; None until usage picks it")
+    rank: int | None = Field(None, description="picked as the source's rank-th most used expert (keep: N)")
+    scale: float | None = Field(None, description="scale compensation c on down; None until measured")
+
+
+class LayerExperts(_Frozen):
+    """The experts of one output MoE layer, slot by slot."""
+
+    layer: int
+    slots: tuple[ExpertSlot, ...]
+
+
+class SourceTransform(_Frozen):
+    """How a source's experts reach the output's hidden space, and how its router weighs them."""
+
+    align: Literal["none", "identity", "fit"] = Field(description="none: the base's own experts")
+    routing: dict[str, Any] = Field(description="the source's RoutingSpec (scoring, top_k, normalisation, ...)")
+    prompts: tuple[str, ...] = Field((), description="the source's positive prompts (expert usage)")
+
+
+class StagePlan(_Frozen):
+    """The small computations a merge needs before writing, with their inputs."""
+
+    usage: dict[str, tuple[int, ...]] = Field(default_factory=dict,
+                                              description="source -> layers whose expert usage is counted")
+    align: dict[str, tuple[tuple[int, int], ...]] = Field(
+        default_factory=dict, description="source -> (base layer, source layer) pairs to fit A and B for")
 
 class PlannedTensor(_Frozen):
     """One output tensor: what it is and how to make it."""
@@ -87,18 +165,41 @@ class Estimates(_Frozen):
 
 
 class Plan(_Frozen):
-    """The full output description. `plan_id` identifies it for resume."""
+    """The full output description. `plan_id` identifies it for resume.
+
+    A plan whose expert table still has open slots (experts picked by usage, scales measured)
+    is completed by `resolve` once the stages have run; only a resolved plan is written.
+    """
 
     format_version: int = PLAN_FORMAT_VERSION
-    method: Literal["passthrough"]
+    method: Literal["passthrough", "concat", "assembly"]
     config: dict[str, Any]
     output_dir: str
     sources: dict[str, PlannedSource]
     target_config: dict[str, Any]
     side_files: dict[str, str] = Field(description="output file name -> source key it is copied from")
+    layer_map: dict[str, dict[int, int]] = Field(default_factory=dict,
+                                                 description="source -> {output layer: source layer}")
+    expert_table: tuple[LayerExperts, ...] = ()
+    transforms: dict[str, SourceTransform] = Field(default_factory=dict)
+    stages: StagePlan = Field(default_factory=StagePlan)
+    artefacts: dict[str, str] = Field(default_factory=dict, description="stage artefact -> sha256 (when resolved)")
     tensors: tuple[PlannedTensor, ...]
     shards: tuple[PlannedShard, ...]
     estimates: Estimates
+
+    @property
+    def resolved(self) -> bool:
+        """True when every slot names its expert and scale, so every recipe can run."""
+        return all(s.expert is not None or s.kind != "routed" for le in self.expert_table for s in le.slots) and \
+            all(s.scale is not None for le in self.expert_table for s in le.slots)
+
+    def slot(self, layer: int, slot: int) -> ExpertSlot:
+        """The expert table's entry for output `layer`, `slot`."""
+        for le in self.expert_table:
+            if le.layer == layer:
+                return le.slots[slot]
+        raise KeyError(f"layer {layer} is not an MoE layer of the plan")
 
     @property
     def plan_id(self) -> str:
@@ -152,70 +253,428 @@ def _output_path(cfg: MergeConfig, config_dir: Path | None, override: str | Path
     return (path if path.is_absolute() or config_dir is None else config_dir / path).resolve()
 
 
+# Roles the planner generates per MoE layer instead of copying (experts by slot, router by row).
+_EXPERT_ROLES = {"gate": "expert_gate", "up": "expert_up", "down": "expert_down"}
+_DENSE_ROLES = {"gate": "mlp_gate", "up": "mlp_up", "down": "mlp_down"}
+_SHARED_ROLES = {"gate": "shared_gate", "up": "shared_up", "down": "shared_down"}
+SLOT_ROLES = {"routed": _EXPERT_ROLES, "dense_mlp": _DENSE_ROLES, "shared": _SHARED_ROLES}
+_GENERATED_CLASSES = ("routed_experts", "router")
+
+
+@dataclass
+class _Source:
+    """A source while planning: where it is, what it is, and the open checkpoint's headers."""
+
+    key: str
+    model: SourceModel
+    ckpt: Checkpoint
+    arch: Architecture
+    facts: ModelFacts
+    entry: ExpertSource | None = None
+    index: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f"experts.{self.index}.source_model ({self.model.ref})" if self.index is not None else "base_model"
+
+
+def _open_source(key: str, model: SourceModel, cfg: MergeConfig, entry=None, index=None) -> _Source:
+    ckpt = Checkpoint.open(model.path, allow_pickle=cfg.allow_pickle)
+    where = str(model.path / "config.json")
+    return _Source(key, model, ckpt, architecture_of(ckpt.config, where=where), facts(ckpt.config, where=where),
+                   entry, index)
+
+
 def _reject_unsupported(cfg: MergeConfig, base: SourceModel, config_dir: Path | None) -> None:
     """Refuse what this version cannot plan yet, naming the key, instead of producing a wrong output."""
-    for i, expert in enumerate(cfg.experts):
-        if resolve_model(expert.source_model, config_dir, build_demo=False).path != base.path:
-            raise PlanError(
-                f"experts.{i}.source_model: grafting experts from another model ({expert.source_model}) is not "
-                f"supported yet; this version merges the base's own experts only (passthrough)"
-            )
     for i, shared in enumerate(cfg.shared_experts or []):
         if resolve_model(shared.source_model, config_dir, build_demo=False).path != base.path:
-            raise PlanError(f"shared_experts.{i}.source_model: shared experts from another model are not supported yet")
+            raise PlanError(f"shared_experts.{i}.source_model: the output keeps the base's shared expert; a donor's "
+                            f"shared expert joins as a routed expert with experts[].shared_expert: routed")
     tok = cfg.tokenizer
+    if tok is not None and tok.source == "union":
+        raise PlanError("tokenizer.source: union (a union vocabulary with SLERPed embeddings) is not available in "
+                        "this version; use tokenizer.source: base (grafted experts work in the base's hidden "
+                        "space, so the base's tokenizer serves the merged model)")
     if tok is not None and tok.source not in ("union", "base"):
         if resolve_model(tok.source, config_dir, build_demo=False).path != base.path:
-            raise PlanError("tokenizer.source: a tokenizer from another model is not supported yet")
+            raise PlanError("tokenizer.source: a tokenizer from another model is not supported; use base")
+
+
+def _sources(cfg: MergeConfig, base: _Source, config_dir: Path | None) -> list[_Source]:
+    """One `_Source` per `experts[]` entry; the base listed among them means its own experts."""
+    out: list[_Source] = []
+    seen: dict[Path, int] = {}
+    for i, entry in enumerate(cfg.experts):
+        model = resolve_model(entry.source_model, config_dir)
+        if model.path in seen:
+            raise PlanError(f"experts.{i}.source_model: {entry.source_model} is already experts.{seen[model.path]}; "
+                            f"list each model once (keep: N chooses how many of its experts join)")
+        seen[model.path] = i
+        if model.path == base.model.path:
+            out.append(_Source("base", base.model, base.ckpt, base.arch, base.facts, entry, i))
+        else:
+            out.append(_open_source(f"donor{i}", model, cfg, entry, i))
+    return out
+
+
+def _output_dtype(code: str, role: str | None, keep_fp32_roles: tuple[str, ...], want: str | None) -> str:
+    if want is None or code not in CONVERTIBLE_CODES or role in keep_fp32_roles:
+        return code
+    return DTYPE_CODES[want]
+
+
+def _target_dtype_keys(config: dict[str, Any], want: str | None) -> dict[str, Any]:
+    if want is None:
+        return config
+    out = dict(config, dtype=want)
+    if "torch_dtype" in out:
+        out["torch_dtype"] = want
+    return out
+
+
+def _output_path(cfg: MergeConfig, config_dir: Path | None, override: str | Path | None) -> Path:
+    """`--output` is taken from the working directory, the config's `output_dir` from the config's folder."""
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    path = Path(cfg.output_dir).expanduser()
+    return (path if path.is_absolute() or config_dir is None else config_dir / path).resolve()
+
+
+def _planned_source(src: _Source) -> PlannedSource:
+    return PlannedSource(ref=src.model.ref, path=str(src.model.path), architecture=src.arch.name,
+                         fingerprint=fingerprint(src.model.path))
+
+
+def _estimates(tensors: list[PlannedTensor], input_bytes: dict[str, int]) -> Estimates:
+    specs = [t.spec for t in tensors]
+    largest = max(tensors, key=lambda t: t.spec.nbytes)
+    peak = FIXED_PROCESS_BYTES + max(t.spec.nbytes + input_bytes[t.name] for t in tensors)
+    return Estimates(tensor_count=len(tensors), total_bytes=sum(s.nbytes for s in specs),
+                     largest_tensor=largest.name, largest_tensor_bytes=largest.spec.nbytes, peak_memory_bytes=peak)
+
+
+def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: str, base: _Source,
+            sources: list[_Source], target: dict[str, Any], tensors: list[PlannedTensor],
+            input_bytes: dict[str, int], **extra) -> Plan:
+    shards = layout_shards([t.spec for t in tensors], cfg.max_shard_size)
+    planned = {"base": _planned_source(base)}
+    planned.update({s.key: _planned_source(s) for s in sources if s.key not in planned})
+    plan = Plan(
+        method=method, config=cfg.model_dump(mode="json"), output_dir=str(_output_path(cfg, config_dir, output_dir)),
+        sources=planned, target_config=target, side_files={name: "base" for name in tokenizer_files(base.model.path)},
+        tensors=tuple(tensors),
+        shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)
+                     for s in shards),
+        estimates=_estimates(tensors, input_bytes), **extra)
+    return simplify(plan) if plan.resolved else plan
 
 
 def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None) -> Plan:
     """Plan the merge that `cfg` describes, reading only configs and headers."""
-    base = resolve_model(cfg.base_model, config_dir)
-    _reject_unsupported(cfg, base, config_dir)
-    ckpt = Checkpoint.open(base.path, allow_pickle=cfg.allow_pickle)
-    arch = architecture_of(ckpt.config, where=str(base.path / "config.json"))
-    base_facts = facts(ckpt.config, where=str(base.path / "config.json"))
-    if cfg.architecture is not None and cfg.architecture != arch.name:
-        raise PlanError(
-            f"architecture: {cfg.architecture} differs from the base's {arch.name}; converting the base's "
-            f"architecture is not supported"
-        )
-
-    tensors = []
-    for name in ckpt.names():
-        info = ckpt.info(name)
-        tid = classify(arch, name)
-        dtype = _output_dtype(info.dtype, tid.role if tid else None, arch.keep_fp32_roles, cfg.dtype)
-        tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=CopyRecipe(source="base", tensor=name)))
-    ckpt.close()
-
-    target = _target_dtype_keys(dict(ckpt.config), cfg.dtype)
-    if cfg.experts_per_token is not None and base_facts.is_moe:
-        if cfg.experts_per_token > base_facts.n_routed_experts:
+    base_model = resolve_model(cfg.base_model, config_dir)
+    _reject_unsupported(cfg, base_model, config_dir)
+    base = _open_source("base", base_model, cfg)
+    try:
+        if cfg.architecture is not None and cfg.architecture != base.arch.name:
             raise PlanError(
-                f"experts_per_token: {cfg.experts_per_token} is more than the {base_facts.n_routed_experts} "
-                f"routed experts of {cfg.base_model}"
-            )
-        target[arch.dims["top_k"][0]] = cfg.experts_per_token
+                f"architecture: {cfg.architecture} differs from the base's {base.arch.name}; the output keeps the "
+                f"base's architecture (attention, norms, embeddings)")
+        sources = _sources(cfg, base, config_dir)
+        try:
+            if cfg.merge_method == "assembly":
+                from .assembly_plan import plan_assembly
 
-    specs = [t.spec for t in tensors]
-    shards = layout_shards(specs, cfg.max_shard_size)
-    largest = max(tensors, key=lambda t: t.spec.nbytes)
-    source_bytes = {t.name: ckpt.info(t.name).nbytes for t in tensors}
-    peak = FIXED_PROCESS_BYTES + max(t.spec.nbytes + source_bytes[t.name] for t in tensors)
-    return Plan(
-        method="passthrough",
-        config=cfg.model_dump(mode="json"),
-        output_dir=str(_output_path(cfg, config_dir, output_dir)),
-        sources={"base": PlannedSource(ref=base.ref, path=str(base.path), architecture=arch.name,
-                                       fingerprint=fingerprint(base.path))},
-        target_config=target,
-        side_files={name: "base" for name in tokenizer_files(base.path)},
-        tensors=tuple(tensors),
-        shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)
-                     for s in shards),
-        estimates=Estimates(tensor_count=len(tensors), total_bytes=sum(s.nbytes for s in specs),
-                            largest_tensor=largest.name, largest_tensor_bytes=largest.spec.nbytes,
-                            peak_memory_bytes=peak),
-    )
+                return plan_assembly(cfg, config_dir, output_dir, base, sources)
+            return _plan_concat(cfg, config_dir, output_dir, base, sources)
+        finally:
+            for s in sources:
+                if s.ckpt is not base.ckpt:
+                    s.ckpt.close()
+    finally:
+        base.ckpt.close()
+
+
+def _copy_tensor(base: _Source, name: str, cfg: MergeConfig, target: dict[str, Any]) -> PlannedTensor:
+    info = base.ckpt.info(name)
+    tid = classify(base.arch, name)
+    dtype = _output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
+    shape = expected_shape(target, name) or info.shape
+    return PlannedTensor(name=name, dtype=dtype, shape=shape,
+                         recipe=CopyRecipe(source="base", tensor=name, pad=shape != info.shape))
+
+
+def _slots_of(src: _Source, base: _Source) -> SourceSlots:
+    """How many experts per layer one `experts[]` entry gives, with its errors named by key."""
+    f, entry, i = src.facts, src.entry, src.index
+    if not f.is_moe and not (src.arch.roles.get("mlp_gate") and f.intermediate_size):
+        raise PlanError(f"{src.where}: has no MoE layers and no MLP to take an expert from")
+    keep = None if entry.keep == "all" else entry.keep
+    shared = entry.shared_expert == "routed"
+    if shared and not f.n_shared_experts:
+        raise PlanError(f"experts.{i}.shared_expert: routed, but {entry.source_model} has no shared expert")
+    if shared and src.key == "base":
+        raise PlanError(f"experts.{i}.shared_expert: the base keeps its own shared expert; 'routed' is for donors")
+    if not f.is_moe:
+        if keep not in (None, 1):
+            raise PlanError(f"experts.{i}.keep: {keep}, but {entry.source_model} is dense: its MLP is one expert")
+        return SourceSlots(src.key, routed=0, dense_mlp=True, shared_as_routed=False)
+    if keep is not None and keep > f.n_routed_experts:
+        raise PlanError(f"experts.{i}.keep: {keep} is more than the {f.n_routed_experts} routed experts per layer "
+                        f"of {entry.source_model}")
+    return SourceSlots(src.key, routed=keep or f.n_routed_experts, dense_mlp=False, shared_as_routed=shared)
+
+
+def _align_mode(cfg: MergeConfig, src: _Source, base: _Source) -> str:
+    if src.key == "base":
+        return "none"
+    same_width = src.facts.hidden_size == base.facts.hidden_size
+    if cfg.align.mode == "identity" and not same_width:
+        raise PlanError(f"align.mode: identity, but {src.where} has hidden size {src.facts.hidden_size} and the "
+                        f"base {base.facts.hidden_size}; use align.mode: fit (or auto)")
+    if cfg.align.mode == "fit" or not same_width:
+        return "fit"
+    return "identity"
+
+
+def _check_gate_mode(cfg: MergeConfig, src: _Source, slots: SourceSlots) -> None:
+    if src.key == "base":
+        return
+    if cfg.gate_mode not in ("random", "uniform_random", "transfer"):
+        raise PlanError(f"gate_mode: {cfg.gate_mode} (router rows from hidden states) is not available in this "
+                        f"version for grafted experts; use gate_mode: transfer (the donor's router rows, mapped "
+                        f"into the base's space) or random")
+    if cfg.gate_mode == "transfer" and (slots.dense_mlp or slots.shared_as_routed):
+        what = "a dense MLP" if slots.dense_mlp else "a shared expert"
+        raise PlanError(f"gate_mode: transfer needs the source's router rows, but {src.where} gives {what}, "
+                        f"which no router picks; use gate_mode: random")
+
+
+def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Source]) -> Plan:
+    """Experts side by side: the base's body, the listed sources' experts in `experts[]` order."""
+    bf, arch = base.facts, base.arch
+    donors = [s for s in sources if s.key != "base"]
+    base_entry = next((s for s in sources if s.key == "base"), None)
+    selecting = any(s.entry.keep != "all" for s in sources)
+    if donors and not bf.is_moe:
+        raise PlanError(f"base_model: {cfg.base_model} is dense; zenith-merge grafts experts into an MoE base "
+                        f"(to build an MoE from dense models, use mergekit-moe)")
+    top_k = cfg.experts_per_token or bf.experts_per_token
+    if not donors and not selecting:  # the base alone: a bit-identical rewrite
+        target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
+        if cfg.experts_per_token is not None and bf.is_moe:
+            if top_k > bf.n_routed_experts:
+                raise PlanError(f"experts_per_token: {top_k} is more than the {bf.n_routed_experts} routed experts "
+                                f"of {cfg.base_model}")
+            target[arch.dims["top_k"][0]] = top_k
+        tensors = [_copy_tensor(base, n, cfg, target) for n in base.ckpt.names()]
+        return _finish(cfg, config_dir, output_dir, method="passthrough", base=base, sources=sources, target=target,
+                       tensors=tensors, input_bytes={t.name: base.ckpt.info(t.name).nbytes for t in tensors})
+
+    slots = [_slots_of(s, base) for s in sources]
+    for s, sl in zip(sources, slots):
+        _check_gate_mode(cfg, s, sl)
+    total = sum(sl.count for sl in slots)
+    if top_k > total:
+        raise PlanError(f"experts_per_token: {top_k} is more than the {total} experts the output has per layer")
+    base_routing = routing_spec(base.ckpt.config)
+    n_group, topk_group = routing_groups(base_routing, slots, top_k, base_included=base_entry is not None)
+
+    # the output's expert size is the largest source's; smaller experts are padded with zeros
+    def inter(src: _Source, sl: SourceSlots) -> int:
+        f = src.facts
+        sizes = [f.moe_intermediate_size] if sl.routed else []
+        sizes += [f.intermediate_size] if sl.dense_mlp else []
+        sizes += [f.moe_intermediate_size * f.n_shared_experts] if sl.shared_as_routed else []
+        return max(sizes)
+
+    moe_inter = max([bf.moe_intermediate_size] + [inter(s, sl) for s, sl in zip(sources, slots)])
+    target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
+    target[arch.dims["n_experts"][0]] = total
+    target[arch.dims["top_k"][0]] = top_k
+    target[arch.dims["moe_inter"][0]] = moe_inter
+    if "n_group" in arch.routing_keys:
+        target[arch.routing_keys["n_group"]] = n_group
+        target[arch.routing_keys["topk_group"]] = topk_group
+    out_routing = routing_spec(target)
+
+    layer_map = {s.key: map_layers(bf.moe_layers, bf.num_layers, candidate_layers(s.facts), s.facts.num_layers)
+                 if s.key != "base" else {layer: layer for layer in bf.moe_layers} for s in sources}
+    transforms, usage = {}, {}
+    for s, sl in zip(sources, slots):
+        spec = routing_spec(s.ckpt.config)
+        transforms[s.key] = SourceTransform(align=_align_mode(cfg, s, base), routing=asdict(spec),
+                                            prompts=tuple(s.entry.positive_prompts))
+        needs_measure = (sl.routed and s.key != "base" and not spec.norm_topk_prob) or \
+            (s.key != "base" and not out_routing.norm_topk_prob)
+        if s.entry.keep != "all" or needs_measure:
+            if not s.entry.positive_prompts:
+                why = f"keep: {s.entry.keep} picks" if s.entry.keep != "all" else "unnormalised routing weights are"
+                raise PlanError(f"experts.{s.index}.positive_prompts: {why} measured on the source's prompts; "
+                                f"give some")
+            usage[s.key] = tuple(sorted(set(layer_map[s.key].values())))
+    if any(s.key != "base" for s in sources) and not out_routing.norm_topk_prob:
+        if base_entry is None or not base_entry.entry.positive_prompts:
+            raise PlanError("experts: the output's routing weights are not normalised, so scale compensation "
+                            "measures the base's own routing on its prompts; list the base among experts with "
+                            "positive_prompts")
+        usage["base"] = tuple(bf.moe_layers)
+
+    table = []
+    for layer in bf.moe_layers:
+        row = []
+        for s, sl in zip(sources, slots):
+            src_layer = layer_map[s.key][layer]
+            spec = RoutingSpec(**transforms[s.key].routing)
+            scale = 1.0 if s.key == "base" else compensation(spec, out_routing)
+            for r in range(sl.routed):
+                chosen = s.entry.keep == "all"
+                row.append(ExpertSlot(source=s.key, source_layer=src_layer, expert=r if chosen else None,
+                                      rank=None if chosen else r, scale=scale))
+            if sl.dense_mlp:
+                row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="dense_mlp",
+                                      scale=compensation(None, out_routing)))
+            if sl.shared_as_routed:
+                row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="shared",
+                                      scale=compensation(None, out_routing)))
+        table.append(LayerExperts(layer=layer, slots=tuple(row)))
+
+    align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
+    tensors, input_bytes = _concat_tensors(cfg, base, target, table)
+    return _finish(cfg, config_dir, output_dir, method="concat", base=base, sources=sources, target=target,
+                   tensors=tensors, input_bytes=input_bytes,
+                   layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
+                   transforms=transforms, stages=StagePlan(usage=usage, align=align))
+
+
+def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any],
+                    table: list[LayerExperts]) -> tuple[list[PlannedTensor], dict[str, int]]:
+    """Output tensors in the base's order; each MoE layer's router and experts generated where the base has them."""
+    arch, moe = base.arch, {le.layer: le for le in table}
+    tensors: list[PlannedTensor] = []
+    input_bytes: dict[str, int] = {}
+    done: set[int] = set()
+    for name in base.ckpt.names():
+        tid = classify(arch, name)
+        if tid is not None and tid.layer in moe and tid.tensor_class in _GENERATED_CLASSES:
+            if tid.layer not in done:
+                done.add(tid.layer)
+                for t in _layer_tensors(cfg, base, target, moe[tid.layer]):
+                    tensors.append(t)
+                    input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32 work copies: source, map, result
+            continue
+        t = _copy_tensor(base, name, cfg, target)
+        tensors.append(t)
+        input_bytes[name] = base.ckpt.info(name).nbytes + (4 * math.prod(t.shape) if t.recipe.pad else 0)
+    return tensors, input_bytes
+
+
+def _layer_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], le: LayerExperts) -> list[PlannedTensor]:
+    arch, layer = base.arch, le.layer
+    any_expert = tensor_name(arch, "expert_gate", layer, 0)
+    expert_code = base.ckpt.info(any_expert).dtype if any_expert in base.ckpt else "BF16"
+    out = []
+    router = tensor_name(arch, "router", layer)
+    router_code = base.ckpt.info(router).dtype if router in base.ckpt else expert_code
+    out.append(PlannedTensor(name=router, dtype=_output_dtype(router_code, "router", arch.keep_fp32_roles, cfg.dtype),
+                             shape=expected_shape(target, router), recipe=RouterRecipe(layer=layer, part="weight")))
+    if "router_bias" in arch.roles:
+        bias = tensor_name(arch, "router_bias", layer)
+        code = base.ckpt.info(bias).dtype if bias in base.ckpt else "F32"
+        out.append(PlannedTensor(name=bias, dtype=_output_dtype(code, "router_bias", arch.keep_fp32_roles, cfg.dtype),
+                                 shape=expected_shape(target, bias), recipe=RouterRecipe(layer=layer, part="bias")))
+    dtype = _output_dtype(expert_code, "expert_gate", arch.keep_fp32_roles, cfg.dtype)
+    for j in range(len(le.slots)):
+        for proj, role in _EXPERT_ROLES.items():
+            name = tensor_name(arch, role, layer, j)
+            out.append(PlannedTensor(name=name, dtype=dtype, shape=expected_shape(target, name),
+                                     recipe=ExpertRecipe(layer=layer, slot=j, proj=proj)))
+    return out
+
+
+def source_tensor(plan: Plan, slot: ExpertSlot, proj: str) -> str:
+    """The source checkpoint's name of one projection of a slot's expert."""
+    from .architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES[plan.sources[slot.source].architecture]
+    return tensor_name(arch, SLOT_ROLES[slot.kind][proj], slot.source_layer, slot.expert)
+
+
+def source_router(plan: Plan, slot: ExpertSlot, part: str) -> str | None:
+    """The source's router tensor (weight or bias) of a slot's layer, or None where the source has none."""
+    from .architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES[plan.sources[slot.source].architecture]
+    role = "router" if part == "weight" else "router_bias"
+    return tensor_name(arch, role, slot.source_layer) if role in arch.roles else None
+
+
+def _identity_slot(plan: Plan, layer: int, j: int, slot: ExpertSlot) -> bool:
+    return slot.source == "base" and slot.kind == "routed" and slot.expert == j and slot.source_layer == layer
+
+
+def simplify(plan: Plan) -> Plan:
+    """Turn recipes that only copy into `CopyRecipe`s, so their bytes are copied exactly (and fast).
+
+    An expert slot copies when its source needs no map, no scale and no padding; a router
+    copies when every slot is the base's own expert in its own place.
+    """
+    opened: dict[str, Checkpoint] = {}
+
+    def info(key: str, name: str):
+        if key not in opened:
+            opened[key] = Checkpoint.open(Path(plan.sources[key].path), check_shapes=False)
+        return opened[key].info(name)
+
+    try:
+        out = []
+        for t in plan.tensors:
+            r = t.recipe
+            if isinstance(r, ExpertRecipe):
+                slot = plan.slot(r.layer, r.slot)
+                src = source_tensor(plan, slot, r.proj)
+                unmapped = plan.transforms[slot.source].align in ("none", "identity")
+                if unmapped and (slot.scale == 1.0 or r.proj != "down") and info(slot.source, src).shape == t.shape:
+                    t = t.model_copy(update={"recipe": CopyRecipe(source=slot.source, tensor=src)})
+            elif isinstance(r, RouterRecipe):
+                le = next(le for le in plan.expert_table if le.layer == r.layer)
+                name = source_router(plan, le.slots[0], r.part)
+                if all(_identity_slot(plan, r.layer, j, s) for j, s in enumerate(le.slots)) and \
+                        name is not None and info("base", name).shape == t.shape:
+                    t = t.model_copy(update={"recipe": CopyRecipe(source="base", tensor=name)})
+            out.append(t)
+    finally:
+        for ckpt in opened.values():
+            ckpt.close()
+    return plan.model_copy(update={"tensors": tuple(out)})
+
+
+def resolve(plan: Plan, usage: dict[str, dict[int, dict]] | None = None, artefacts: dict[str, str] | None = None) -> Plan:
+    """The plan with every open slot filled from the stages' results, ready to write.
+
+    `usage[source][source_layer]` has `order` (expert indices, most used first) and
+    `mean_weight` (the mean weight of picked experts).
+    """
+    usage = usage or {}
+    out_routing = routing_spec(plan.target_config)
+    table = []
+    for le in plan.expert_table:
+        row = []
+        for slot in le.slots:
+            update = {}
+            if slot.expert is None and slot.kind == "routed":
+                stats = usage.get(slot.source, {}).get(slot.source_layer)
+                if stats is None:
+                    raise PlanError(f"no expert usage for {slot.source} layer {slot.source_layer}: run the usage stage")
+                update["expert"] = stats["order"][slot.rank]
+            if slot.scale is None:
+                src_spec = RoutingSpec(**plan.transforms[slot.source].routing) if slot.kind == "routed" else None
+                src_w = usage.get(slot.source, {}).get(slot.source_layer, {}).get("mean_weight")
+                out_w = usage.get("base", {}).get(le.layer, {}).get("mean_weight")
+                update["scale"] = compensation(src_spec, out_routing, source_measured=src_w, output_measured=out_w)
+                if update["scale"] is None:
+                    raise PlanError(f"no measured routing weight for {slot.source} layer {slot.source_layer}")
+            row.append(slot.model_copy(update=update) if update else slot)
+        table.append(LayerExperts(layer=le.layer, slots=tuple(row)))
+    plan = plan.model_copy(update={"expert_table": tuple(table), "artefacts": dict(artefacts or {})})
+    return simplify(plan)

@@ -53,3 +53,14 @@ class Architecture:
     keep_fp32_roles: tuple[str, ...] = ()
     # Scoring function of the router: how a router logit becomes an expert weight.
     scoring: Literal["sigmoid", "softmax", "none"] = "softmax"
+    # Routing settings that are not dimensions: logical name -> config key. Names:
+    #   norm_topk_prob (bool), scaling (float multiplier of the top-k weights),
+    #   n_group / topk_group (DeepSeek's group-limited routing). A missing name means
+    #   "not part of this architecture" (softmax models have no scaling and no groups).
+    routing_keys: dict[str, str] = field(default_factory=dict)
+    # Module paths for calibration hooks: the decoder layer, and its MLP/MoE block whose
+    # input is the normalised MoE input.
+    layer_module: str = "model.layers.{layer}"
+    mlp_module: str = "model.layers.{layer}.mlp"
+    # Config keys that fix the attention layout; sources assembled tensor by tensor must agree on them.
+    attention_layout_keys: tuple[str, ...] = ()

@@ -58,6 +58,8 @@ _GQA_DIMS = {
     "kv_out": ("kv_heads * head_dim",),
 }
 
+_GQA_LAYOUT_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling")
+
 DEEPSEEK_V3 = Architecture(
     name="DeepseekV3ForCausalLM",
     model_type="deepseek_v3",
@@ -85,7 +87,12 @@ DEEPSEEK_V3 = Architecture(
         "kv_b_out": ("heads * (qk_nope_head_dim + v_head_dim)",),
         "o_in": ("heads * v_head_dim",),
     },
-    defaults={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_shared_experts": 0, "tie_word_embeddings": False},
+    defaults={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_shared_experts": 0, "tie_word_embeddings": False,
+              "norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1},
+    routing_keys={"norm_topk_prob": "norm_topk_prob", "scaling": "routed_scaling_factor",
+                  "n_group": "n_group", "topk_group": "topk_group"},
+    attention_layout_keys=("num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim",
+                           "qk_nope_head_dim", "v_head_dim", "rope_theta", "rope_scaling", "rope_interleave"),
     roles={
         **_COMMON_ROLES,
         **_DENSE_MLP_ROLES,
@@ -118,6 +125,8 @@ QWEN3_MOE = Architecture(
         "top_k": ("num_experts_per_tok",),
     },
     defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False, "tie_word_embeddings": False},
+    routing_keys={"norm_topk_prob": "norm_topk_prob"},
+    attention_layout_keys=_GQA_LAYOUT_KEYS,
     roles={
         **_COMMON_ROLES,
         **_DENSE_MLP_ROLES,
@@ -137,6 +146,7 @@ def _dense(name: str, model_type: str, qk_norm: bool) -> Architecture:
         scoring="none",
         dims=dict(_GQA_DIMS),
         defaults={"tie_word_embeddings": False},
+        attention_layout_keys=_GQA_LAYOUT_KEYS,
         roles={**_COMMON_ROLES, **_DENSE_MLP_ROLES, **_GQA_ATTENTION_ROLES, **(_QK_NORM_ROLES if qk_norm else {})},
     )
 

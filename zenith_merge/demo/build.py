@@ -82,6 +82,8 @@ def save_model(model: torch.nn.Module, recipe: ModelRecipe, tokenizer, out_dir: 
     if not (out_dir / "model.safetensors.index.json").is_file():
         raise ZenithError(f"{recipe.name}: expected a sharded checkpoint in {out_dir}")
     save_tokenizer(tokenizer, out_dir)
+    for f in out_dir.glob("*.safetensors"):  # written through private temporary files (0600); a cache is shared
+        f.chmod(0o644)
     (out_dir / "zenith_demo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 

@@ -21,6 +21,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,6 +219,14 @@ def _worker_main(argv: list[str]) -> int:
     """Entry of one `ensure_all` worker: ensure the named models in order, progress bars on line `--position`."""
     from . import models
 
+    caller = os.getppid()
+
+    def stop_when_orphaned() -> None:  # the caller was killed: stop too (the next build clears our leftovers)
+        while os.getppid() == caller:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=stop_when_orphaned, daemon=True).start()
     quiet = "--quiet" in argv
     names = [a for a in argv if not a.startswith("--")]
     models.BAR_POSITION = next((int(a.split("=")[1]) for a in argv if a.startswith("--position=")), None)

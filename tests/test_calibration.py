@@ -1,0 +1,193 @@
+"""Calibration forward passes: hooks capture what the modules see and return, offsets survive chunking,
+disk offload and 8-bit give the states a plain load gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from zenith_merge.calibration import (
+    CapturedChunk,
+    CapturePoint,
+    bnb_8bit_unavailable,
+    capture_hidden,
+    load_for_calibration,
+)
+from zenith_merge.demo import calibration_text, ensure_demo
+from zenith_merge.errors import CalibrationError
+
+pytestmark = pytest.mark.demo
+
+TEXT = calibration_text("code")[:2500]
+
+
+@pytest.fixture(scope="module")
+def zen() -> Path:
+    return ensure_demo("zen-tiny")
+
+
+@pytest.fixture(scope="module")
+def qwen() -> Path:
+    return ensure_demo("qwen3-moe-tiny")
+
+
+@pytest.fixture(scope="module")
+def zen_loaded(zen):
+    return load_for_calibration(zen)
+
+
+def _points(layer: int) -> list[CapturePoint]:
+    return [CapturePoint.input_of(f"model.layers.{layer}.mlp"), CapturePoint.output_of(f"model.layers.{layer}")]
+
+
+def _hook_counts(model) -> int:
+    # (`_forward_pre_hooks_with_kwargs` only flags entries of `_forward_pre_hooks`)
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _cat(chunks: list[CapturedChunk], point: CapturePoint) -> torch.Tensor:
+    return torch.cat([c.states[point] for c in chunks])
+
+
+def test_layer_outputs_match_output_hidden_states(zen_loaded):
+    model, tok = zen_loaded
+    points = [CapturePoint.output_of(f"model.layers.{layer}") for layer in range(3)]
+    [chunk] = capture_hidden(model, tok, [TEXT[:600]], points, progress=False)
+    ids = tok(TEXT[:600], add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    for layer, point in enumerate(points):
+        got = chunk.states[point]
+        assert got.dtype == torch.float32 and got.device.type == "cpu" and got.shape == (ids.shape[1], 128)
+        torch.testing.assert_close(got, hidden[layer + 1][0], rtol=0, atol=0)
+
+
+def test_moe_input_is_the_normalised_residual_after_attention(zen_loaded):
+    """Recompute layer 2 by hand from its input: attention, post_attention_layernorm, MoE, residual."""
+    model, tok = zen_loaded
+    layer = model.model.layers[2]
+    mlp_in, layer_in = CapturePoint.input_of("model.layers.2.mlp"), CapturePoint.output_of("model.layers.1")
+    [chunk] = capture_hidden(model, tok, [TEXT[:600]], [mlp_in, layer_in, *_points(2)], progress=False)
+    x = chunk.states[layer_in][None]
+    with torch.no_grad():
+        positions = torch.arange(x.shape[1])[None]
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=None, position_ids=positions,
+                                  position_embeddings=model.model.rotary_emb(x, positions))
+        residual = x + attn
+        normed = layer.post_attention_layernorm(residual)
+        out = residual + layer.mlp(normed)
+    torch.testing.assert_close(chunk.states[mlp_in], normed[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunk.states[CapturePoint.output_of("model.layers.2")], out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_are_removed_after_the_pass_and_on_early_close(zen_loaded):
+    model, tok = zen_loaded
+    before = _hook_counts(model)
+    gen = capture_hidden(model, tok, [TEXT], _points(1), max_tokens_per_text=64, progress=False)
+    next(gen)
+    assert _hook_counts(model) == before + 2
+    gen.close()
+    assert _hook_counts(model) == before
+    list(capture_hidden(model, tok, [TEXT], _points(1), max_tokens_per_text=64, progress=False))
+    assert _hook_counts(model) == before
+    with pytest.raises(CalibrationError, match="model.layers.9.mlp"):
+        list(capture_hidden(model, tok, [TEXT], _points(9), progress=False))
+    assert _hook_counts(model) == before
+
+
+def test_chunk_offsets_are_relative_to_the_original_text(zen_loaded):
+    model, tok = zen_loaded
+    texts = ["a short one\n", TEXT]
+    chunks = list(capture_hidden(model, tok, texts, _points(1), max_tokens_per_text=50, progress=False))
+    full = tok(TEXT, add_special_tokens=False, return_offsets_mapping=True)
+    long = [c for c in chunks if c.text_index == 1]
+    assert [c.text_index for c in chunks] == [0] + [1] * len(long)
+    assert len(long) == -(-len(full.input_ids) // 50) and all(len(c) == 50 for c in long[:-1])
+    assert torch.equal(torch.cat([c.ends for c in long]), torch.tensor([e for _, e in full.offset_mapping]))
+    assert long[0].start == 0 and "".join(c.text for c in long) == TEXT[: int(long[-1].ends[-1])]
+    for prev, c in zip(long, long[1:]):
+        assert c.start == int(prev.ends[-1]) and c.text == TEXT[c.start:int(c.ends[-1])]
+        # the chunk's own tokens, re-encoded from the same ids, spell its text
+        assert tok.decode(full.input_ids[sum(map(len, long[:long.index(c)])):][:len(c)]) == c.text
+    # the first chunk ran with exactly the context of the first 50 tokens of the whole text
+    [head] = capture_hidden(model, tok, [TEXT], _points(1), max_total_tokens=50, progress=False)
+    torch.testing.assert_close(head.states[_points(1)[1]], long[0].states[_points(1)[1]], rtol=0, atol=0)
+
+
+def test_max_total_tokens_cuts_the_stream(zen_loaded):
+    model, tok = zen_loaded
+    chunks = list(capture_hidden(model, tok, [TEXT, TEXT], _points(1), max_tokens_per_text=64,
+                                 max_total_tokens=150, progress=False))
+    assert [len(c) for c in chunks] == [64, 64, 22]
+    assert all(c.states[p].shape[0] == len(c) for c in chunks for p in _points(1))
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def test_disk_offload_on_cpu_gives_the_plain_states(zen, zen_loaded, tmp_path):
+    """max_memory below the float32 model size: accelerate keeps the first layers on CPU, the rest on disk."""
+    model, tok = zen_loaded
+    budget = _weights_bytes(zen)  # the checkpoint is bfloat16: half of what float32 needs
+    offload_dir = tmp_path / "offload"
+    offloaded, _ = load_for_calibration(zen, max_memory={"cpu": budget}, offload_dir=offload_dir)
+    placement = set(offloaded.hf_device_map.values())
+    print("device map:", offloaded.hf_device_map)
+    assert placement == {"cpu", "disk"}, offloaded.hf_device_map
+    on_disk = [n for n, p in offloaded.named_parameters() if p.device.type == "meta"]
+    assert on_disk, "offloaded weights must not be materialised"
+    points = [*_points(1), *_points(3)]
+    plain = list(capture_hidden(model, tok, [TEXT], points, max_tokens_per_text=128, progress=False))
+    streamed = list(capture_hidden(offloaded, tok, [TEXT], points, max_tokens_per_text=128, progress=False))
+    for point in points:
+        torch.testing.assert_close(_cat(streamed, point), _cat(plain, point), rtol=1e-5, atol=1e-5)
+
+
+def test_load_errors_name_the_folder(tmp_path):
+    with pytest.raises(CalibrationError, match=str(tmp_path / "nowhere")):
+        load_for_calibration(tmp_path / "nowhere")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(CalibrationError, match=str(tmp_path / "broken")):
+        load_for_calibration(tmp_path / "broken")
+
+
+_NO_8BIT = bnb_8bit_unavailable()
+
+
+@pytest.mark.skipif(_NO_8BIT is not None, reason=f"no bitsandbytes int8 here: {_NO_8BIT}")
+@pytest.mark.parametrize("name, layer", [("qwen3-moe-tiny", 1), ("zen-tiny", 2)])
+def test_8bit_load_runs_and_stays_close(name, layer):
+    """int8 linear layers (bitsandbytes runs on CPU too): states within a few percent of float32."""
+    import bitsandbytes as bnb
+
+    folder = ensure_demo(name)
+    model, tok = load_for_calibration(folder)
+    quant, _ = load_for_calibration(folder, load_in_8bit=True)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in quant.modules())
+    points = _points(layer)
+    ref = list(capture_hidden(model, tok, [TEXT], points, max_tokens_per_text=128, progress=False))
+    got = list(capture_hidden(quant, tok, [TEXT], points, max_tokens_per_text=128, progress=False))
+    for point in points:
+        a, b = _cat(ref, point), _cat(got, point)
+        rel = float((a - b).norm() / a.norm())
+        print(f"{name} {point}: relative error of 8-bit {rel:.4f}")
+        assert torch.isfinite(b).all() and rel < 0.1
+
+
+def test_8bit_unavailable_raises_calibration_error(zen, monkeypatch):
+    import zenith_merge.calibration as calibration
+
+    monkeypatch.setattr(calibration, "bnb_8bit_unavailable", lambda: "bitsandbytes has no working 8-bit matmul on cpu")
+    with pytest.raises(CalibrationError, match=r"zen-tiny: load_in_8bit=True but bitsandbytes has no working"):
+        load_for_calibration(zen, load_in_8bit=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, int8 with offload is accelerate's documented path")
+def test_8bit_with_offload_on_cpu_is_refused_clearly(zen):
+    # accelerate's dispatch of a partly offloaded int8 model asks for an accelerator device; say so up front
+    with pytest.raises(CalibrationError, match="needs CUDA"):
+        load_for_calibration(zen, load_in_8bit=True, max_memory={"cpu": 10**6})

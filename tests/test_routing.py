@@ -1,0 +1,69 @@
+"""`routing.route` picks and weighs experts exactly as transformers' own routers do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from zenith_merge.expert_table import compensation, map_layers, routing_groups, SourceSlots
+from zenith_merge.errors import PlanError
+from zenith_merge.routing import RoutingSpec, nominal_weight, route, routing_spec
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm", [(1, 1, True), (2, 1, True), (4, 2, False)])
+def test_sigmoid_group_routing_matches_deepseek_v3(n_group, topk_group, norm):
+    config = transformers.DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=n_group,
+                                           topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=2.5)
+    router = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter(config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 16, generator=gen))
+        router.e_score_correction_bias.copy_(torch.randn(8, generator=gen) * 0.1)
+    h = torch.randn(50, 16, generator=gen)
+    logits, want_w, want_idx = router(h)
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    spec = routing_spec(config.to_dict())
+    idx, w = route(logits, spec, router.e_score_correction_bias)
+    order, want_order = idx.sort(-1), want_idx.sort(-1)
+    assert torch.equal(order.values, want_order.values)
+    torch.testing.assert_close(w.gather(1, order.indices), want_w.gather(1, want_order.indices))
+
+
+def test_softmax_routing_matches_qwen3_moe():
+    config = transformers.Qwen3MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False)
+    router = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter(config)
+    with torch.no_grad():
+        router.weight.normal_()
+    logits, want_w, want_idx = router(torch.randn(40, 16))
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    idx, w = route(logits, routing_spec(config.to_dict()))
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w, want_w)
+
+
+def test_nominal_weights_and_compensation():
+    ds = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True, scaling=2.5)
+    qwen = RoutingSpec("softmax", n_experts=6, top_k=2, norm_topk_prob=True)
+    assert nominal_weight(ds) == 1.25 and nominal_weight(qwen) == 0.5
+    assert compensation(qwen, ds) == pytest.approx(0.4)  # a Qwen expert weighted 0.5 lands where weights are 1.25
+    assert compensation(ds, ds) == 1.0
+    assert compensation(None, ds) == pytest.approx(0.8)  # an always-on MLP (weight 1)
+    raw = RoutingSpec("softmax", n_experts=6, top_k=2, norm_topk_prob=False)
+    assert compensation(raw, ds) is None and compensation(raw, ds, source_measured=0.3) == pytest.approx(0.24)
+
+
+def test_layer_map_by_relative_depth():
+    assert map_layers([1, 2, 3], 4, [0, 1, 2], 3) == {1: 1, 2: 1, 3: 2}
+    assert map_layers([0, 1], 2, [0, 1, 2, 3, 4], 5) == {0: 0, 1: 4}
+    assert map_layers([3], 4, [5], 10) == {3: 5}
+
+
+def test_groups_keep_the_base_group_size():
+    base = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True, n_group=2, topk_group=1)
+    slots = [SourceSlots("base", 8, False, False), SourceSlots("donor1", 4, False, False)]
+    assert routing_groups(base, slots, 2, base_included=True) == (3, 1)
+    with pytest.raises(PlanError, match=r"experts.1: contributes 6 experts .* keep a multiple of 4"):
+        routing_groups(base, [slots[0], SourceSlots("donor1", 6, False, False)], 2, base_included=True)
+    flat = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True)
+    assert routing_groups(flat, [slots[0], SourceSlots("d", 6, False, False)], 2, base_included=True) == (1, 1)

@@ -1,0 +1,85 @@
+"""Planning same-family assembly (Assembly of Experts, arXiv 2506.14794): one body, tensors interpolated.
+
+Children of one parent share architecture, widths and tokenizer, so every tensor of one
+lines up with the same-named tensor of the other. Each output tensor is
+W = sum_i w_i W_i / sum_i w_i with weights per tensor class; a one-hot weight is a plain
+copy (bit for bit), which is how the R1T "Chimera" recipe (routed experts from R1, all
+else from V3) comes out exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+from .architectures import classify
+from .config import MergeConfig
+from .errors import PlanError
+from .plan import AssembleRecipe, CopyRecipe, Plan, PlannedTensor, _finish, _output_dtype, _Source, _target_dtype_keys
+
+# Config values that must agree between parents for their tensors to line up (beyond the attention layout).
+_SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")
+
+
+def _tokenizer_digest(folder: Path) -> str | None:
+    f = folder / "tokenizer.json"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
+def check_same_family(base: _Source, src: _Source) -> None:
+    """Refuse a parent whose architecture, layout or tokenizer differs from the base's, naming what differs."""
+    from .architectures import dim
+
+    if src.arch.name != base.arch.name:
+        raise PlanError(f"{src.where}: is {src.arch.name}, the base {base.arch.name}; assembly interpolates "
+                        f"tensors of one architecture (use merge_method: concat to graft across architectures)")
+    for sym in _SHAPE_KEYS:
+        a, b = dim(base.ckpt.config, base.arch, sym), dim(src.ckpt.config, src.arch, sym)
+        if a != b:
+            raise PlanError(f"{src.where}: {base.arch.dims.get(sym, (sym,))[0]} is {b}, the base's {a}; "
+                            f"assembly needs the same widths and expert layout")
+    for key in base.arch.attention_layout_keys:
+        a, b = base.ckpt.config.get(key), src.ckpt.config.get(key)
+        if a != b:
+            raise PlanError(f"{src.where}: incompatible attention layout: {key} is {b!r}, the base's {a!r} "
+                            f"(head and rope layouts must agree to interpolate attention)")
+    if _tokenizer_digest(src.model.path) != _tokenizer_digest(base.model.path):
+        raise PlanError(f"{src.where}: its tokenizer.json differs from the base's; assembly needs one tokenizer "
+                        f"(embedding rows must mean the same tokens)")
+
+
+def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sources: list[_Source]) -> Plan:
+    """Every base tensor, interpolated across the `experts[]` parents with the config's per-class weights."""
+    for s in sources:
+        if s.key != "base":
+            check_same_family(base, s)
+    settings = cfg.assembly
+    target: dict[str, Any] = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
+    if cfg.experts_per_token is not None:
+        target[base.arch.dims["top_k"][0]] = cfg.experts_per_token
+    tensors, input_bytes = [], {}
+    for name in base.ckpt.names():
+        info = base.ckpt.info(name)
+        tid = classify(base.arch, name)
+        tclass = tid.tensor_class if tid else "other"
+        weights = settings.weights.get(tclass, settings.weights["default"])
+        used = [(s, w) for s, w in zip(sources, weights) if w > 0]
+        for s, _ in used:
+            if name not in s.ckpt or s.ckpt.info(name).shape != info.shape:
+                found = s.ckpt.info(name).shape if name in s.ckpt else "missing"
+                raise PlanError(f"{s.where}: tensor {name} is {found}, the base's {info.shape}; "
+                                f"assembly needs every tensor in every parent")
+        keys = tuple(s.key for s, _ in used)
+        if len(used) == 1 and (settings.threshold == 0 or keys[0] == "base"):
+            recipe = CopyRecipe(source=keys[0], tensor=name)
+        else:
+            recipe = AssembleRecipe(tensor=name, tensor_class=tclass, sources=keys,
+                                    weights=tuple(w for _, w in used), threshold=settings.threshold)
+        dtype = _output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
+        tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
+        reads = len(set(keys) | {"base"}) if isinstance(recipe, AssembleRecipe) else 1
+        input_bytes[name] = reads * info.nbytes + (8 * math.prod(info.shape) if reads > 1 else 0)
+    return _finish(cfg, config_dir, output_dir, method="assembly", base=base, sources=sources, target=target,
+                   tensors=tensors, input_bytes=input_bytes)

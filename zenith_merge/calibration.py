@@ -1,0 +1,337 @@
+"""Calibration forward passes: run text through a source model and capture hidden states, in bounded memory.
+
+    model, tokenizer = load_for_calibration(folder, max_memory={"cpu": "2GiB"})
+    points = [CapturePoint.input_of("model.layers.2.mlp"), CapturePoint.output_of("model.layers.2")]
+    for chunk in capture_hidden(model, tokenizer, texts, points):
+        chunk.ends, chunk.states[points[0]]          # (n,) character offsets, (n, hidden) float32
+
+The stages that need activations (alignment, router rows, expert usage) only see what this
+module yields, so a source model is never materialised by zenith itself: transformers and
+accelerate place the weights (`device_map`, `max_memory`, disk offload read back from the
+safetensors files) and bitsandbytes can hold the linear layers in 8 bits.
+
+Capture points are named, not guessed: the caller says which module to hook and whether it
+wants what the module sees (`input`: for an MoE block, the normalised residual stream its
+router and experts read) or what it returns (`output`: for a decoder layer, the residual
+stream after it). Module names come from the architecture tables, never from here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import CalibrationError
+
+__all__ = ["CapturePoint", "CapturedChunk", "load_for_calibration", "capture_hidden", "bnb_8bit_unavailable"]
+
+CaptureKind = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class CapturePoint:
+    """One place to read activations: the `input` (first tensor argument) or `output` of a named module."""
+
+    module: str
+    kind: CaptureKind
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("input", "output"):
+            raise ValueError(f"CapturePoint kind must be 'input' or 'output', not {self.kind!r}")
+
+    @classmethod
+    def input_of(cls, module: str) -> CapturePoint:
+        return cls(module, "input")
+
+    @classmethod
+    def output_of(cls, module: str) -> CapturePoint:
+        return cls(module, "output")
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.module}"
+
+
+@dataclass
+class CapturedChunk:
+    """The activations of one chunk of one text (at most `max_tokens_per_text` tokens).
+
+    `ends[i]` is the end character offset of token i in the ORIGINAL text `text_index`
+    (not in the chunk), so two tokenizations of one text can be paired by offset.
+    `text` is the chunk's own text: original[start:ends[-1]]. `states[point]` is a float32
+    CPU tensor of shape (n_tokens, width).
+    """
+
+    text_index: int
+    start: int
+    text: str
+    ends: torch.Tensor
+    states: dict[CapturePoint, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.ends.numel())
+
+
+# ------------------------------------------------------------------ loading
+
+
+def bnb_8bit_unavailable() -> str | None:
+    """Why bitsandbytes 8-bit layers cannot run here, or None if they can.
+
+    A real check, not a version sniff: it builds one `Linear8bitLt` on the device the
+    calibration would use and runs a forward pass, because bitsandbytes imports fine on
+    machines whose backend (CUDA or its CPU kernels) is missing.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a backend that fails while importing
+        return f"bitsandbytes cannot be imported: {exc}"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        layer = bnb.nn.Linear8bitLt(8, 4, bias=False, has_fp16_weights=False).to(device)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        out = layer(torch.randn(2, 8, device=device, dtype=dtype))
+        if out.shape != (2, 4) or not torch.isfinite(out).all():
+            return f"bitsandbytes 8-bit matmul on {device} returned a bad result"
+    except Exception as exc:
+        return f"bitsandbytes has no working 8-bit matmul on {device}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def load_for_calibration(
+    path: str | Path,
+    *,
+    load_in_8bit: bool = False,
+    max_memory: Mapping[str | int, int | str] | None = None,
+    offload_dir: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Load a causal LM and its tokenizer for forward passes only, with accelerate's big-model placement.
+
+    Why: calibration needs activations of models that may not fit in memory. Weights are placed by
+    `device_map="auto"` within `max_memory` (e.g. `{0: "70GiB", "cpu": "100GiB"}`); what does not fit
+    is offloaded to disk (`offload_dir`, a temporary folder removed with the model when not given)
+    and streamed in layer by layer. Without CUDA and without `max_memory` everything goes to the CPU.
+    `load_in_8bit` stores the linear layers as bitsandbytes int8 (CPU or CUDA); modules that accelerate
+    offloads then stay in float32 (bitsandbytes cannot offload int8 weights). `dtype` defaults to
+    float32 on CPU and the checkpoint's own dtype on CUDA. Returns `(model, tokenizer)`, model in eval
+    mode; raises CalibrationError naming the folder when it cannot load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CalibrationError(f"{path}: not a model folder (no config.json)")
+    cuda = torch.cuda.is_available()
+    kwargs: dict = {
+        "low_cpu_mem_usage": True,
+        "dtype": dtype if dtype is not None else ("auto" if cuda else torch.float32),
+        "device_map": "auto" if (cuda or max_memory is not None) else "cpu",
+    }
+    if max_memory is not None:
+        kwargs["max_memory"] = dict(max_memory)
+    temp_dir = None
+    if offload_dir is None:
+        temp_dir = tempfile.mkdtemp(prefix="zenith-offload-")
+        offload_dir = temp_dir
+    kwargs["offload_folder"] = str(offload_dir)
+    if load_in_8bit:
+        if not cuda and max_memory is not None:
+            # accelerate's dispatch of a partly offloaded int8 model asks for an accelerator device
+            _remove(temp_dir)
+            raise CalibrationError(f"{path}: load_in_8bit=True with max_memory (offload) needs CUDA; on CPU use "
+                                   f"either 8-bit or max_memory, not both")
+        reason = bnb_8bit_unavailable()
+        if reason is not None:
+            _remove(temp_dir)
+            raise CalibrationError(f"{path}: load_in_8bit=True but {reason}; load without 8-bit "
+                                   f"(use max_memory to offload instead)")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=max_memory is not None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except CalibrationError:
+        _remove(temp_dir)
+        raise
+    except Exception as exc:
+        _remove(temp_dir)
+        raise CalibrationError(f"{path}: cannot load for calibration: {type(exc).__name__}: {exc}") from exc
+    if not tokenizer.is_fast:
+        _remove(temp_dir)
+        raise CalibrationError(f"{path}: the tokenizer is not a fast tokenizer; calibration needs character offsets")
+    model.eval()
+    if load_in_8bit:
+        _flatten_int8_inputs(model)
+        _check_forward(model, path)
+    if temp_dir is not None:
+        # offloaded weights are read from this folder on every forward pass: keep it as long as the model
+        weakref.finalize(model, _remove, temp_dir)
+    return model, tokenizer
+
+
+def _flatten_int8_inputs(model) -> None:
+    """Let bitsandbytes int8 layers take inputs of any rank.
+
+    Why: bitsandbytes' int8 matmul flattens 3-D inputs only, and its CPU quantiser takes row
+    statistics over dim 1, so a 4-D input (DeepSeek-V3's `kv_b_proj` sees (batch, 1, seq, rank))
+    fails, or with a length-1 axis broadcasts into a wrong shape. A linear layer is token-wise, so
+    running it on the (tokens, features) view and restoring the shape is exactly the same map.
+    """
+    import bitsandbytes as bnb
+
+    def flatten(module, args):
+        x = args[0]
+        if x.dim() <= 2:
+            return None
+        module._zenith_lead_shape = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-1]), *args[1:])
+
+    def restore(module, args, output):
+        lead = module.__dict__.pop("_zenith_lead_shape", None)
+        return output if lead is None else output.reshape(*lead, output.shape[-1])
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.register_forward_pre_hook(flatten)
+            module.register_forward_hook(restore)
+
+
+def _check_forward(model, path: Path) -> None:
+    """Run three tokens through a freshly quantised model, so a backend that cannot run fails at load time."""
+    ids = torch.tensor([[1, 2, 3]], dtype=torch.long, device=_input_device(model)) % model.config.vocab_size
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    except Exception as exc:
+        raise CalibrationError(f"{path}: loaded in 8-bit but a forward pass fails here: "
+                               f"{type(exc).__name__}: {exc}; load without 8-bit") from exc
+    if logits.shape[:2] != (1, 3) or not torch.isfinite(logits).all():
+        raise CalibrationError(f"{path}: loaded in 8-bit but a forward pass gives non-finite or misshapen logits "
+                               f"{tuple(logits.shape)}; load without 8-bit")
+
+
+def _remove(folder: str | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ capturing
+
+
+def _input_device(model) -> torch.device:
+    """Where the token ids go: the embedding's device (accelerate moves everything after it)."""
+    embed = model.get_input_embeddings()
+    weight = getattr(embed, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _first_tensor(value) -> torch.Tensor:
+    """A module's output may be a tensor, a tuple or a ModelOutput: the hidden states come first."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(value).__name__}")
+
+
+def _chunks(text: str, tokenizer, max_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(start char, ids, ends) per chunk of at most `max_tokens` tokens, cut at token boundaries.
+
+    The whole text is tokenized once and the ids are cut, never re-tokenized, so every chunk has
+    exactly the tokens (and offsets into the original text) that the full tokenization has.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+    offsets = torch.tensor(enc["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    for lo in range(0, ids.numel(), max_tokens):
+        hi = min(lo + max_tokens, ids.numel())
+        start = 0 if lo == 0 else int(offsets[lo - 1, 1])
+        yield start, ids[lo:hi], offsets[lo:hi, 1].clone()
+
+
+def capture_hidden(
+    model,
+    tokenizer,
+    texts: Iterable[str],
+    points: Sequence[CapturePoint],
+    *,
+    max_tokens_per_text: int = 512,
+    max_total_tokens: int | None = None,
+    progress: bool = True,
+) -> Iterator[CapturedChunk]:
+    """Run texts through the model, one chunk at a time, and yield the activations at `points`.
+
+    Why: stages need per-token activations paired with character offsets (to pair tokenizers), and
+    must not keep them for a whole corpus; each chunk is yielded as soon as its forward pass ends and
+    holds only float32 CPU copies of the captured tensors. Texts longer than `max_tokens_per_text`
+    are cut at token boundaries into chunks that run independently (each without the previous
+    chunk's context). No special tokens are added. Stops after `max_total_tokens` tokens (the last
+    chunk is cut short). Hooks are removed when the generator finishes or is closed.
+    """
+    if max_tokens_per_text < 1:
+        raise ValueError("max_tokens_per_text must be at least 1")
+    points = list(dict.fromkeys(points))
+    named = dict(model.named_modules())
+    missing = sorted({p.module for p in points} - named.keys())
+    if missing:
+        raise CalibrationError(f"{type(model).__name__} has no module {', '.join(missing)} to capture")
+
+    captured: dict[CapturePoint, torch.Tensor] = {}
+
+    def pre_hook(point):
+        def hook(module, args, kwargs):
+            value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+            captured[point] = _first_tensor(value).detach()
+        return hook
+
+    def post_hook(point):
+        def hook(module, args, output):
+            captured[point] = _first_tensor(output).detach()
+        return hook
+
+    device = _input_device(model)
+    handles = []
+    total = 0
+    bar = tqdm(total=max_total_tokens, desc="calibration", unit="tok", disable=not progress, leave=False)
+    try:
+        for point in points:
+            module = named[point.module]
+            if point.kind == "input":
+                handles.append(module.register_forward_pre_hook(pre_hook(point), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(post_hook(point)))
+        with torch.no_grad():
+            for index, text in enumerate(texts):
+                for start, ids, ends in _chunks(text, tokenizer, max_tokens_per_text):
+                    if max_total_tokens is not None:
+                        room = max_total_tokens - total
+                        if room <= 0:
+                            return
+                        ids, ends = ids[:room], ends[:room]
+                    if ids.numel() == 0:
+                        continue
+                    captured.clear()
+                    model(input_ids=ids[None].to(device), use_cache=False)
+                    absent = [str(p) for p in points if p not in captured]
+                    if absent:
+                        raise CalibrationError(f"the forward pass never reached {', '.join(absent)}")
+                    states = {p: captured[p].reshape(-1, captured[p].shape[-1]).float().cpu() for p in points}
+                    captured.clear()
+                    total += ids.numel()
+                    bar.update(ids.numel())
+                    yield CapturedChunk(index, start, text[start:int(ends[-1])], ends, states)
+    finally:
+        for handle in handles:
+            handle.remove()
+        captured.clear()
+        bar.close()

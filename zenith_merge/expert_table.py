@@ -1,0 +1,90 @@
+"""Which source expert fills which output slot: layer map, expert slots, routing groups, scales.
+
+Pure functions over model facts (no weights): the planner calls them to lay out the
+output's MoE layers before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .architectures import ModelFacts
+from .errors import PlanError
+from .routing import RoutingSpec, nominal_weight
+
+
+def candidate_layers(f: ModelFacts) -> tuple[int, ...]:
+    """The layers of a source that can give experts: its MoE layers, or every layer of a dense model."""
+    return f.moe_layers if f.is_moe else tuple(range(f.num_layers))
+
+
+def map_layers(base_layers: Sequence[int], base_depth: int, source_layers: Sequence[int], source_depth: int) -> dict[int, int]:
+    """Base layer -> source layer by relative depth: the source layer nearest to l / (L_base - 1) of the way down.
+
+    depth(l) = l / (L - 1) for a model of L layers; ties go to the shallower layer.
+    """
+    if not source_layers:
+        raise PlanError("the source has no layer to take experts from")
+    out = {}
+    for layer in base_layers:
+        rel = layer / (base_depth - 1) if base_depth > 1 else 0.0
+        target = rel * (source_depth - 1)
+        out[layer] = min(source_layers, key=lambda s: (abs(s - target), s))
+    return out
+
+
+@dataclass(frozen=True)
+class SourceSlots:
+    """What one `experts[]` entry contributes to every output MoE layer."""
+
+    key: str
+    routed: int  # routed experts kept per layer (0 for a dense donor)
+    dense_mlp: bool  # the donor's MLP as one expert
+    shared_as_routed: bool  # the donor's shared expert as one more routed expert
+
+    @property
+    def count(self) -> int:
+        return self.routed + int(self.dense_mlp) + int(self.shared_as_routed)
+
+
+def routing_groups(base: RoutingSpec, sources: Sequence[SourceSlots], top_k: int, *, base_included: bool) -> tuple[int, int]:
+    """(n_group, topk_group) of the output: each source's experts form whole groups of the base's group size.
+
+    Keeping the base's group size keeps the base's own routing unchanged (the base preservation
+    property). A base without groups (n_group 1) keeps none.
+    """
+    total = sum(s.count for s in sources)
+    if base.n_group <= 1:
+        return 1, 1
+    size = base.group_size
+    for i, s in enumerate(sources):
+        if s.count % size:
+            raise PlanError(
+                f"experts.{i}: contributes {s.count} experts per layer, but the base routes in groups of {size} "
+                f"(n_group {base.n_group}); keep a multiple of {size} (experts.{i}.keep) so each source forms "
+                f"its own groups and the base's routing stays as it was")
+    n_group = total // size
+    topk_group = min(n_group, base.topk_group if base_included else max(1, base.topk_group))
+    topk_group = max(topk_group, math.ceil(top_k / size))
+    if topk_group > n_group:
+        raise PlanError(f"experts_per_token: {top_k} experts per token need {topk_group} groups of {size}, "
+                        f"but the output has only {n_group}")
+    return n_group, topk_group
+
+
+def compensation(source: RoutingSpec | None, output: RoutingSpec, *, source_measured: float | None = None,
+                 output_measured: float | None = None) -> float | None:
+    """Factor on a grafted expert's down projection so it contributes what it did in its source.
+
+    c = w_source / w_output, where w is the weight a picked expert's output typically gets
+    (routing.nominal_weight): `scaling / top_k` under normalised top-k weights, measured
+    otherwise, and 1 for an always-on MLP (a dense donor's, or a shared expert; pass None).
+    None when a needed measurement is missing.
+    """
+    w_src = 1.0 if source is None else nominal_weight(source, source_measured)
+    w_out = nominal_weight(output, output_measured)
+    if w_src is None or w_out is None:
+        return None
+    return w_src / w_out

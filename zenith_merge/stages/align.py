@@ -1,0 +1,365 @@
+"""Hidden-space alignment: linear maps between a base's and a donor's hidden spaces, by ridge least squares.
+
+A donor expert grafted into a base of another width reads the base's normalised MoE input
+and must write into the base's residual stream. Two maps per (base layer, donor layer) pair,
+fitted on calibration text run through both models, make that a plain FFN again:
+
+    A: base normalised MoE input   -> donor normalised MoE input   (d_donor, d_base)
+    B: donor residual after layer  -> base residual after layer    (d_base, d_donor)
+    gate' = gate @ A,  up' = up @ A,  down' = B @ down
+
+The tokenizers differ, so tokens are paired where their END character offsets coincide: the
+hidden state at a token summarises the text up to its end, so two tokens ending at the same
+character have read the same text.
+
+    alignment = fit_alignment(base, donor, [(1, 0), (2, 1)], texts,
+                              base_points=lambda l: (f"model.layers.{l}.mlp", f"model.layers.{l}"),
+                              donor_points=lambda l: (f"model.layers.{l}.mlp", f"model.layers.{l}"))
+    save_alignment(alignment, output / ".zenith")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration
+from ..errors import CalibrationError
+
+__all__ = [
+    "Alignment",
+    "LayerPoints",
+    "RidgeAccumulator",
+    "RidgeFit",
+    "fit_alignment",
+    "load_alignment",
+    "pair_by_offsets",
+    "save_alignment",
+    "split_passages",
+]
+
+ALIGN_TENSORS = "align.safetensors"
+ALIGN_JSON = "align.json"
+FORMAT_VERSION = 1
+
+# layer -> (MoE block module name, decoder layer module name), e.g. 2 -> ("model.layers.2.mlp", "model.layers.2").
+# The caller derives it from the architecture tables; this stage never guesses module names.
+LayerPoints = Callable[[int], tuple[str, str]] | Mapping[int, tuple[str, str]]
+
+
+# ------------------------------------------------------------------ ridge least squares
+
+
+@dataclass(frozen=True)
+class RidgeFit:
+    """A fitted map y ~ W x: W (d_y, d_x) in float64, in-sample R^2, and the number of samples."""
+
+    W: torch.Tensor
+    r2: float
+    n: int
+
+
+class RidgeAccumulator:
+    """Ridge regression y ~ W x from streamed batches, in memory independent of the number of samples.
+
+    W = argmin_W  sum_t ||y_t - W x_t||^2 + lam ||W||_F^2
+      = (Y^T X) (X^T X + lam I)^{-1}           X (n, d_x), Y (n, d_y), W (d_y, d_x)
+
+    No intercept: W is folded into bias-free linear layers. Only the sufficient statistics are kept,
+    in float64: X^T X, Y^T X, sum ||y||^2 and sum y. Then
+
+      SSE = sum ||y||^2 - 2 tr(W X^T Y) + tr(W X^T X W^T)
+      SST = sum ||y||^2 - ||sum y||^2 / n     (centred per output dimension)
+      R^2 = 1 - SSE / SST
+    """
+
+    def __init__(self, d_x: int, d_y: int):
+        self.d_x, self.d_y = d_x, d_y
+        self.xtx = torch.zeros(d_x, d_x, dtype=torch.float64)
+        self.ytx = torch.zeros(d_y, d_x, dtype=torch.float64)
+        self.yy = torch.zeros((), dtype=torch.float64)
+        self.y_sum = torch.zeros(d_y, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch of pairs: x (n, d_x), y (n, d_y), rows paired."""
+        if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[1] != self.d_x or y.shape[1] != self.d_y:
+            raise ValueError(f"expected x (n, {self.d_x}) and y (n, {self.d_y}), got {tuple(x.shape)} and {tuple(y.shape)}")
+        x = x.detach().to("cpu", torch.float64)
+        y = y.detach().to("cpu", torch.float64)
+        self.xtx += x.T @ x
+        self.ytx += y.T @ x
+        self.yy += (y * y).sum()
+        self.y_sum += y.sum(0)
+        self.n += x.shape[0]
+
+    def fit(self, ridge: float) -> RidgeFit:
+        """Solve for W with lam = ridge * trace(X^T X) / d_x (ridge relative to the mean squared input)."""
+        if self.n == 0:
+            raise ValueError("no samples to fit")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        lam = ridge * torch.trace(self.xtx) / self.d_x
+        gram = self.xtx + lam * torch.eye(self.d_x, dtype=torch.float64)
+        # W^T = gram^{-1} (Y^T X)^T; gram is symmetric positive (semi)definite
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0:
+            w = torch.cholesky_solve(self.ytx.T, factor).T
+        else:  # singular without ridge: minimum-norm least squares
+            w = (torch.linalg.pinv(gram, hermitian=True) @ self.ytx.T).T
+        sse = self.yy - 2 * (w * self.ytx).sum() + ((w @ self.xtx) * w).sum()
+        sst = self.yy - (self.y_sum @ self.y_sum) / self.n
+        r2 = 1.0 - float(sse.clamp_min(0) / sst) if float(sst) > 0 else float("nan")
+        return RidgeFit(W=w.contiguous(), r2=r2, n=self.n)
+
+
+# ------------------------------------------------------------------ token pairing
+
+
+def pair_by_offsets(ends_a: torch.Tensor, ends_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (idx_a, idx_b) of the tokens of two tokenizations of one text that end at the same character.
+
+    Why: hidden states of two models are comparable only where both have read the same text, and a
+    token's state summarises the text up to its end. Ends must be non-decreasing (token order). Where
+    several tokens share an end (a byte-level BPE splitting one character), the last one is used: it is
+    the one that has read the whole character.
+    """
+    idx_a, idx_b = _last_of_runs(ends_a, "ends_a"), _last_of_runs(ends_b, "ends_b")
+    keep_a = torch.isin(ends_a[idx_a], ends_b[idx_b])
+    idx_a = idx_a[keep_a]
+    idx_b = idx_b[torch.isin(ends_b[idx_b], ends_a[idx_a])]
+    return idx_a, idx_b
+
+
+def _last_of_runs(ends: torch.Tensor, name: str) -> torch.Tensor:
+    if ends.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(ends.shape)}")
+    if ends.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if (ends[1:] < ends[:-1]).any():
+        raise ValueError(f"{name} must be non-decreasing (token order)")
+    last = torch.ones_like(ends, dtype=torch.bool)
+    last[:-1] = ends[1:] != ends[:-1]
+    return last.nonzero().flatten()
+
+
+def split_passages(text: str, max_chars: int) -> list[str]:
+    """Cut a text at line ends into passages of at most `max_chars` characters (a longer line is cut hard).
+
+    Why: both models then run each passage from its start, so paired tokens have read exactly the
+    same context; chunking each model's tokens separately would give them different contexts.
+    """
+    passages, current = [], ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > max_chars:
+            if current:
+                passages.append(current)
+                current = ""
+            passages.append(line[:max_chars])
+            line = line[max_chars:]
+        if len(current) + len(line) > max_chars:
+            passages.append(current)
+            current = ""
+        current += line
+    if current.strip():
+        passages.append(current)
+    return [p for p in passages if p.strip()]
+
+
+# ------------------------------------------------------------------ fitting on two models
+
+
+@dataclass
+class Alignment:
+    """Fitted maps per (base_layer, donor_layer) pair: A (d_donor, d_base), B (d_base, d_donor), float32."""
+
+    pairs: list[tuple[int, int]]
+    A: dict[tuple[int, int], torch.Tensor]
+    B: dict[tuple[int, int], torch.Tensor]
+    r2_A: dict[tuple[int, int], float]
+    r2_B: dict[tuple[int, int], float]
+    n_tokens: int
+    ridge: float
+    d_base: int
+    d_donor: int
+    meta: dict = field(default_factory=dict)
+
+
+def _points(points: LayerPoints, layer: int) -> tuple[CapturePoint, CapturePoint]:
+    mlp, block = points(layer) if callable(points) else points[layer]
+    return CapturePoint.input_of(mlp), CapturePoint.output_of(block)
+
+
+def _run(model, tokenizer, passage: str, points: list[CapturePoint],
+         max_tokens_per_text: int) -> tuple[torch.Tensor, dict[CapturePoint, torch.Tensor]]:
+    """Ends and states of one passage, the first token of each chunk left out.
+
+    The first position of a sequence is an attention sink in trained LMs, with activations far off
+    the others; a handful of such rows would dominate a least-squares fit.
+    """
+    chunks: list[CapturedChunk] = list(capture_hidden(model, tokenizer, [passage], points,
+                                                      max_tokens_per_text=max_tokens_per_text, progress=False))
+    chunks = [c for c in chunks if len(c) > 1]
+    if not chunks:
+        return torch.zeros(0, dtype=torch.long), {}
+    ends = torch.cat([c.ends[1:] for c in chunks])
+    states = {p: torch.cat([c.states[p][1:] for c in chunks]) for p in points}
+    return ends, states
+
+
+def fit_alignment(
+    base_path: str | Path,
+    donor_path: str | Path,
+    layer_pairs: Sequence[tuple[int, int]],
+    texts: Iterable[str],
+    *,
+    base_points: LayerPoints,
+    donor_points: LayerPoints,
+    ridge: float = 1e-2,
+    max_tokens: int = 20000,
+    load_in_8bit: bool = False,
+    max_memory: Mapping[str | int, int | str] | None = None,
+    passage_chars: int = 1024,
+    max_tokens_per_text: int = 512,
+    progress: bool = True,
+) -> Alignment:
+    """Fit A and B for each (base_layer, donor_layer) pair on calibration text run through both models.
+
+    Why: grafting a donor expert into a base of another width needs maps between the two hidden
+    spaces (see the module docstring). Both models are loaded with `load_for_calibration` (same
+    `load_in_8bit` and `max_memory`, applied to each model) and fed the same passages of `texts`
+    (`split_passages`), pairing tokens by end offset as they go; at most `max_tokens` paired tokens are
+    used. `base_points` / `donor_points` give, per layer, the MoE block's and the decoder layer's module
+    names (from the architecture tables). Statistics are accumulated in float64, so memory does not grow
+    with the number of tokens.
+    """
+    pairs = [(int(b), int(d)) for b, d in layer_pairs]
+    if not pairs:
+        raise ValueError("no layer pairs to align")
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"duplicate layer pairs in {pairs}")
+    base_in = {b: _points(base_points, b) for b, _ in pairs}
+    donor_in = {d: _points(donor_points, d) for _, d in pairs}
+    base_list = list(dict.fromkeys(p for pts in base_in.values() for p in pts))
+    donor_list = list(dict.fromkeys(p for pts in donor_in.values() for p in pts))
+
+    base, base_tok = load_for_calibration(base_path, load_in_8bit=load_in_8bit, max_memory=max_memory)
+    donor, donor_tok = load_for_calibration(donor_path, load_in_8bit=load_in_8bit, max_memory=max_memory)
+    d_base, d_donor = base.config.hidden_size, donor.config.hidden_size
+    acc_a = {pair: RidgeAccumulator(d_base, d_donor) for pair in pairs}
+    acc_b = {pair: RidgeAccumulator(d_donor, d_base) for pair in pairs}
+    n_tokens = 0
+    bar = tqdm(total=max_tokens, desc="alignment", unit="tok", disable=not progress, leave=False)
+    try:
+        for text in texts:
+            for passage in split_passages(text, passage_chars):
+                if n_tokens >= max_tokens:
+                    break
+                ends_b, states_b = _run(base, base_tok, passage, base_list, max_tokens_per_text)
+                ends_d, states_d = _run(donor, donor_tok, passage, donor_list, max_tokens_per_text)
+                idx_b, idx_d = pair_by_offsets(ends_b, ends_d)
+                take = min(idx_b.numel(), max_tokens - n_tokens)
+                idx_b, idx_d = idx_b[:take], idx_d[:take]
+                if take == 0:
+                    continue
+                for bl, dl in pairs:
+                    (b_mlp, b_layer), (d_mlp, d_layer) = base_in[bl], donor_in[dl]
+                    acc_a[bl, dl].add(states_b[b_mlp][idx_b], states_d[d_mlp][idx_d])
+                    acc_b[bl, dl].add(states_d[d_layer][idx_d], states_b[b_layer][idx_b])
+                n_tokens += take
+                bar.update(take)
+    finally:
+        bar.close()
+        del base, donor
+    if n_tokens == 0:
+        raise CalibrationError(f"{base_path} and {donor_path}: no tokens of the calibration text end at the same "
+                               f"character in both tokenizations; give more (or longer) texts")
+    fits_a = {pair: acc.fit(ridge) for pair, acc in acc_a.items()}
+    fits_b = {pair: acc.fit(ridge) for pair, acc in acc_b.items()}
+    return Alignment(
+        pairs=pairs,
+        A={p: f.W.float() for p, f in fits_a.items()},
+        B={p: f.W.float() for p, f in fits_b.items()},
+        r2_A={p: f.r2 for p, f in fits_a.items()},
+        r2_B={p: f.r2 for p, f in fits_b.items()},
+        n_tokens=n_tokens,
+        ridge=ridge,
+        d_base=d_base,
+        d_donor=d_donor,
+        meta={"base": str(base_path), "donor": str(donor_path)},
+    )
+
+
+# ------------------------------------------------------------------ artefact
+
+
+def _key(kind: str, pair: tuple[int, int]) -> str:
+    return f"{kind}.{pair[0]}.{pair[1]}"
+
+
+def save_alignment(alignment: Alignment, folder: str | Path) -> Path:
+    """Write `align.safetensors` (A.<base>.<donor>, B.<base>.<donor>, float32) and `align.json` into folder.
+
+    Each file is written to a temporary name and renamed, tensors first: a folder with align.json has a
+    complete alignment. Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for pair in alignment.pairs:
+        tensors[_key("A", pair)] = alignment.A[pair].detach().to("cpu", torch.float32).contiguous()
+        tensors[_key("B", pair)] = alignment.B[pair].detach().to("cpu", torch.float32).contiguous()
+    info = {
+        "format": FORMAT_VERSION,
+        "pairs": [list(p) for p in alignment.pairs],
+        "r2": {"A": {_key("A", p): alignment.r2_A[p] for p in alignment.pairs},
+               "B": {_key("B", p): alignment.r2_B[p] for p in alignment.pairs}},
+        "n_tokens": alignment.n_tokens,
+        "ridge": alignment.ridge,
+        "d_base": alignment.d_base,
+        "d_donor": alignment.d_donor,
+        "meta": alignment.meta,
+    }
+    tmp = folder / f".{ALIGN_TENSORS}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)})
+    os.replace(tmp, folder / ALIGN_TENSORS)
+    tmp = folder / f".{ALIGN_JSON}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, folder / ALIGN_JSON)
+    return folder
+
+
+def load_alignment(folder: str | Path) -> Alignment:
+    """Read an alignment written by `save_alignment`; raises CalibrationError naming what is missing or wrong."""
+    folder = Path(folder)
+    json_path, tensor_path = folder / ALIGN_JSON, folder / ALIGN_TENSORS
+    if not json_path.is_file() or not tensor_path.is_file():
+        raise CalibrationError(f"{folder}: no complete alignment ({ALIGN_JSON} and {ALIGN_TENSORS}); fit it again")
+    info = json.loads(json_path.read_text())
+    if info.get("format") != FORMAT_VERSION:
+        raise CalibrationError(f"{json_path}: alignment format {info.get('format')!r}, expected {FORMAT_VERSION}")
+    tensors = load_file(str(tensor_path))
+    pairs = [(int(b), int(d)) for b, d in info["pairs"]]
+    d_base, d_donor = int(info["d_base"]), int(info["d_donor"])
+    A, B = {}, {}
+    for pair in pairs:
+        for kind, store, shape in (("A", A, (d_donor, d_base)), ("B", B, (d_base, d_donor))):
+            key = _key(kind, pair)
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                found = tuple(tensors[key].shape) if key in tensors else "nothing"
+                raise CalibrationError(f"{tensor_path}: expected {key} of shape {shape}, found {found}")
+            store[pair] = tensors[key]
+    return Alignment(
+        pairs=pairs, A=A, B=B,
+        r2_A={p: float(info["r2"]["A"][_key("A", p)]) for p in pairs},
+        r2_B={p: float(info["r2"]["B"][_key("B", p)]) for p in pairs},
+        n_tokens=int(info["n_tokens"]), ridge=float(info["ridge"]), d_base=d_base, d_donor=d_donor,
+        meta=dict(info.get("meta", {})),
+    )

@@ -1,0 +1,84 @@
+"""Expert usage: how often a source's own router picks each expert on that source's prompts.
+
+`experts[].keep: N` keeps the N most used experts of each layer; the mean weight of picked
+experts feeds scale compensation where routing weights are not normalised. The router
+is applied here from its checkpoint tensors with `routing.route`, so the counts follow
+the same rule as the model's own forward pass, whatever the transformers version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..architectures import architecture_of, tensor_name
+from ..calibration import CapturePoint, capture_hidden, load_for_calibration
+from ..io.manifest import write_json_atomic
+from ..io.reader import Checkpoint
+from ..routing import route, routing_spec
+
+USAGE_FILE = "usage.json"
+
+
+def usage_order(counts: Sequence[int]) -> list[int]:
+    """Expert indices, most used first; ties go to the lower index (so the order is deterministic)."""
+    return sorted(range(len(counts)), key=lambda e: (-counts[e], e))
+
+
+def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str], *, load_in_8bit: bool = False,
+                 max_tokens: int = 20_000, progress: bool = True) -> dict[int, dict]:
+    """Per source layer: pick counts of every expert, their order, and the mean weight of picked experts."""
+    with Checkpoint.open(model_path, check_shapes=False) as ckpt:
+        config = ckpt.config
+        arch = architecture_of(config, where=str(model_path / "config.json"))
+        spec = routing_spec(config)
+        routers = {}
+        for layer in layers:
+            weight = ckpt.read(tensor_name(arch, "router", layer)).float()
+            bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
+            bias = ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None
+            routers[layer] = (weight, bias)
+    model, tokenizer = load_for_calibration(model_path, load_in_8bit=load_in_8bit)
+    points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
+    counts = {layer: torch.zeros(spec.n_experts, dtype=torch.long) for layer in layers}
+    weight_sum = {layer: 0.0 for layer in layers}
+    picks = {layer: 0 for layer in layers}
+    try:
+        for chunk in capture_hidden(model, tokenizer, prompts, list(points.values()), max_total_tokens=max_tokens,
+                                    progress=progress):
+            for layer, point in points.items():
+                weight, bias = routers[layer]
+                idx, w = route(chunk.states[point] @ weight.T, spec, bias)
+                counts[layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
+                weight_sum[layer] += float(w.sum())
+                picks[layer] += idx.numel()
+    finally:
+        del model
+    out = {}
+    for layer in layers:
+        c = counts[layer].tolist()
+        out[layer] = {"counts": c, "order": usage_order(c), "tokens": picks[layer] // max(1, spec.top_k),
+                      "mean_weight": weight_sum[layer] / picks[layer] if picks[layer] else None}
+    return out
+
+
+def save_usage(usage: dict[str, dict[int, dict]], folder: Path, key: str) -> Path:
+    """Write `<folder>/usage.json` (source -> layer -> stats) with the key of the plan it belongs to."""
+    data = {"key": key, "sources": {src: {str(layer): s for layer, s in per.items()} for src, per in usage.items()}}
+    path = Path(folder) / USAGE_FILE
+    write_json_atomic(path, data)
+    return path
+
+
+def load_usage(folder: Path, key: str) -> dict[str, dict[int, dict]] | None:
+    """The saved usage when it was computed for `key`, else None."""
+    path = Path(folder) / USAGE_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("key") != key:
+        return None
+    return {src: {int(layer): s for layer, s in per.items()} for src, per in data["sources"].items()}

@@ -29,14 +29,15 @@ def save_tokenizer(path: Path, vocab_size: int = 300) -> None:
     fast.save_pretrained(path)
 
 
-def make_tiny_deepseek(path: Path, *, seed: int = 0, shard: str = "40KB", dtype=torch.bfloat16) -> Path:
+def make_tiny_deepseek(path: Path, *, seed: int = 0, shard: str = "40KB", dtype=torch.bfloat16, **overrides) -> Path:
     """A tiny DeepseekV3ForCausalLM (MLA, group routing, shared expert, dense first layer), sharded."""
     torch.manual_seed(seed)
-    config = transformers.DeepseekV3Config(
+    values = dict(
         vocab_size=320, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
         n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4,
         qk_nope_head_dim=4, v_head_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2, max_position_embeddings=128)
+    config = transformers.DeepseekV3Config(**{**values, **overrides})
     model = transformers.DeepseekV3ForCausalLM(config)
     with torch.no_grad():  # transformers initialises the router to zeros; give it something to route with
         for layer in model.model.layers[1:]:

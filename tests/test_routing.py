@@ -63,7 +63,9 @@ def test_groups_keep_the_base_group_size():
     base = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True, n_group=2, topk_group=1)
     slots = [SourceSlots("base", 8, False, False), SourceSlots("donor1", 4, False, False)]
     assert routing_groups(base, slots, 2, base_included=True) == (3, 1)
-    with pytest.raises(PlanError, match=r"experts.1: contributes 6 experts .* keep a multiple of 4"):
+    with pytest.raises(PlanError, match=r"experts.1: 6 experts per layer, .* groups of 4 .* keep a multiple of 4"):
         routing_groups(base, [slots[0], SourceSlots("donor1", 6, False, False)], 2, base_included=True)
+    dense = [SourceSlots(f"donor{i}", 0, True, False) for i in (1, 2, 3, 4)]  # one MLP each: they share a group
+    assert routing_groups(base, [slots[0], *dense], 2, base_included=True) == (3, 1)
     flat = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True)
     assert routing_groups(flat, [slots[0], SourceSlots("d", 6, False, False)], 2, base_included=True) == (1, 1)

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .architectures import classify
+from .architectures import classify, set_dim
 from .config import MergeConfig
 from .errors import PlanError
 from .plan import AssembleRecipe, CopyRecipe, Plan, PlannedTensor, _finish, _output_dtype, _Source, _target_dtype_keys
@@ -58,7 +58,7 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
     settings = cfg.assembly
     target: dict[str, Any] = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
     if cfg.experts_per_token is not None:
-        target[base.arch.dims["top_k"][0]] = cfg.experts_per_token
+        set_dim(target, base.arch, "top_k", cfg.experts_per_token)
     tensors, input_bytes = [], {}
     for name in base.ckpt.names():
         info = base.ckpt.info(name)

@@ -50,27 +50,30 @@ class SourceSlots:
 
 
 def routing_groups(base: RoutingSpec, sources: Sequence[SourceSlots], top_k: int, *, base_included: bool) -> tuple[int, int]:
-    """(n_group, topk_group) of the output: each source's experts form whole groups of the base's group size.
+    """(n_group, topk_group) of the output: groups of the base's group size, never mixing base and donor experts.
 
     Keeping the base's group size keeps the base's own routing unchanged (the base preservation
-    property). A base without groups (n_group 1) keeps none.
+    property). Each source fills whole groups where its count allows; donors whose counts do not
+    (a dense donor gives one expert) share groups with each other, never with the base. A base
+    without groups (n_group 1) keeps none.
     """
     total = sum(s.count for s in sources)
     if base.n_group <= 1:
         return 1, 1
     size = base.group_size
-    for i, s in enumerate(sources):
-        if s.count % size:
-            raise PlanError(
-                f"experts.{i}: contributes {s.count} experts per layer, but the base routes in groups of {size} "
-                f"(n_group {base.n_group}); keep a multiple of {size} (experts.{i}.keep) so each source forms "
-                f"its own groups and the base's routing stays as it was")
+    donors = [(i, s) for i, s in enumerate(sources) if s.key != "base"]
+    odd = [i for i, s in donors if s.count % size]
+    if sum(s.count for _, s in donors) % size:
+        names = ", ".join(f"experts.{i}" for i in odd)
+        raise PlanError(
+            f"{names}: {' and '.join(str(sources[i].count) for i in odd)} experts per layer, but the base routes in "
+            f"groups of {size} (n_group {base.n_group}); keep a multiple of {size} (experts[].keep), or donors that "
+            f"together fill whole groups, so the base's routing stays as it was")
     n_group = total // size
-    topk_group = min(n_group, base.topk_group if base_included else max(1, base.topk_group))
-    topk_group = max(topk_group, math.ceil(top_k / size))
-    if topk_group > n_group:
-        raise PlanError(f"experts_per_token: {top_k} experts per token need {topk_group} groups of {size}, "
-                        f"but the output has only {n_group}")
+    topk_group = min(n_group, max(base.topk_group, math.ceil(top_k / size)))
+    if topk_group * size < top_k:
+        raise PlanError(f"experts_per_token: {top_k} experts per token need {math.ceil(top_k / size)} groups of "
+                        f"{size}, but the output has only {n_group}")
     return n_group, topk_group
 
 

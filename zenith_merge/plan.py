@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .architectures import Architecture, ModelFacts, architecture_of, classify, expected_shape, facts, tensor_name
+from .architectures import (Architecture, ModelFacts, architecture_of, classify, expected_shape, facts, set_dim,
+                            tensor_name)
 from .config import ExpertSource, MergeConfig
 from .errors import PlanError
 from .expert_table import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
@@ -466,7 +467,7 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
             if top_k > bf.n_routed_experts:
                 raise PlanError(f"experts_per_token: {top_k} is more than the {bf.n_routed_experts} routed experts "
                                 f"of {cfg.base_model}")
-            target[arch.dims["top_k"][0]] = top_k
+            set_dim(target, arch, "top_k", top_k)
         tensors = [_copy_tensor(base, n, cfg, target) for n in base.ckpt.names()]
         return _finish(cfg, config_dir, output_dir, method="passthrough", base=base, sources=sources, target=target,
                        tensors=tensors, input_bytes={t.name: base.ckpt.info(t.name).nbytes for t in tensors})
@@ -490,9 +491,9 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
 
     moe_inter = max([bf.moe_intermediate_size] + [inter(s, sl) for s, sl in zip(sources, slots)])
     target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
-    target[arch.dims["n_experts"][0]] = total
-    target[arch.dims["top_k"][0]] = top_k
-    target[arch.dims["moe_inter"][0]] = moe_inter
+    set_dim(target, arch, "n_experts", total)
+    set_dim(target, arch, "top_k", top_k)
+    set_dim(target, arch, "moe_inter", moe_inter)
     if "n_group" in arch.routing_keys:
         target[arch.routing_keys["n_group"]] = n_group
         target[arch.routing_keys["topk_group"]] = topk_group

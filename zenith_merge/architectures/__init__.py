@@ -30,6 +30,7 @@ __all__ = [
     "dim",
     "expected_shape",
     "facts",
+    "set_dim",
     "tensor_name",
 ]
 
@@ -84,6 +85,18 @@ def dim(config: dict[str, Any], arch: Architecture, symbol: str | int) -> int | 
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def set_dim(config: dict[str, Any], arch: Architecture, symbol: str, value: int) -> None:
+    """Set a dimension in a config: its first key, and every alias key the config already has.
+
+    Configs saved by different transformers versions carry aliases side by side (Qwen3-MoE's
+    `num_experts` and `num_local_experts`); leaving a stale alias makes loaders disagree.
+    """
+    keys = [k for k in arch.dims.get(symbol, (symbol,)) if k.isidentifier()]
+    for i, key in enumerate(keys):
+        if i == 0 or key in config:
+            config[key] = value
 
 
 @dataclass(frozen=True)

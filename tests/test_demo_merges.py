@@ -1,0 +1,86 @@
+"""End-to-end merges of the demo models with the shipped configs: flagship graft, Chimera, three sources."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tensors_of
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from zenith_merge.cli import main
+from zenith_merge.config import load_config
+from zenith_merge.demo import ensure_demo, heldout_text
+from zenith_merge.pipeline import run_merge
+
+pytestmark = pytest.mark.demo
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(config: str, out: Path, *extra: str) -> None:
+    assert main(["merge", str(ROOT / config), "--output", str(out), "--no-progress", *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def flagship(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flagship") / "out"
+    _run("merge/config.yml", out)
+    return out
+
+
+def test_flagship_is_a_deepseek_checkpoint_with_both_sources_experts(flagship, capsys):
+    config = json.loads((flagship / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (config["n_routed_experts"], config["n_group"], config["topk_group"]) == (12, 3, 1)
+    plan = json.loads((flagship / ".zenith" / "plan.json").read_text())
+    sources = [[s["source"] for s in layer["slots"]] for layer in plan["expert_table"]]
+    assert all(row == ["base"] * 8 + ["donor1"] * 4 for row in sources)
+    assert (flagship / ".zenith" / "align-donor1" / "align.safetensors").is_file()
+    assert main(["smoke-test", str(flagship)]) == 0
+    assert "result: ok" in capsys.readouterr().out
+
+
+def test_flagship_keeps_the_base_when_the_donor_is_masked(flagship):
+    """Base preservation on trained models: donor slots never picked -> the base's logits on base text."""
+    zen = ensure_demo("zen-tiny")
+    tok = AutoTokenizer.from_pretrained(zen)
+    ids = tok(heldout_text("code")[:600], return_tensors="pt").input_ids
+    base = AutoModelForCausalLM.from_pretrained(zen, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(flagship, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in merged.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias[8:] = -1e4
+        torch.testing.assert_close(merged(ids).logits, base(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resumed_graft_reuses_its_stages_and_shards(flagship, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in (flagship / ".zenith").rglob("*") if p.is_file()}
+    cfg = load_config(ROOT / "merge" / "config.yml")
+    result = run_merge(cfg, config_dir=ROOT / "merge", output_dir=flagship, resume=True, progress=False)
+    assert result.write.written == [] and len(result.write.skipped) == len(result.plan.shards)
+    after = {p.name: p.stat().st_mtime_ns for p in (flagship / ".zenith").rglob("*") if p.is_file()}
+    assert after["usage.json"] == before["usage.json"] and after["align.safetensors"] == before["align.safetensors"]
+
+
+def test_chimera_is_r1_experts_in_the_v3_body(tmp_path):
+    out = tmp_path / "chimera"
+    _run("merge/examples/chimera.yml", out)
+    merged, v3, r1 = tensors_of(out), tensors_of(ensure_demo("zen-tiny")), tensors_of(ensure_demo("zen-r1-tiny"))
+    assert merged.keys() == v3.keys()
+    for name, t in merged.items():
+        want = r1[name] if ".mlp.experts." in name else v3[name]
+        assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), name
+
+
+def test_three_sources_give_twenty_experts(tmp_path):
+    out = tmp_path / "three"
+    _run("merge/examples/three_sources.yml", out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_routed_experts"], config["n_group"]) == (20, 5)
+    plan = json.loads((out / ".zenith" / "plan.json").read_text())
+    assert {k: v["align"] for k, v in plan["transforms"].items()} == {"base": "none", "donor1": "identity",
+                                                                      "donor2": "fit"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)

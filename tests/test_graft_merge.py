@@ -1,0 +1,217 @@
+"""Grafting experts from other models: across architectures and widths, same family, dense donors.
+
+Tiny random models (conftest) keep these fast; the demo-model runs are in test_demo_merges.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_deepseek, make_tiny_dense, make_tiny_qwen3_moe, tensors_of, write_config
+from transformers import AutoModelForCausalLM
+
+from zenith_merge.config import load_config
+from zenith_merge.errors import PlanError
+from zenith_merge.graft_math import expert_forward, fold_projection, pad_to
+from zenith_merge.pipeline import run_merge
+from zenith_merge.plan import build_plan
+from zenith_merge.stages.align import load_alignment
+
+PROMPTS = ["def add(a, b):\n    return a + b\n", "What is 3 + 4? It is 7.", "class Stack:\n    pass\n"]
+E = "model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
+
+
+def _merge(tmp_path, base, experts, **extra):
+    extra.setdefault("gate_mode", "random")
+    cfg = load_config(write_config(tmp_path, base_model=str(base), output_dir=str(tmp_path / "out"),
+                                   max_shard_size="40KB", experts=experts, **extra))
+    return run_merge(cfg, config_dir=tmp_path, progress=False)
+
+
+def _entry(path, **kw):
+    return {"source_model": str(path), "positive_prompts": PROMPTS, **kw}
+
+
+def _mask_slots(model, slots):
+    """Make the given expert slots unpickable: their score-correction bias to -1e4 (sigmoid scores are in [0, 1])."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(gate, "e_score_correction_bias"):
+                gate.e_score_correction_bias[list(slots)] = -1e4
+
+
+def _logits(folder, ids, mask=()):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _mask_slots(model, mask)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def cross_arch(tmp_path_factory, tiny_deepseek, tiny_qwen_moe):
+    """tiny_deepseek (hidden 32) + tiny_qwen_moe (hidden 24): fitted maps, all 4 donor experts, transferred rows."""
+    tmp = tmp_path_factory.mktemp("cross")
+    return _merge(tmp, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe)], gate_mode="transfer",
+                  align={"calibration": [], "max_tokens": 400})
+
+
+def test_cross_architecture_output_is_a_standard_deepseek_checkpoint(cross_arch):
+    out = cross_arch.output_dir
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert (config["n_routed_experts"], config["n_group"], config["topk_group"]) == (8, 4, 1)
+    model = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code: transformers' own class
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    generated = model.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+
+
+def test_base_preservation_with_donor_rows_masked(cross_arch, tiny_deepseek):
+    """With the donor's slots never picked, the merged model is the base: logits equal to float tolerance."""
+    base = _logits(tiny_deepseek, IDS)
+    merged = _logits(cross_arch.output_dir, IDS, mask=range(4, 8))
+    torch.testing.assert_close(merged, base, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(cross_arch.output_dir, IDS), base, atol=1e-3)  # unmasked, the donor acts
+
+
+def test_grafted_expert_is_the_folded_donor_expert(cross_arch, tiny_qwen_moe):
+    out = tensors_of(cross_arch.output_dir)
+    src = tensors_of(tiny_qwen_moe)
+    plan = cross_arch.plan
+    al = load_alignment(cross_arch.output_dir / ".zenith" / "align-donor1")
+    assert set(al.pairs) == {(1, 0), (2, 1)} and al.n_tokens > 0
+    assert all(-1.0 <= r <= 1.0 for r in (*al.r2_A.values(), *al.r2_B.values()))
+    for layer in (1, 2):
+        slot = plan.slot(layer, 5)
+        A, B = al.A[layer, slot.source_layer], al.B[layer, slot.source_layer]
+        for proj in ("gate", "up", "down"):
+            want = fold_projection(src[E.format(layer=slot.source_layer, expert=slot.expert, proj=proj)], proj,
+                                   A=A, B=B, scale=slot.scale)
+            got = out[E.format(layer=layer, expert=5, proj=proj)]
+            shape = (16, 32) if proj != "down" else (32, 16)  # donor's 12 padded to the base's 16
+            torch.testing.assert_close(got.float(), pad_to(want, shape).to(torch.bfloat16).float())
+        # transfer: the donor's router row, mapped through A
+        donor_row = src[f"model.layers.{slot.source_layer}.mlp.gate.weight"][slot.expert].float()
+        got_row = out[f"model.layers.{layer}.mlp.gate.weight"][5].float()
+        torch.testing.assert_close(got_row, (donor_row @ A).to(torch.bfloat16).float())
+
+
+def test_same_width_graft_computes_the_source_expert_scaled(tmp_path, tiny_deepseek):
+    """Identity alignment: the grafted expert is the source expert, padded, times the scale compensation."""
+    donor = make_tiny_qwen3_moe(tmp_path / "qwen32", hidden=32, moe_inter=12, dtype=torch.float32)
+    result = _merge(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(donor)], dtype="float32")
+    assert result.plan.transforms["donor1"].align == "identity"
+    out, src = tensors_of(result.output_dir), tensors_of(donor)
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(3))
+    for slot_index in range(4, 8):
+        slot = result.plan.slot(2, slot_index)
+        assert slot.scale == pytest.approx((1 / 2) / (2.5 / 2))  # Qwen's normalised top-2 into DeepSeek's x2.5
+        got = expert_forward(x, *(out[E.format(layer=2, expert=slot_index, proj=p)] for p in ("gate", "up", "down")))
+        want = expert_forward(x, *(src[E.format(layer=slot.source_layer, expert=slot.expert, proj=p)]
+                                   for p in ("gate", "up", "down")))
+        torch.testing.assert_close(got, slot.scale * want, rtol=1e-5, atol=1e-6)
+
+
+def test_same_family_concat_copies_experts_and_routers_byte_for_byte(tmp_path, tiny_deepseek):
+    sibling = make_tiny_deepseek(tmp_path / "sibling", seed=7)
+    result = _merge(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(sibling)], gate_mode="transfer")
+    out, a, b = tensors_of(result.output_dir), tensors_of(tiny_deepseek), tensors_of(sibling)
+    for layer in (1, 2):
+        for e in range(4):
+            for proj in ("gate", "up", "down"):
+                assert torch.equal(out[E.format(layer=layer, expert=e, proj=proj)],
+                                   a[E.format(layer=layer, expert=e, proj=proj)])
+                assert torch.equal(out[E.format(layer=layer, expert=4 + e, proj=proj)],
+                                   b[E.format(layer=layer, expert=e, proj=proj)])
+        for part in ("weight", "e_score_correction_bias"):
+            name = f"model.layers.{layer}.mlp.gate.{part}"
+            assert torch.equal(out[name], torch.cat([a[name], b[name]]))
+    for name in a:  # the body is the base's, bit for bit
+        if ".mlp.experts." not in name and ".mlp.gate." not in name:
+            assert torch.equal(out[name], a[name]), name
+
+
+def test_dense_donors_each_give_one_padded_expert(tmp_path, tiny_deepseek):
+    """Two dense donors (Qwen3 and Llama): their MLPs (intermediate 40) become experts; everything pads to 40."""
+    qwen = make_tiny_dense(tmp_path / "qwen3", inter=40, layers=3)
+    llama = make_tiny_dense(tmp_path / "llama", inter=40, layers=2, cls="LlamaForCausalLM", seed=1)
+    result = _merge(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(qwen), _entry(llama)])
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert (config["n_routed_experts"], config["moe_intermediate_size"], config["n_group"]) == (6, 40, 3)  # 2 shared
+    slot = result.plan.slot(2, 4)
+    assert (slot.kind, slot.source, slot.source_layer) == ("dense_mlp", "donor1", 2)
+    out, src = tensors_of(result.output_dir), tensors_of(qwen)
+    assert torch.equal(out[E.format(layer=2, expert=4, proj="gate")], src["model.layers.2.mlp.gate_proj.weight"])
+    # the base's own experts and shared expert were padded from 16 to 40: still the base's function
+    torch.testing.assert_close(_logits(result.output_dir, IDS, mask=range(4, 6)), _logits(tiny_deepseek, IDS),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_two_qwen3_moe_models_merge_into_a_qwen3_moe(tmp_path, tiny_qwen_moe):
+    other = make_tiny_qwen3_moe(tmp_path / "other", seed=5)
+    result = _merge(tmp_path, tiny_qwen_moe, [_entry(tiny_qwen_moe), _entry(other)], gate_mode="transfer")
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["num_experts"] == 8
+    out, b = tensors_of(result.output_dir), tensors_of(other)
+    assert torch.equal(out[E.format(layer=1, expert=6, proj="down")], b[E.format(layer=1, expert=2, proj="down")])
+    # float32: transformers' grouped expert matmul wants 16-byte strides, which 12 bf16 values are not
+    model = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_keep_picks_the_most_used_experts(tmp_path, tiny_deepseek, tiny_qwen_moe):
+    result = _merge(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, keep=2)],
+                    align={"max_tokens": 200})
+    usage = json.loads((result.output_dir / ".zenith" / "usage.json").read_text())["sources"]["donor1"]
+    for layer in (1, 2):
+        slots = result.plan.expert_table[layer - 1].slots[4:]
+        stats = usage[str(slots[0].source_layer)]
+        assert [s.expert for s in slots] == stats["order"][:2]
+        assert sorted(stats["counts"], reverse=True)[:2] == [stats["counts"][s.expert] for s in slots]
+        assert sum(stats["counts"]) == 2 * stats["tokens"]
+
+
+def _plan_error(tmp_path, base, experts, **extra):
+    extra.setdefault("gate_mode", "random")
+    cfg = load_config(write_config(tmp_path, base_model=str(base), experts=experts, **extra))
+    with pytest.raises(PlanError) as err:
+        build_plan(cfg, config_dir=tmp_path)
+    return str(err.value)
+
+
+def test_clear_errors_for_bad_inputs(tmp_path, tiny_deepseek, tiny_qwen_moe):
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, keep=9)])
+    assert "experts.1.keep: 9 is more than the 4 routed experts" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, keep=3)])
+    assert "experts.1: 3 experts per layer" in msg and "multiple of 2" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe)], gate_mode="hidden")
+    assert "gate_mode: hidden" in msg and "transfer" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_qwen_moe)], align={"mode": "identity"})
+    assert "align.mode: identity, but experts.0.source_model" in msg and "hidden size 24" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_deepseek)])
+    assert "experts.1.source_model" in msg and "already experts.0" in msg
+
+
+def test_donor_without_moe_or_mlp_is_refused(tmp_path, tiny_deepseek):
+    dense = make_tiny_dense(tmp_path / "dense", inter=40)
+    config = json.loads((dense / "config.json").read_text())
+    del config["intermediate_size"]
+    (dense / "config.json").write_text(json.dumps(config))
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(dense)])
+    assert "experts.1.source_model" in msg and "no MoE layers and no MLP" in msg
+
+
+def test_unknown_donor_architecture_lists_the_supported_ones(tmp_path, tiny_deepseek):
+    dense = make_tiny_dense(tmp_path / "dense", inter=40)
+    config = json.loads((dense / "config.json").read_text())
+    config["architectures"] = ["MambaForCausalLM"]
+    (dense / "config.json").write_text(json.dumps(config))
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(dense)])
+    assert "unsupported architecture 'MambaForCausalLM'" in msg and "Qwen3MoeForCausalLM" in msg

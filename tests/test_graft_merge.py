@@ -215,3 +215,20 @@ def test_unknown_donor_architecture_lists_the_supported_ones(tmp_path, tiny_deep
     (dense / "config.json").write_text(json.dumps(config))
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(dense)])
     assert "unsupported architecture 'MambaForCausalLM'" in msg and "Qwen3MoeForCausalLM" in msg
+
+
+def test_plan_and_align_commands_show_the_expert_table_and_fits(tmp_path, tiny_deepseek, tiny_qwen_moe, capsys):
+    from zenith_merge.cli import main
+
+    path = write_config(tmp_path, base_model=str(tiny_deepseek), gate_mode="random", output_dir=str(tmp_path / "out"),
+                        experts=[_entry(tiny_deepseek), _entry(tiny_qwen_moe, keep=2)])
+    assert main(["plan", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "layer   1: [0-3] base L1 e0-e3  [4-5] donor1 L0 top 2 by usage x0.4" in shown
+    assert "stage align: donor1 pairs [(1, 0), (2, 1)]" in shown
+    assert not (tmp_path / "out").exists()
+    assert main(["align", str(path), "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    assert "R^2 A: 1.0:" in shown and "paired tokens" in shown and "top 2 by usage" not in shown
+    assert main(["merge", str(path), "--resume", "--no-progress"]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()

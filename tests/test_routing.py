@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from zenith_merge.expert_table import compensation, map_layers, routing_groups, SourceSlots
 from zenith_merge.errors import PlanError
+from zenith_merge.expert_table import SourceSlots, compensation, map_layers, routing_groups
 from zenith_merge.routing import RoutingSpec, nominal_weight, route, routing_spec
 
 

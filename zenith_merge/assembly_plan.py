@@ -17,7 +17,16 @@ from typing import Any
 from .architectures import classify, set_dim
 from .config import MergeConfig
 from .errors import PlanError
-from .plan import AssembleRecipe, CopyRecipe, Plan, PlannedTensor, _finish, _output_dtype, _Source, _target_dtype_keys
+from .plan import (
+    AssembleRecipe,
+    CopyRecipe,
+    Plan,
+    PlannedTensor,
+    _finish,
+    _output_dtype,
+    _Source,
+    _target_dtype_keys,
+)
 
 # Config values that must agree between parents for their tensors to line up (beyond the attention layout).
 _SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a check failed (smoke test, update-config --check),
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -49,6 +50,15 @@ def format_plan(plan) -> str:
         f"  estimated peak memory {_human(e.peak_memory_bytes)}, disk {_human(e.total_bytes)}",
     ]
     lines += format_expert_table(plan)
+    if plan.method == "assembly":
+        lines.append("assembly (tensors per recipe):")
+        counts: dict[str, int] = {}
+        for t in plan.tensors:
+            r = t.recipe
+            what = (f"copied from {r.source}" if r.kind == "copy" else
+                    f"{r.tensor_class}: " + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
+            counts[what] = counts.get(what, 0) + 1
+        lines += [f"  {n:>6}  {what}" for what, n in sorted(counts.items())]
     return "\n".join(lines)
 
 
@@ -126,6 +136,26 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_align(args) -> int:
+    from .pipeline import prepare_stages
+
+    cfg, config_dir = _load(args.config)
+    plan = prepare_stages(cfg, config_dir=config_dir, output_dir=args.output, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    print("\n".join(format_expert_table(plan)))
+    out = Path(plan.output_dir) / ".zenith"
+    for source in plan.stages.align:
+        info = json.loads((out / f"align-{source}" / "align.json").read_text())
+        print(f"alignment {source}: {info['n_tokens']} paired tokens, ridge {info['ridge']}, "
+              f"widths {info['d_base']} (base) / {info['d_donor']} ({source})")
+        for kind in ("A", "B"):
+            print(f"  R^2 {kind}: " + "  ".join(f"{k.split('.', 1)[1]}: {v:.3f}" for k, v in info["r2"][kind].items()))
+    if not plan.stages.usage and not plan.stages.align:
+        print("nothing to compute: no expert selection and no alignment fit in this plan")
+    print(f"artefacts in {out}; `zenith-merge merge CONFIG --resume` reuses them")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import DEMO_NAMES, ensure_demo
 
@@ -191,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_merge)
+
+    sp = sub.add_parser("align", help="run the merge's stages only: expert usage and the A/B alignment fits",
+                        description="Compute what the merge needs before writing: expert usage on each source's "
+                                    "prompts (for experts[].keep) and the hidden-space maps A and B (ridge least "
+                                    "squares on calibration text, where widths differ), into <output>/.zenith/. "
+                                    "Prints the expert table and each fit's R^2. A later `merge --resume` reuses them.")
+    sp.add_argument("config", help="merge config (YAML)")
+    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+    sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.set_defaults(fn=cmd_align)
 
     sp = sub.add_parser("demo", help="build the embedded demo models (cached; trained on first use)",
                         description="Build the small trained demo models (zen-tiny, zen-r1-tiny, qwen3-moe-tiny) "

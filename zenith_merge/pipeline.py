@@ -24,8 +24,17 @@ from .io.reader import Checkpoint
 from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
 from .output_config import patch_output
-from .plan import AssembleRecipe, CopyRecipe, ExpertRecipe, Plan, RouterRecipe, build_plan, resolve, source_router, \
-    source_tensor
+from .plan import (
+    AssembleRecipe,
+    CopyRecipe,
+    ExpertRecipe,
+    Plan,
+    RouterRecipe,
+    build_plan,
+    resolve,
+    source_router,
+    source_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +258,22 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
             _align(plan, source, pairs, texts, folder, key=key, cfg=cfg, progress=progress)
             artefacts[f"align-{source}"] = _sha(folder / "align.safetensors")
     return resolve(plan, usage, artefacts)
+
+
+def prepare_stages(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None,
+                   overwrite: bool = False, progress: bool = True) -> Plan:
+    """Plan, then run the stages into `<output>/.zenith/` and save the resolved plan; write no weights.
+
+    An output folder from an earlier run is continued (its artefacts reused when they belong to
+    the same plan) unless `overwrite`.
+    """
+    plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
+    out = Path(plan.output_dir)
+    prepare_output_dir(out, resume=not overwrite, overwrite=overwrite,
+                       source_dirs=[Path(s.path) for s in plan.sources.values()])
+    plan = run_stages(plan, cfg, config_dir=config_dir, progress=progress)
+    plan.save(out)
+    return plan
 
 
 def run_merge(

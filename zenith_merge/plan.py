@@ -18,8 +18,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .architectures import (Architecture, ModelFacts, architecture_of, classify, expected_shape, facts, set_dim,
-                            tensor_name)
+from .architectures import (
+    ARCHITECTURES,
+    Architecture,
+    ModelFacts,
+    architecture_of,
+    classify,
+    expected_shape,
+    facts,
+    set_dim,
+    tensor_name,
+)
 from .config import ExpertSource, MergeConfig
 from .errors import PlanError
 from .expert_table import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
@@ -229,29 +238,6 @@ class Plan(_Frozen):
         if not path.is_file():
             raise PlanError(f"{path}: no plan here; is {out_dir} a zenith-merge output folder?")
         return cls.model_validate_json(path.read_text())
-
-
-def _output_dtype(code: str, role: str | None, keep_fp32_roles: tuple[str, ...], want: str | None) -> str:
-    if want is None or code not in CONVERTIBLE_CODES or role in keep_fp32_roles:
-        return code
-    return DTYPE_CODES[want]
-
-
-def _target_dtype_keys(config: dict[str, Any], want: str | None) -> dict[str, Any]:
-    if want is None:
-        return config
-    out = dict(config, dtype=want)
-    if "torch_dtype" in out:
-        out["torch_dtype"] = want
-    return out
-
-
-def _output_path(cfg: MergeConfig, config_dir: Path | None, override: str | Path | None) -> Path:
-    """`--output` is taken from the working directory, the config's `output_dir` from the config's folder."""
-    if override is not None:
-        return Path(override).expanduser().resolve()
-    path = Path(cfg.output_dir).expanduser()
-    return (path if path.is_absolute() or config_dir is None else config_dir / path).resolve()
 
 
 # Roles the planner generates per MoE layer instead of copying (experts by slot, router by row).
@@ -595,16 +581,12 @@ def _layer_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], le: 
 
 def source_tensor(plan: Plan, slot: ExpertSlot, proj: str) -> str:
     """The source checkpoint's name of one projection of a slot's expert."""
-    from .architectures import ARCHITECTURES
-
     arch = ARCHITECTURES[plan.sources[slot.source].architecture]
     return tensor_name(arch, SLOT_ROLES[slot.kind][proj], slot.source_layer, slot.expert)
 
 
 def source_router(plan: Plan, slot: ExpertSlot, part: str) -> str | None:
     """The source's router tensor (weight or bias) of a slot's layer, or None where the source has none."""
-    from .architectures import ARCHITECTURES
-
     arch = ARCHITECTURES[plan.sources[slot.source].architecture]
     role = "router" if part == "weight" else "router_bias"
     return tensor_name(arch, role, slot.source_layer) if role in arch.roles else None

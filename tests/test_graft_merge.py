@@ -230,5 +230,26 @@ def test_plan_and_align_commands_show_the_expert_table_and_fits(tmp_path, tiny_d
     assert main(["align", str(path), "--no-progress"]) == 0
     shown = capsys.readouterr().out
     assert "R^2 A: 1.0:" in shown and "paired tokens" in shown and "top 2 by usage" not in shown
+    assert "expert usage of donor1 on its prompts" in shown and \
+        sum(line.count("*") for line in shown.splitlines() if line.startswith("  L")) == 4  # 2 kept in 2 layers
     assert main(["merge", str(path), "--resume", "--no-progress"]) == 0
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_donors_shared_expert_can_join_as_a_routed_expert(tmp_path, tiny_deepseek):
+    """A DeepSeek donor: its 3 most used experts plus its shared expert fill two groups of 2."""
+    donor = make_tiny_deepseek(tmp_path / "donor", seed=3)
+    result = _merge(tmp_path, tiny_deepseek,
+                    [_entry(tiny_deepseek), _entry(donor, keep=3, shared_expert="routed")])
+    slot = result.plan.slot(1, 7)
+    assert (slot.kind, slot.source, slot.scale) == ("shared", "donor1", pytest.approx(1 / 1.25))
+    out, src = tensors_of(result.output_dir), tensors_of(donor)
+    torch.testing.assert_close(out[E.format(layer=1, expert=7, proj="down")].float(),
+                               (src["model.layers.1.mlp.shared_experts.down_proj.weight"].float() / 1.25)
+                               .to(torch.bfloat16).float())
+    assert torch.equal(out[E.format(layer=1, expert=7, proj="gate")],
+                       src["model.layers.1.mlp.shared_experts.gate_proj.weight"])
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(donor, shared_expert="routed")])
+    assert "experts.1: 5 experts per layer" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek, shared_expert="routed"), _entry(donor)])
+    assert "experts.0.shared_expert" in msg

@@ -144,6 +144,14 @@ def cmd_align(args) -> int:
                           progress=not args.no_progress)
     print("\n".join(format_expert_table(plan)))
     out = Path(plan.output_dir) / ".zenith"
+    if plan.stages.usage:
+        usage = json.loads((out / "usage.json").read_text())["sources"]
+        for source, layers in usage.items():
+            chosen = {(s.source_layer, s.expert) for le in plan.expert_table for s in le.slots if s.source == source}
+            print(f"expert usage of {source} on its prompts (picks per expert; * kept):")
+            for layer, stats in layers.items():
+                cells = [f"{c}{'*' if (int(layer), e) in chosen else ''}" for e, c in enumerate(stats["counts"])]
+                print(f"  L{layer:<3} " + " ".join(f"{c:>5}" for c in cells) + f"   ({stats['tokens']} tokens)")
     for source in plan.stages.align:
         info = json.loads((out / f"align-{source}" / "align.json").read_text())
         print(f"alignment {source}: {info['n_tokens']} paired tokens, ridge {info['ridge']}, "

@@ -17,7 +17,7 @@ import torch
 
 from .architectures import ARCHITECTURES, facts, tensor_name
 from .config import MergeConfig, resolve_path
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 from .graft_math import fold_projection, interpolate, pad_to, relative_difference
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
@@ -62,15 +62,25 @@ class PlanTensorSource:
         return self._open[key]
 
     def _maps(self, source: str, layer: int, source_layer: int):
-        """(A, B) of a source's layer pair, or (None, None) where the source needs no map."""
+        """(A, B) of a source's layer pair, or (None, None) where the source needs no map.
+
+        Read one pair at a time (a pair of a large model is hundreds of MB) and kept while
+        consecutive tensors use it, which in plan order they do.
+        """
         if self.plan.transforms[source].align != "fit":
             return None, None
-        if source not in self._alignments:
-            from .stages.align import load_alignment
+        key = (source, layer, source_layer)
+        if key not in self._alignments:
+            from safetensors import safe_open
 
-            self._alignments[source] = load_alignment(alignment_dir(Path(self.plan.output_dir), source))
-        al = self._alignments[source]
-        return al.A[(layer, source_layer)], al.B[(layer, source_layer)]
+            path = alignment_dir(Path(self.plan.output_dir), source) / "align.safetensors"
+            if not path.is_file():
+                raise OutputError(f"{path}: missing; run `zenith-merge align` (or merge without --resume) again")
+            with safe_open(str(path), "pt") as f:
+                maps = tuple(f.get_tensor(f"{kind}.{layer}.{source_layer}") for kind in ("A", "B"))
+            self._alignments.clear()
+            self._alignments[key] = maps
+        return self._alignments[key]
 
     def produce(self, spec: TensorSpec):
         """The bytes (same dtype: raw copy) or tensor (converted) for one output tensor."""
@@ -104,6 +114,7 @@ class PlanTensorSource:
         base_name = tensor_name(base_arch, "router" if r.part == "weight" else "router_bias", r.layer)
         base_rows = base.read(base_name).float() if base_name in base else None
         mode = self.plan.config.get("gate_mode", "random")
+        donor_routers: dict[tuple[str, int], torch.Tensor] = {}
         rows = []
         for j, slot in enumerate(le.slots):
             if slot.source == "base":
@@ -111,7 +122,10 @@ class PlanTensorSource:
             elif r.part == "bias":  # a grafted expert starts at the base's mean correction
                 rows.append(base_rows.mean() if base_rows is not None else torch.tensor(0.0))
             elif mode == "transfer":
-                donor = self._checkpoint(slot.source).read(source_router(self.plan, slot, "weight")).float()
+                if (slot.source, slot.source_layer) not in donor_routers:
+                    name = source_router(self.plan, slot, "weight")
+                    donor_routers[slot.source, slot.source_layer] = self._checkpoint(slot.source).read(name).float()
+                donor = donor_routers[slot.source, slot.source_layer]
                 A, _ = self._maps(slot.source, r.layer, slot.source_layer)
                 rows.append(fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0])
             else:

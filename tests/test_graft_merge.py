@@ -111,7 +111,7 @@ def test_same_width_graft_computes_the_source_expert_scaled(tmp_path, tiny_deeps
     x = torch.randn(7, 32, generator=torch.Generator().manual_seed(3))
     for slot_index in range(4, 8):
         slot = result.plan.slot(2, slot_index)
-        assert slot.scale == pytest.approx((1 / 2) / (2.5 / 2))  # Qwen's normalised top-2 into DeepSeek's x2.5
+        assert slot.scale == pytest.approx(1 / 2.5)  # Qwen's picks sum to 1, DeepSeek's to 2.5
         got = expert_forward(x, *(out[E.format(layer=2, expert=slot_index, proj=p)] for p in ("gate", "up", "down")))
         want = expert_forward(x, *(src[E.format(layer=slot.source_layer, expert=slot.expert, proj=p)]
                                    for p in ("gate", "up", "down")))
@@ -242,10 +242,10 @@ def test_a_donors_shared_expert_can_join_as_a_routed_expert(tmp_path, tiny_deeps
     result = _merge(tmp_path, tiny_deepseek,
                     [_entry(tiny_deepseek), _entry(donor, keep=3, shared_expert="routed")])
     slot = result.plan.slot(1, 7)
-    assert (slot.kind, slot.source, slot.scale) == ("shared", "donor1", pytest.approx(1 / 1.25))
+    assert (slot.kind, slot.source, slot.scale) == ("shared", "donor1", pytest.approx(1 / 2.5))
     out, src = tensors_of(result.output_dir), tensors_of(donor)
     torch.testing.assert_close(out[E.format(layer=1, expert=7, proj="down")].float(),
-                               (src["model.layers.1.mlp.shared_experts.down_proj.weight"].float() / 1.25)
+                               (src["model.layers.1.mlp.shared_experts.down_proj.weight"].float() / 2.5)
                                .to(torch.bfloat16).float())
     assert torch.equal(out[E.format(layer=1, expert=7, proj="gate")],
                        src["model.layers.1.mlp.shared_experts.gate_proj.weight"])

@@ -8,7 +8,7 @@ import transformers
 
 from zenith_merge.errors import PlanError
 from zenith_merge.expert_table import SourceSlots, compensation, map_layers, routing_groups
-from zenith_merge.routing import RoutingSpec, nominal_weight, route, routing_spec
+from zenith_merge.routing import RoutingSpec, route, routed_total, routing_spec
 
 
 @pytest.mark.parametrize("n_group,topk_group,norm", [(1, 1, True), (2, 1, True), (4, 2, False)])
@@ -42,15 +42,24 @@ def test_softmax_routing_matches_qwen3_moe():
     torch.testing.assert_close(w, want_w)
 
 
-def test_nominal_weights_and_compensation():
+def test_routed_totals_and_compensation():
     ds = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True, scaling=2.5)
-    qwen = RoutingSpec("softmax", n_experts=6, top_k=2, norm_topk_prob=True)
-    assert nominal_weight(ds) == 1.25 and nominal_weight(qwen) == 0.5
-    assert compensation(qwen, ds) == pytest.approx(0.4)  # a Qwen expert weighted 0.5 lands where weights are 1.25
+    qwen = RoutingSpec("softmax", n_experts=6, top_k=8, norm_topk_prob=True)
+    assert routed_total(ds) == 2.5 and routed_total(qwen) == 1.0
+    assert compensation(qwen, ds) == pytest.approx(0.4)  # Qwen's picks sum to 1, DeepSeek's to 2.5; top-k aside
     assert compensation(ds, ds) == 1.0
-    assert compensation(None, ds) == pytest.approx(0.8)  # an always-on MLP (weight 1)
+    assert compensation(None, ds) == pytest.approx(0.4)  # an always-on MLP (weight 1)
+    assert compensation(None, qwen) == 1.0  # a dense MLP in a normalised MoE keeps its scale (mergekit-moe)
     raw = RoutingSpec("softmax", n_experts=6, top_k=2, norm_topk_prob=False)
-    assert compensation(raw, ds) is None and compensation(raw, ds, source_measured=0.3) == pytest.approx(0.24)
+    assert compensation(raw, ds) is None and compensation(raw, ds, source_measured=0.6) == pytest.approx(0.24)
+
+
+def test_measured_total_matches_route():
+    raw = RoutingSpec("softmax", n_experts=6, top_k=2, norm_topk_prob=False)
+    logits = torch.randn(30, 6, generator=torch.Generator().manual_seed(2))
+    _, w = route(logits, raw)
+    top2 = logits.softmax(-1).topk(2, dim=-1).values.sum(-1)
+    torch.testing.assert_close(w.sum(-1), top2)
 
 
 def test_layer_map_by_relative_depth():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .architectures import ModelFacts
 from .errors import PlanError
-from .routing import RoutingSpec, nominal_weight
+from .routing import RoutingSpec, routed_total
 
 
 def candidate_layers(f: ModelFacts) -> tuple[int, ...]:
@@ -79,15 +79,18 @@ def routing_groups(base: RoutingSpec, sources: Sequence[SourceSlots], top_k: int
 
 def compensation(source: RoutingSpec | None, output: RoutingSpec, *, source_measured: float | None = None,
                  output_measured: float | None = None) -> float | None:
-    """Factor on a grafted expert's down projection so it contributes what it did in its source.
+    """Factor on a grafted expert's down projection so its source's experts keep their output scale.
 
-    c = w_source / w_output, where w is the weight a picked expert's output typically gets
-    (routing.nominal_weight): `scaling / top_k` under normalised top-k weights, measured
-    otherwise, and 1 for an always-on MLP (a dense donor's, or a shared expert; pass None).
-    None when a needed measurement is missing.
+    c = S_source / S_output, where S is the total weight of a token's picked experts
+    (routing.routed_total): `scaling` under normalised top-k weights (DeepSeek-V3: 2.5,
+    Qwen3-MoE: 1), measured otherwise, and 1 for an always-on MLP (a dense donor's, or a shared
+    expert; pass None). A token whose picks all land on one source's experts then gets that
+    source's MoE output at the source's scale, whatever the top-k or scoring of either model;
+    and a dense model's MLP keeps its scale in a normalised MoE, as in mergekit-moe. None when a
+    needed measurement is missing.
     """
-    w_src = 1.0 if source is None else nominal_weight(source, source_measured)
-    w_out = nominal_weight(output, output_measured)
-    if w_src is None or w_out is None:
+    s_src = 1.0 if source is None else routed_total(source, source_measured)
+    s_out = routed_total(output, output_measured)
+    if s_src is None or s_out is None:
         return None
-    return w_src / w_out
+    return s_src / s_out

@@ -636,7 +636,7 @@ def resolve(plan: Plan, usage: dict[str, dict[int, dict]] | None = None, artefac
     """The plan with every open slot filled from the stages' results, ready to write.
 
     `usage[source][source_layer]` has `order` (expert indices, most used first) and
-    `mean_weight` (the mean weight of picked experts).
+    `mean_total` (the mean total weight of a token's picked experts).
     """
     usage = usage or {}
     out_routing = routing_spec(plan.target_config)
@@ -652,8 +652,8 @@ def resolve(plan: Plan, usage: dict[str, dict[int, dict]] | None = None, artefac
                 update["expert"] = stats["order"][slot.rank]
             if slot.scale is None:
                 src_spec = RoutingSpec(**plan.transforms[slot.source].routing) if slot.kind == "routed" else None
-                src_w = usage.get(slot.source, {}).get(slot.source_layer, {}).get("mean_weight")
-                out_w = usage.get("base", {}).get(le.layer, {}).get("mean_weight")
+                src_w = usage.get(slot.source, {}).get(slot.source_layer, {}).get("mean_total")
+                out_w = usage.get("base", {}).get(le.layer, {}).get("mean_total")
                 update["scale"] = compensation(src_spec, out_routing, source_measured=src_w, output_measured=out_w)
                 if update["scale"] is None:
                     raise PlanError(f"no measured routing weight for {slot.source} layer {slot.source_layer}")

@@ -1,8 +1,8 @@
 """How an MoE block turns router logits into expert choices and weights, as plain maths.
 
 The planner needs two things from a router that differ between architectures:
-which experts a token picks (for expert usage and selection) and how much a picked
-expert's output is scaled (for scale compensation when an expert moves between
+which experts a token picks (for expert usage and selection) and how much the picked
+experts' outputs are scaled (for scale compensation when experts move between
 models). Both are written here once, from an architecture's routing settings,
 instead of in per-architecture code:
 
@@ -86,16 +86,16 @@ def route(logits: torch.Tensor, spec: RoutingSpec, bias: torch.Tensor | None = N
     return idx, weights * spec.scaling
 
 
-def nominal_weight(spec: RoutingSpec, mean_picked_weight: float | None = None) -> float | None:
-    """The weight an expert's output typically gets when picked: the factor scale compensation matches.
+def routed_total(spec: RoutingSpec, mean_total: float | None = None) -> float | None:
+    """The total weight a token's picked experts get together: what scale compensation matches.
 
-    With normalised top-k weights it is exactly `scaling / top_k` (the weights of one token sum
-    to `scaling`). Without normalisation it depends on the router's scores, so it is the measured
-    mean weight of picked experts, as `route` gives it (None when not measured). A dense MLP is
-    always on with weight 1.
+    With normalised top-k weights it is exactly `scaling` (the weights of one token sum to it).
+    Without normalisation it depends on the router's scores, so it is the measured mean over
+    tokens of the summed weights, as `route` gives them (None when not measured). A dense MLP
+    is always on with weight 1.
     """
     if spec.scoring == "none":
         return 1.0
     if spec.norm_topk_prob:
-        return spec.scaling / spec.top_k
-    return mean_picked_weight
+        return spec.scaling
+    return mean_total

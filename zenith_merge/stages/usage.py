@@ -1,7 +1,7 @@
 """Expert usage: how often a source's own router picks each expert on that source's prompts.
 
-`experts[].keep: N` keeps the N most used experts of each layer; the mean weight of picked
-experts feeds scale compensation where routing weights are not normalised. The router
+`experts[].keep: N` keeps the N most used experts of each layer; the mean total weight of a
+token's picked experts feeds scale compensation where routing weights are not normalised. The router
 is applied here from its checkpoint tensors with `routing.route`, so the counts follow
 the same rule as the model's own forward pass, whatever the transformers version.
 """
@@ -30,7 +30,7 @@ def usage_order(counts: Sequence[int]) -> list[int]:
 
 def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str], *, load_in_8bit: bool = False,
                  max_tokens: int = 20_000, progress: bool = True) -> dict[int, dict]:
-    """Per source layer: pick counts of every expert, their order, and the mean weight of picked experts."""
+    """Per source layer: pick counts of every expert, their order, and the mean total weight of a token's picks."""
     with Checkpoint.open(model_path, check_shapes=False) as ckpt:
         config = ckpt.config
         arch = architecture_of(config, where=str(model_path / "config.json"))
@@ -61,7 +61,7 @@ def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str]
     for layer in layers:
         c = counts[layer].tolist()
         out[layer] = {"counts": c, "order": usage_order(c), "tokens": picks[layer] // max(1, spec.top_k),
-                      "mean_weight": weight_sum[layer] / picks[layer] if picks[layer] else None}
+                      "mean_total": weight_sum[layer] * spec.top_k / picks[layer] if picks[layer] else None}
     return out
 
 

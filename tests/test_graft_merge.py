@@ -253,3 +253,28 @@ def test_a_donors_shared_expert_can_join_as_a_routed_expert(tmp_path, tiny_deeps
     assert "experts.1: 5 experts per layer" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek, shared_expert="routed"), _entry(donor)])
     assert "experts.0.shared_expert" in msg
+
+
+def test_dense_models_become_the_experts_of_the_bases_moe_twin(tmp_path):
+    """mergekit-moe's case: a dense Qwen3 base and two dense Qwen3 donors -> Qwen3MoeForCausalLM, MLPs as experts."""
+    base = make_tiny_dense(tmp_path / "base", inter=40, layers=2)
+    donors = [make_tiny_dense(tmp_path / f"d{i}", inter=40, layers=2, seed=i + 1) for i in range(2)]
+    result = _merge(tmp_path, base, [_entry(base), *(_entry(d) for d in donors)], architecture="qwen3_moe",
+                    experts_per_token=2)
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["model_type"] == "qwen3_moe"
+    assert (config["num_experts"], config["moe_intermediate_size"], config["decoder_sparse_step"]) == (3, 40, 1)
+    out = tensors_of(result.output_dir)
+    for layer in (0, 1):
+        for j, src in enumerate([base, *donors]):
+            mlp = tensors_of(src)
+            for proj in ("gate", "up", "down"):  # c = 1: a dense MLP keeps its scale in a normalised MoE
+                assert torch.equal(out[E.format(layer=layer, expert=j, proj=proj)],
+                                   mlp[f"model.layers.{layer}.mlp.{proj}_proj.weight"])
+    assert not any(".mlp.gate_proj." in n or ".mlp.up_proj." in n for n in out)
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], tensors_of(base)["model.layers.1.self_attn.q_proj.weight"])
+    model = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    msg = _plan_error(tmp_path, base, [_entry(base), _entry(donors[0])])
+    assert "base_model" in msg and "set architecture: Qwen3MoeForCausalLM" in msg

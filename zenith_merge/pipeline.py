@@ -111,13 +111,14 @@ class PlanTensorSource:
         le = next(le for le in self.plan.expert_table if le.layer == r.layer)
         base = self._checkpoint("base")
         base_arch = ARCHITECTURES[self.plan.sources["base"].architecture]
-        base_name = tensor_name(base_arch, "router" if r.part == "weight" else "router_bias", r.layer)
-        base_rows = base.read(base_name).float() if base_name in base else None
+        role = "router" if r.part == "weight" else "router_bias"
+        base_name = tensor_name(base_arch, role, r.layer) if role in base_arch.roles else None
+        base_rows = base.read(base_name).float() if base_name is not None and base_name in base else None
         mode = self.plan.config.get("gate_mode", "random")
         donor_routers: dict[tuple[str, int], torch.Tensor] = {}
         rows = []
         for j, slot in enumerate(le.slots):
-            if slot.source == "base":
+            if slot.source == "base" and slot.kind == "routed":
                 rows.append(base_rows[slot.expert])
             elif r.part == "bias":  # a grafted expert starts at the base's mean correction
                 rows.append(base_rows.mean() if base_rows is not None else torch.tensor(0.0))
@@ -129,8 +130,9 @@ class PlanTensorSource:
                 A, _ = self._maps(slot.source, r.layer, slot.source_layer)
                 rows.append(fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0])
             else:
-                std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else 0.02
-                rows.append(random_router_row(facts(self.plan.target_config).hidden_size, std,
+                width = facts(self.plan.target_config).hidden_size
+                std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else width ** -0.5
+                rows.append(random_router_row(width, std,
                                               self.plan.config.get("seed", 0), r.layer, j,
                                               uniform=mode == "uniform_random"))
         out = torch.stack(rows)

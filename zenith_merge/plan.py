@@ -363,17 +363,22 @@ def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: 
     _reject_unsupported(cfg, base_model, config_dir)
     base = _open_source("base", base_model, cfg)
     try:
+        out_arch = base.arch
         if cfg.architecture is not None and cfg.architecture != base.arch.name:
-            raise PlanError(
-                f"architecture: {cfg.architecture} differs from the base's {base.arch.name}; the output keeps the "
-                f"base's architecture (attention, norms, embeddings)")
+            if cfg.architecture != base.arch.moe_counterpart or cfg.merge_method != "concat":
+                twin = f" (its MoE twin {base.arch.moe_counterpart} can be built with merge_method: concat)" \
+                    if base.arch.moe_counterpart else ""
+                raise PlanError(
+                    f"architecture: {cfg.architecture} differs from the base's {base.arch.name}; the output keeps "
+                    f"the base's architecture (attention, norms, embeddings){twin}")
+            out_arch = ARCHITECTURES[cfg.architecture]
         sources = _sources(cfg, base, config_dir)
         try:
             if cfg.merge_method == "assembly":
                 from .assembly_plan import plan_assembly
 
                 return plan_assembly(cfg, config_dir, output_dir, base, sources)
-            return _plan_concat(cfg, config_dir, output_dir, base, sources)
+            return _plan_concat(cfg, config_dir, output_dir, base, sources, out_arch)
         finally:
             for s in sources:
                 if s.ckpt is not base.ckpt:
@@ -425,8 +430,8 @@ def _align_mode(cfg: MergeConfig, src: _Source, base: _Source) -> str:
 
 
 def _check_gate_mode(cfg: MergeConfig, src: _Source, slots: SourceSlots) -> None:
-    if src.key == "base":
-        return
+    if src.key == "base" and not slots.dense_mlp:
+        return  # the base's own experts keep the base's router rows
     if cfg.gate_mode not in ("random", "uniform_random", "transfer"):
         raise PlanError(f"gate_mode: {cfg.gate_mode} (router rows from hidden states) is not available in this "
                         f"version for grafted experts; use gate_mode: transfer (the donor's router rows, mapped "
@@ -437,17 +442,23 @@ def _check_gate_mode(cfg: MergeConfig, src: _Source, slots: SourceSlots) -> None
                         f"which no router picks; use gate_mode: random")
 
 
-def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Source]) -> Plan:
-    """Experts side by side: the base's body, the listed sources' experts in `experts[]` order."""
-    bf, arch = base.facts, base.arch
+def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Source], arch: Architecture) -> Plan:
+    """Experts side by side: the base's body, the listed sources' experts in `experts[]` order.
+
+    `arch` is the output's architecture: the base's, or the MoE twin of a dense base (whose
+    MLPs then become routed experts, as mergekit-moe does).
+    """
+    bf = base.facts
+    converting = arch.name != base.arch.name
     donors = [s for s in sources if s.key != "base"]
     base_entry = next((s for s in sources if s.key == "base"), None)
     selecting = any(s.entry.keep != "all" for s in sources)
-    if donors and not bf.is_moe:
-        raise PlanError(f"base_model: {cfg.base_model} is dense; zenith-merge grafts experts into an MoE base "
-                        f"(to build an MoE from dense models, use mergekit-moe)")
-    top_k = cfg.experts_per_token or bf.experts_per_token
-    if not donors and not selecting:  # the base alone: a bit-identical rewrite
+    if donors and not bf.is_moe and not converting:
+        twin = f"set architecture: {base.arch.moe_counterpart} to build an MoE from it" \
+            if base.arch.moe_counterpart else "an MoE base is needed"
+        raise PlanError(f"base_model: {cfg.base_model} is dense ({base.arch.name}); {twin}")
+    top_k = cfg.experts_per_token or bf.experts_per_token or 2
+    if not donors and not selecting and not converting:  # the base alone: a bit-identical rewrite
         target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
         if cfg.experts_per_token is not None and bf.is_moe:
             if top_k > bf.n_routed_experts:
@@ -475,8 +486,10 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         sizes += [f.moe_intermediate_size * f.n_shared_experts] if sl.shared_as_routed else []
         return max(sizes)
 
-    moe_inter = max([bf.moe_intermediate_size] + [inter(s, sl) for s, sl in zip(sources, slots)])
+    moe_inter = max([bf.moe_intermediate_size or 0] + [inter(s, sl) for s, sl in zip(sources, slots)])
     target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
+    if converting:
+        target.update(architectures=[arch.name], model_type=arch.model_type, **arch.from_dense_config)
     set_dim(target, arch, "n_experts", total)
     set_dim(target, arch, "top_k", top_k)
     set_dim(target, arch, "moe_inter", moe_inter)
@@ -484,9 +497,10 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         target[arch.routing_keys["n_group"]] = n_group
         target[arch.routing_keys["topk_group"]] = topk_group
     out_routing = routing_spec(target)
+    moe_layers = facts(target).moe_layers
 
-    layer_map = {s.key: map_layers(bf.moe_layers, bf.num_layers, candidate_layers(s.facts), s.facts.num_layers)
-                 if s.key != "base" else {layer: layer for layer in bf.moe_layers} for s in sources}
+    layer_map = {s.key: map_layers(moe_layers, bf.num_layers, candidate_layers(s.facts), s.facts.num_layers)
+                 if s.key != "base" else {layer: layer for layer in moe_layers} for s in sources}
     transforms, usage = {}, {}
     for s, sl in zip(sources, slots):
         spec = routing_spec(s.ckpt.config)
@@ -505,10 +519,10 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
             raise PlanError("experts: the output's routing weights are not normalised, so scale compensation "
                             "measures the base's own routing on its prompts; list the base among experts with "
                             "positive_prompts")
-        usage["base"] = tuple(bf.moe_layers)
+        usage["base"] = tuple(moe_layers)
 
     table = []
-    for layer in bf.moe_layers:
+    for layer in moe_layers:
         row = []
         for s, sl in zip(sources, slots):
             src_layer = layer_map[s.key][layer]
@@ -527,26 +541,28 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         table.append(LayerExperts(layer=layer, slots=tuple(row)))
 
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
-    tensors, input_bytes = _concat_tensors(cfg, base, target, table)
+    tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch)
     return _finish(cfg, config_dir, output_dir, method="concat", base=base, sources=sources, target=target,
                    tensors=tensors, input_bytes=input_bytes,
                    layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
                    transforms=transforms, stages=StagePlan(usage=usage, align=align))
 
 
-def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any],
-                    table: list[LayerExperts]) -> tuple[list[PlannedTensor], dict[str, int]]:
-    """Output tensors in the base's order; each MoE layer's router and experts generated where the base has them."""
-    arch, moe = base.arch, {le.layer: le for le in table}
+def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], table: list[LayerExperts],
+                    arch: Architecture) -> tuple[list[PlannedTensor], dict[str, int]]:
+    """Output tensors in the base's order; each MoE layer's router and experts generated where the base has them
+    (where a dense base has its MLP, when the output is its MoE twin)."""
+    moe = {le.layer: le for le in table}
+    generated = _GENERATED_CLASSES + (("dense_mlp",) if arch.name != base.arch.name else ())
     tensors: list[PlannedTensor] = []
     input_bytes: dict[str, int] = {}
     done: set[int] = set()
     for name in base.ckpt.names():
-        tid = classify(arch, name)
-        if tid is not None and tid.layer in moe and tid.tensor_class in _GENERATED_CLASSES:
+        tid = classify(base.arch, name)
+        if tid is not None and tid.layer in moe and tid.tensor_class in generated:
             if tid.layer not in done:
                 done.add(tid.layer)
-                for t in _layer_tensors(cfg, base, target, moe[tid.layer]):
+                for t in _layer_tensors(cfg, base, target, moe[tid.layer], arch):
                     tensors.append(t)
                     input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32 work copies: source, map, result
             continue
@@ -556,9 +572,11 @@ def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any],
     return tensors, input_bytes
 
 
-def _layer_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], le: LayerExperts) -> list[PlannedTensor]:
-    arch, layer = base.arch, le.layer
-    any_expert = tensor_name(arch, "expert_gate", layer, 0)
+def _layer_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], le: LayerExperts,
+                   arch: Architecture) -> list[PlannedTensor]:
+    layer = le.layer
+    role = "expert_gate" if base.facts.is_moe else "mlp_gate"
+    any_expert = tensor_name(base.arch, role, layer, 0)
     expert_code = base.ckpt.info(any_expert).dtype if any_expert in base.ckpt else "BF16"
     out = []
     router = tensor_name(arch, "router", layer)

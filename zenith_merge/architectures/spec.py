@@ -64,3 +64,8 @@ class Architecture:
     mlp_module: str = "model.layers.{layer}.mlp"
     # Config keys that fix the attention layout; sources assembled tensor by tensor must agree on them.
     attention_layout_keys: tuple[str, ...] = ()
+    # A dense architecture's MoE twin: same attention, norm and embedding tensors, the MLP
+    # replaced by routed experts (mergekit-moe's dense -> MoE case). None: no twin.
+    moe_counterpart: str | None = None
+    # Config values an MoE architecture takes when it is built from its dense twin's config.
+    from_dense_config: dict[str, object] = field(default_factory=dict)

@@ -127,6 +127,8 @@ QWEN3_MOE = Architecture(
     defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False, "tie_word_embeddings": False},
     routing_keys={"norm_topk_prob": "norm_topk_prob"},
     attention_layout_keys=_GQA_LAYOUT_KEYS,
+    # as mergekit-moe builds a Qwen3-MoE from Qwen3 models: every layer MoE, normalised top-k
+    from_dense_config={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
     roles={
         **_COMMON_ROLES,
         **_DENSE_MLP_ROLES,
@@ -138,10 +140,11 @@ QWEN3_MOE = Architecture(
 )
 
 
-def _dense(name: str, model_type: str, qk_norm: bool) -> Architecture:
+def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | None = None) -> Architecture:
     return Architecture(
         name=name,
         model_type=model_type,
+        moe_counterpart=moe_counterpart,
         moe_layer_rule="none",
         scoring="none",
         dims=dict(_GQA_DIMS),
@@ -151,7 +154,7 @@ def _dense(name: str, model_type: str, qk_norm: bool) -> Architecture:
     )
 
 
-QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True)
+QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_counterpart="Qwen3MoeForCausalLM")
 LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False)
 MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False)
 

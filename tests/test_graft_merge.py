@@ -178,6 +178,10 @@ def test_keep_picks_the_most_used_experts(tmp_path, tiny_deepseek, tiny_qwen_moe
         assert sum(stats["counts"]) == 2 * stats["tokens"]
 
 
+def make_dense_entry(tmp_path):
+    return _entry(make_tiny_dense(tmp_path / "dense-entry", inter=40))
+
+
 def _plan_error(tmp_path, base, experts, **extra):
     extra.setdefault("gate_mode", "random")
     cfg = load_config(write_config(tmp_path, base_model=str(base), experts=experts, **extra))
@@ -191,8 +195,9 @@ def test_clear_errors_for_bad_inputs(tmp_path, tiny_deepseek, tiny_qwen_moe):
     assert "experts.1.keep: 9 is more than the 4 routed experts" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, keep=3)])
     assert "experts.1: 3 experts per layer" in msg and "multiple of 2" in msg
-    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe)], gate_mode="hidden")
-    assert "gate_mode: hidden" in msg and "transfer" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), make_dense_entry(tmp_path)],
+                      gate_mode="transfer")
+    assert "gate_mode: transfer needs the source's router rows, but experts.1.source_model" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_qwen_moe)], align={"mode": "identity"})
     assert "align.mode: identity, but experts.0.source_model" in msg and "hidden size 24" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_deepseek)])
@@ -278,3 +283,40 @@ def test_dense_models_become_the_experts_of_the_bases_moe_twin(tmp_path):
     assert model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
     msg = _plan_error(tmp_path, base, [_entry(base), _entry(donors[0])])
     assert "base_model" in msg and "set architecture: Qwen3MoeForCausalLM" in msg
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "cheap_embed"])
+def test_prompt_based_router_rows(tmp_path, tiny_deepseek, tiny_qwen_moe, mode):
+    """mergekit's modes: a donor's rows are its unit prompt vector (at the base rows' norm) plus its own mapped rows."""
+    from zenith_merge.stages.prompt_vectors import load_vector
+
+    entries = [_entry(tiny_deepseek), _entry(tiny_qwen_moe, negative_prompts=["class Stack:\n    pass\n"])]
+    result = _merge(tmp_path, tiny_deepseek, entries, gate_mode=mode, align={"max_tokens": 200})
+    zdir = result.output_dir / ".zenith"
+    out, base, donor = tensors_of(result.output_dir), tensors_of(tiny_deepseek), tensors_of(tiny_qwen_moe)
+    al = load_alignment(zdir / "align-donor1")
+    for layer in (1, 2):
+        v = load_vector(zdir, "donor1", layer)
+        assert v.shape == (32,) and v.norm().item() == pytest.approx(1.0, abs=1e-5)
+        rows = out[f"model.layers.{layer}.mlp.gate.weight"].float()
+        base_rows = base[f"model.layers.{layer}.mlp.gate.weight"].float()
+        assert torch.equal(rows[:4], base_rows)
+        slot = result.plan.slot(layer, 4)
+        mapped = donor[f"model.layers.{slot.source_layer}.mlp.gate.weight"][slot.expert].float() @ \
+            al.A[layer, slot.source_layer]
+        want = v * base_rows.norm(dim=-1).mean() + mapped
+        torch.testing.assert_close(rows[4], want.to(torch.bfloat16).float())
+    if mode == "cheap_embed":  # the same vector for every layer
+        assert torch.equal(load_vector(zdir, "donor1", 1), load_vector(zdir, "donor1", 2))
+
+
+def test_hidden_rows_for_dense_models_are_mergekits_unit_vectors(tmp_path):
+    base = make_tiny_dense(tmp_path / "base", inter=40, layers=2)
+    donor = make_tiny_dense(tmp_path / "donor", inter=40, layers=2, seed=4)
+    result = _merge(tmp_path, base, [_entry(base), {"source_model": str(donor), "positive_prompts": ["What is 3?"]}],
+                    architecture="qwen3_moe", gate_mode="hidden")
+    out = tensors_of(result.output_dir)
+    for layer in (0, 1):
+        rows = out[f"model.layers.{layer}.mlp.gate.weight"].float()
+        torch.testing.assert_close(rows.norm(dim=-1), torch.ones(2), atol=1e-2, rtol=0)
+        assert not torch.allclose(rows[0], rows[1], atol=1e-2)

@@ -25,6 +25,7 @@ from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
 from .output_config import patch_output
 from .plan import (
+    PROMPT_ROW_MODES,
     AssembleRecipe,
     CopyRecipe,
     ExpertRecipe,
@@ -122,6 +123,8 @@ class PlanTensorSource:
                 rows.append(base_rows[slot.expert])
             elif r.part == "bias":  # a grafted expert starts at the base's mean correction
                 rows.append(base_rows.mean() if base_rows is not None else torch.tensor(0.0))
+            elif mode in PROMPT_ROW_MODES:
+                rows.append(self._prompt_row(slot, r.layer, base_rows, donor_routers))
             elif mode == "transfer":
                 if (slot.source, slot.source_layer) not in donor_routers:
                     name = source_router(self.plan, slot, "weight")
@@ -144,6 +147,24 @@ class PlanTensorSource:
                     if name is not None and name in donor:
                         out[j] = donor.read(name).float()[slot.expert]
         return out
+
+    def _prompt_row(self, slot, layer: int, base_rows, donor_routers) -> torch.Tensor:
+        """mergekit's prompt-based row: the source's unit prompt vector, at the base rows' mean norm where the
+        base has a router; a routed donor expert adds its own router row mapped through A, which orders the
+        donor's experts among themselves (all of one source share the prompt vector)."""
+        from .stages.prompt_vectors import load_vector
+
+        row = load_vector(Path(self.plan.output_dir) / ".zenith", slot.source, layer)
+        if base_rows is not None:
+            row = row * base_rows.norm(dim=-1).mean()
+        name = source_router(self.plan, slot, "weight") if slot.kind == "routed" else None
+        if name is not None:
+            if (slot.source, slot.source_layer) not in donor_routers:
+                donor_routers[slot.source, slot.source_layer] = self._checkpoint(slot.source).read(name).float()
+            A, _ = self._maps(slot.source, layer, slot.source_layer)
+            donor = donor_routers[slot.source, slot.source_layer]
+            row = row + fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0]
+        return row
 
     def _assemble(self, r: AssembleRecipe) -> torch.Tensor:
         base = self._checkpoint("base").read(r.tensor)
@@ -245,6 +266,24 @@ def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, ke
         f"{p}: R2(A) {alignment.r2_A[p]:.2f}, R2(B) {alignment.r2_B[p]:.2f}" for p in alignment.pairs))
 
 
+def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progress: bool) -> str:
+    """Compute (or reuse) the sources' prompt vectors for prompt-based router rows; their sha256."""
+    from .stages import prompt_vectors as pv
+
+    layers = [le.layer for le in plan.expert_table]
+    if pv.saved_key(zdir) != key:
+        prompts = {s: (plan.transforms[s].prompts, plan.transforms[s].negative_prompts)
+                   for s in plan.stages.prompt_vectors}
+        base = Path(plan.sources["base"].path)
+        if cfg.gate_mode == "cheap_embed":
+            vectors = pv.cheap_embed_vectors(base, layers, prompts)
+        else:
+            vectors = pv.hidden_vectors(base, layers, prompts, mode=cfg.gate_mode, load_in_8bit=cfg.load_in_8bit,
+                                        progress=progress)
+        pv.save_vectors(vectors, layers, zdir, key)
+    return _sha(zdir / pv.VECTORS_FILE)
+
+
 def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, progress: bool = True) -> Plan:
     """Run the stages the plan asks for (expert usage, alignment fits) and return the resolved plan.
 
@@ -267,6 +306,8 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
                                              load_in_8bit=cfg.load_in_8bit, progress=progress)
             save_usage(usage, zdir, key)
         artefacts["usage.json"] = _sha(zdir / "usage.json")
+    if plan.stages.prompt_vectors:
+        artefacts["prompt_vectors"] = _prompt_vectors(plan, cfg, zdir, key=key, progress=progress)
     if plan.stages.align:
         texts = calibration_texts(cfg, config_dir)
         for source, pairs in plan.stages.align.items():
@@ -306,7 +347,7 @@ def run_merge(
     plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
     out = Path(plan.output_dir)
     prepare_output_dir(out, resume=resume, overwrite=overwrite, source_dirs=[Path(s.path) for s in plan.sources.values()])
-    if not plan.resolved or plan.stages.align:
+    if not plan.resolved or plan.stages.align or plan.stages.prompt_vectors:
         plan = run_stages(plan, cfg, config_dir=config_dir, progress=progress)
     plan.save(out)
     source = PlanTensorSource(plan)

@@ -125,7 +125,8 @@ class SourceTransform(_Frozen):
 
     align: Literal["none", "identity", "fit"] = Field(description="none: the base's own experts")
     routing: dict[str, Any] = Field(description="the source's RoutingSpec (scoring, top_k, normalisation, ...)")
-    prompts: tuple[str, ...] = Field((), description="the source's positive prompts (expert usage)")
+    prompts: tuple[str, ...] = Field((), description="the source's positive prompts (expert usage, router rows)")
+    negative_prompts: tuple[str, ...] = Field((), description="the source's negative prompts (router rows)")
 
 
 class StagePlan(_Frozen):
@@ -135,6 +136,8 @@ class StagePlan(_Frozen):
                                               description="source -> layers whose expert usage is counted")
     align: dict[str, tuple[tuple[int, int], ...]] = Field(
         default_factory=dict, description="source -> (base layer, source layer) pairs to fit A and B for")
+    prompt_vectors: tuple[str, ...] = Field((), description="sources whose router rows start from their prompts' "
+                                                            "direction in the base's MoE input (gate_mode hidden...)")
 
 class PlannedTensor(_Frozen):
     """One output tensor: what it is and how to make it."""
@@ -246,6 +249,8 @@ _DENSE_ROLES = {"gate": "mlp_gate", "up": "mlp_up", "down": "mlp_down"}
 _SHARED_ROLES = {"gate": "shared_gate", "up": "shared_up", "down": "shared_down"}
 SLOT_ROLES = {"routed": _EXPERT_ROLES, "dense_mlp": _DENSE_ROLES, "shared": _SHARED_ROLES}
 _GENERATED_CLASSES = ("routed_experts", "router")
+# Gate modes whose router rows start from each source's prompts (stages/prompt_vectors.py).
+PROMPT_ROW_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 
 
 @dataclass
@@ -432,10 +437,6 @@ def _align_mode(cfg: MergeConfig, src: _Source, base: _Source) -> str:
 def _check_gate_mode(cfg: MergeConfig, src: _Source, slots: SourceSlots) -> None:
     if src.key == "base" and not slots.dense_mlp:
         return  # the base's own experts keep the base's router rows
-    if cfg.gate_mode not in ("random", "uniform_random", "transfer"):
-        raise PlanError(f"gate_mode: {cfg.gate_mode} (router rows from hidden states) is not available in this "
-                        f"version for grafted experts; use gate_mode: transfer (the donor's router rows, mapped "
-                        f"into the base's space) or random")
     if cfg.gate_mode == "transfer" and (slots.dense_mlp or slots.shared_as_routed):
         what = "a dense MLP" if slots.dense_mlp else "a shared expert"
         raise PlanError(f"gate_mode: transfer needs the source's router rows, but {src.where} gives {what}, "
@@ -505,7 +506,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     for s, sl in zip(sources, slots):
         spec = routing_spec(s.ckpt.config)
         transforms[s.key] = SourceTransform(align=_align_mode(cfg, s, base), routing=asdict(spec),
-                                            prompts=tuple(s.entry.positive_prompts))
+                                            prompts=tuple(s.entry.positive_prompts),
+                                            negative_prompts=tuple(s.entry.negative_prompts))
         needs_measure = (sl.routed and s.key != "base" and not spec.norm_topk_prob) or \
             (s.key != "base" and not out_routing.norm_topk_prob)
         if s.entry.keep != "all" or needs_measure:
@@ -541,11 +543,13 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         table.append(LayerExperts(layer=layer, slots=tuple(row)))
 
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
+    vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_ROW_MODES
+                    and (s.key != "base" or sl.dense_mlp))
     tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch)
     return _finish(cfg, config_dir, output_dir, method="concat", base=base, sources=sources, target=target,
                    tensors=tensors, input_bytes=input_bytes,
                    layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
-                   transforms=transforms, stages=StagePlan(usage=usage, align=align))
+                   transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors))
 
 
 def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], table: list[LayerExperts],

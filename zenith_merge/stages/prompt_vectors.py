@@ -1,0 +1,121 @@
+"""Prompt vectors: each source's direction in the base's MoE input space, from its prompts.
+
+mergekit-moe's `hidden` router rows: for each source, the base model's hidden state on the
+source's positive prompts minus that on its negative prompts, per layer, normalised to unit
+length, so a token that looks like the source's prompts scores high for its experts:
+
+    v_s(l) = normalise( mean_p h_l(p+) - mean_p h_l(p-) )
+
+h_l is what the output's router sees: the normalised input of layer l's MoE block (mergekit
+reads the residual stream before the layer; the router's own input is the better match).
+`hidden` and `hidden_last` take each prompt's last token, `hidden_avg` the mean over its
+tokens. `cheap_embed` needs no forward pass: the normalised sum of the prompts' token
+embeddings, the same for every layer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..architectures import architecture_of, tensor_name
+from ..calibration import CapturePoint, capture_hidden, load_for_calibration
+from ..errors import CalibrationError
+from ..io.reader import Checkpoint
+
+VECTORS_FILE = "prompt_vectors.safetensors"
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def _prompt_states(model, tokenizer, prompts: Sequence[str], points: dict[int, CapturePoint], mode: str,
+                   progress: bool) -> dict[int, torch.Tensor]:
+    """Per layer: the mean over prompts of each prompt's last-token (or mean-token) state."""
+    bos = tokenizer.bos_token or ""
+    sums = {layer: None for layer in points}
+    n = 0
+    for chunk in capture_hidden(model, tokenizer, [bos + p for p in prompts], list(points.values()),
+                                max_tokens_per_text=4096, progress=progress):
+        for layer, point in points.items():
+            states = chunk.states[point]
+            v = states.mean(0) if mode == "hidden_avg" else states[-1]
+            sums[layer] = v if sums[layer] is None else sums[layer] + v
+        n += 1
+    if n == 0:
+        raise CalibrationError("no prompt produced a token")
+    return {layer: s / n for layer, s in sums.items()}
+
+
+def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+                   *, mode: str = "hidden", load_in_8bit: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
+    """source -> (len(layers), hidden) unit vectors from the base model's states on that source's prompts.
+
+    `prompts[source]` is (positive, negative); the negative mean is subtracted where given.
+    """
+    with Checkpoint.open(base_path, check_shapes=False) as ckpt:
+        arch = architecture_of(ckpt.config, where=str(base_path / "config.json"))
+    model, tokenizer = load_for_calibration(base_path, load_in_8bit=load_in_8bit)
+    points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
+    out = {}
+    try:
+        for source, (positive, negative) in prompts.items():
+            pos = _prompt_states(model, tokenizer, positive, points, mode, progress)
+            neg = _prompt_states(model, tokenizer, negative, points, mode, progress) if negative else None
+            rows = [pos[layer] - (neg[layer] if neg is not None else 0) for layer in layers]
+            out[source] = _unit(torch.stack(rows))
+    finally:
+        del model
+    return out
+
+
+def cheap_embed_vectors(base_path: Path, layers: Sequence[int],
+                        prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]]) -> dict[str, torch.Tensor]:
+    """source -> (len(layers), hidden): the normalised sum of the token embeddings of its positive prompts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    with Checkpoint.open(base_path, check_shapes=False) as ckpt:
+        arch = architecture_of(ckpt.config, where=str(base_path / "config.json"))
+        embed = ckpt.read(tensor_name(arch, "embed")).float()
+    out = {}
+    for source, (positive, negative) in prompts.items():
+        total = torch.zeros(embed.shape[1])
+        for sign, group in ((1.0, positive), (-1.0, negative)):
+            for p in group:
+                ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+                total += sign * embed[ids].sum(0)
+        out[source] = _unit(total).expand(len(layers), -1).clone()
+    return out
+
+
+def save_vectors(vectors: dict[str, torch.Tensor], layers: Sequence[int], folder: Path, key: str) -> Path:
+    """Write `<folder>/prompt_vectors.safetensors`: `<source>.<layer>` -> unit vector, with the plan key."""
+    tensors = {f"{source}.{layer}": v[i].contiguous() for source, v in vectors.items() for i, layer in enumerate(layers)}
+    path = Path(folder) / VECTORS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"key": key})
+    os.replace(tmp, path)
+    return path
+
+
+def saved_key(folder: Path) -> str | None:
+    """The plan key the saved vectors were computed for (None when there are none)."""
+    path = Path(folder) / VECTORS_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("key")
+
+
+def load_vector(folder: Path, source: str, layer: int) -> torch.Tensor:
+    """One source's unit vector at one output layer."""
+    with safe_open(str(Path(folder) / VECTORS_FILE), "pt") as f:
+        return f.get_tensor(f"{source}.{layer}")

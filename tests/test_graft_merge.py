@@ -24,6 +24,7 @@ E = "model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
 
 
 def _merge(tmp_path, base, experts, **extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     extra.setdefault("gate_mode", "random")
     cfg = load_config(write_config(tmp_path, base_model=str(base), output_dir=str(tmp_path / "out"),
                                    max_shard_size="40KB", experts=experts, **extra))
@@ -320,3 +321,21 @@ def test_hidden_rows_for_dense_models_are_mergekits_unit_vectors(tmp_path):
         rows = out[f"model.layers.{layer}.mlp.gate.weight"].float()
         torch.testing.assert_close(rows.norm(dim=-1), torch.ones(2), atol=1e-2, rtol=0)
         assert not torch.allclose(rows[0], rows[1], atol=1e-2)
+
+
+def test_mergekits_noise_and_residual_scale_apply_to_a_sources_experts(tmp_path, tiny_deepseek):
+    sibling = make_tiny_deepseek(tmp_path / "sibling", seed=7, dtype=torch.float32)
+    result = _merge(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(sibling, residual_scale=0.5)],
+                    dtype="float32")
+    out, src = tensors_of(result.output_dir), tensors_of(sibling)
+    name = E.format(layer=1, expert=2, proj="{}")
+    assert torch.equal(out[E.format(layer=1, expert=6, proj="down")], src[name.format("down")] * 0.5)
+    assert torch.equal(out[E.format(layer=1, expert=6, proj="gate")], src[name.format("gate")])
+    noisy = _merge(tmp_path / "noisy", tiny_deepseek, [_entry(tiny_deepseek), _entry(sibling, noise_scale=0.01)],
+                   dtype="float32")
+    delta = tensors_of(noisy.output_dir)[E.format(layer=1, expert=6, proj="gate")] - src[name.format("gate")]
+    assert 0.005 < delta.std().item() < 0.02
+    again = _merge(tmp_path / "again", tiny_deepseek, [_entry(tiny_deepseek), _entry(sibling, noise_scale=0.01)],
+                   dtype="float32")
+    assert torch.equal(tensors_of(again.output_dir)[E.format(layer=1, expert=6, proj="gate")],
+                       src[name.format("gate")] + delta)  # seeded: the same noise every run

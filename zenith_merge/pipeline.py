@@ -105,6 +105,10 @@ class PlanTensorSource:
     def _expert(self, r: ExpertRecipe) -> torch.Tensor:
         slot = self.plan.slot(r.layer, r.slot)
         w = self._checkpoint(slot.source).read(source_tensor(self.plan, slot, r.proj))
+        noise = self.plan.transforms[slot.source].noise_scale
+        if noise:  # mergekit's noise_scale: W + noise_scale * N(0, 1), seeded per tensor
+            seed = (self.plan.config.get("seed", 0) * 1_000_003 + r.layer * 10_007 + r.slot * 7 + "gud".index(r.proj[0]))
+            w = w.float() + noise * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed % 2**31))
         A, B = self._maps(slot.source, r.layer, slot.source_layer)
         return fold_projection(w, r.proj, A=A, B=B, scale=slot.scale)
 

@@ -127,6 +127,8 @@ class SourceTransform(_Frozen):
     routing: dict[str, Any] = Field(description="the source's RoutingSpec (scoring, top_k, normalisation, ...)")
     prompts: tuple[str, ...] = Field((), description="the source's positive prompts (expert usage, router rows)")
     negative_prompts: tuple[str, ...] = Field((), description="the source's negative prompts (router rows)")
+    noise_scale: float | None = Field(None, description="mergekit's noise_scale: std of Gaussian noise added to "
+                                                        "the source's expert weights (seeded)")
 
 
 class StagePlan(_Frozen):
@@ -280,6 +282,9 @@ def _open_source(key: str, model: SourceModel, cfg: MergeConfig, entry=None, ind
 def _reject_unsupported(cfg: MergeConfig, base: SourceModel, config_dir: Path | None) -> None:
     """Refuse what this version cannot plan yet, naming the key, instead of producing a wrong output."""
     for i, shared in enumerate(cfg.shared_experts or []):
+        if shared.noise_scale is not None or shared.residual_scale is not None:
+            raise PlanError(f"shared_experts.{i}: noise_scale / residual_scale apply to experts[] entries; the "
+                            f"output keeps the base's shared expert as it is")
         if resolve_model(shared.source_model, config_dir, build_demo=False).path != base.path:
             raise PlanError(f"shared_experts.{i}.source_model: the output keeps the base's shared expert; a donor's "
                             f"shared expert joins as a routed expert with experts[].shared_expert: routed")
@@ -507,7 +512,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         spec = routing_spec(s.ckpt.config)
         transforms[s.key] = SourceTransform(align=_align_mode(cfg, s, base), routing=asdict(spec),
                                             prompts=tuple(s.entry.positive_prompts),
-                                            negative_prompts=tuple(s.entry.negative_prompts))
+                                            negative_prompts=tuple(s.entry.negative_prompts),
+                                            noise_scale=s.entry.noise_scale or None)
         needs_measure = (sl.routed and s.key != "base" and not spec.norm_topk_prob) or \
             (s.key != "base" and not out_routing.norm_topk_prob)
         if s.entry.keep != "all" or needs_measure:
@@ -523,23 +529,26 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
                             "positive_prompts")
         usage["base"] = tuple(moe_layers)
 
+    def scaled(c: float | None, entry: ExpertSource) -> float | None:  # mergekit's residual_scale, on down
+        return c if c is None or entry.residual_scale is None else c * entry.residual_scale
+
     table = []
     for layer in moe_layers:
         row = []
         for s, sl in zip(sources, slots):
             src_layer = layer_map[s.key][layer]
             spec = RoutingSpec(**transforms[s.key].routing)
-            scale = 1.0 if s.key == "base" else compensation(spec, out_routing)
+            scale = scaled(1.0 if s.key == "base" else compensation(spec, out_routing), s.entry)
             for r in range(sl.routed):
                 chosen = s.entry.keep == "all"
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, expert=r if chosen else None,
                                       rank=None if chosen else r, scale=scale))
             if sl.dense_mlp:
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="dense_mlp",
-                                      scale=compensation(None, out_routing)))
+                                      scale=scaled(compensation(None, out_routing), s.entry)))
             if sl.shared_as_routed:
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="shared",
-                                      scale=compensation(None, out_routing)))
+                                      scale=scaled(compensation(None, out_routing), s.entry)))
         table.append(LayerExperts(layer=layer, slots=tuple(row)))
 
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
@@ -638,7 +647,8 @@ def simplify(plan: Plan) -> Plan:
             if isinstance(r, ExpertRecipe):
                 slot = plan.slot(r.layer, r.slot)
                 src = source_tensor(plan, slot, r.proj)
-                unmapped = plan.transforms[slot.source].align in ("none", "identity")
+                tr = plan.transforms[slot.source]
+                unmapped = tr.align in ("none", "identity") and not tr.noise_scale
                 if unmapped and (slot.scale == 1.0 or r.proj != "down") and info(slot.source, src).shape == t.shape:
                     t = t.model_copy(update={"recipe": CopyRecipe(source=slot.source, tensor=src)})
             elif isinstance(r, RouterRecipe):

@@ -6,7 +6,9 @@ Merge quality on the demo models: held-out bits per byte of each source and each
     .venv/bin/python bench/merge_quality.py --out /tmp/mq.md   # also writes it there
 
 Runs the same-family merges (zen-tiny + zen-r1-tiny: the Chimera assembly of
-merge/examples/chimera.yml, interpolation variants of it, and merge/examples/chimera_concat.yml)
+merge/examples/chimera.yml, interpolation variants of it, and merge/examples/chimera_concat.yml;
+then an ablation taking one tensor class at a time from zen-r1-tiny, to see where its maths
+advantage lives, and a check that all-zen-r1-tiny weights reproduce zen-r1-tiny)
 and the cross-architecture graft of merge/config.yml (zen-tiny + 4 experts of qwen3-moe-tiny)
 with a random-router control, each into a temporary folder. Every model is loaded in float32
 and scored on the held-out code, maths and Qwen-chat maths text (DESIGN.md "Quality yardstick"):
@@ -30,9 +32,9 @@ import platform
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -81,6 +83,13 @@ MERGES = [
     Merge("assembly: all tensors 0.5/0.5", CHIMERA, "same", _weights({"default": [0.5, 0.5]})),
     Merge("assembly: all tensors 0.3/0.7", CHIMERA, "same", _weights({"default": [0.3, 0.7]})),
     Merge("concat: 16 experts, both routers", ROOT / "merge" / "examples" / "chimera_concat.yml", "same"),
+    # per-class ablation: zen-tiny everywhere but one tensor class, taken from zen-r1-tiny
+    *(Merge(f"ablation: only {c} from zen-r1-tiny", CHIMERA, "same",
+            _weights({"default": [1.0, 0.0], c: [0.0, 1.0]}))
+      for c in ("embeddings", "lm_head", "norms", "attention", "router", "shared_experts", "dense_mlp")),
+    Merge("ablation: all but routed experts from zen-r1-tiny", CHIMERA, "same",
+          _weights({"default": [0.0, 1.0], "routed_experts": [1.0, 0.0]})),
+    Merge("check: all tensors from zen-r1-tiny (should equal it)", CHIMERA, "same", _weights({"default": [0.0, 1.0]})),
     Merge("graft: merge/config.yml (transfer router rows)", ROOT / "merge" / "config.yml", "cross"),
     Merge("graft control: random router rows", ROOT / "merge" / "config.yml", "cross", _gate("random")),
 ]
@@ -157,7 +166,7 @@ def verdicts(rows: list[Row]) -> str:
     for fam, donor_name in (("same", SAME_DONOR), ("cross", CROSS_DONOR)):
         donor = by[donor_name].bpb
         for r in rows:
-            if r.family != fam:
+            if r.family != fam or r.label.startswith(("ablation", "check")):
                 continue
             if r.error:
                 out.append(f"- {r.label}: merge failed ({r.error})")

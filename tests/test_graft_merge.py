@@ -232,6 +232,7 @@ def test_plan_and_align_commands_show_the_expert_table_and_fits(tmp_path, tiny_d
     shown = capsys.readouterr().out
     assert "layer   1: [0-3] base L1 e0-e3  [4-5] donor1 L0 top 2 by usage x0.4" in shown
     assert "stage align: donor1 pairs [(1, 0), (2, 1)]" in shown
+    assert "stages (forward passes) hold about" in shown
     assert not (tmp_path / "out").exists()
     assert main(["align", str(path), "--no-progress"]) == 0
     shown = capsys.readouterr().out

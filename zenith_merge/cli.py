@@ -49,6 +49,9 @@ def format_plan(plan) -> str:
         f"  largest tensor {e.largest_tensor} ({_human(e.largest_tensor_bytes)})",
         f"  estimated peak memory {_human(e.peak_memory_bytes)}, disk {_human(e.total_bytes)}",
     ]
+    if e.stage_memory_bytes:
+        lines.append(f"  stages (forward passes) hold about {_human(e.stage_memory_bytes)} in float32 on CPU; "
+                     f"load_in_8bit or a GPU lowers it")
     lines += format_expert_table(plan)
     if plan.method == "assembly":
         lines.append("assembly (tensors per recipe):")

@@ -177,6 +177,8 @@ class Estimates(_Frozen):
     largest_tensor: str
     largest_tensor_bytes: int
     peak_memory_bytes: int = Field(description="interpreter + the largest tensor's inputs and output")
+    stage_memory_bytes: int = Field(0, description="the stages' forward passes: the models loaded together, in "
+                                                   "float32 on CPU, unless offloaded (0: no stage)")
 
 
 class Plan(_Frozen):
@@ -364,7 +366,22 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
         shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)
                      for s in shards),
         estimates=_estimates(tensors, input_bytes), **extra)
+    if plan.stages.usage or plan.stages.align or plan.stages.prompt_vectors:
+        plan = plan.model_copy(update={"estimates": plan.estimates.model_copy(
+            update={"stage_memory_bytes": _stage_memory(plan, {s.key: s for s in (base, *sources)})})})
     return simplify(plan) if plan.resolved else plan
+
+
+def _stage_memory(plan: Plan, sources: dict[str, _Source]) -> int:
+    """Bytes the largest stage holds: a model (two for an alignment fit: base and donor) in float32."""
+    def f32(key: str) -> int:
+        ckpt = sources[key].ckpt
+        return sum(4 * math.prod(ckpt.info(n).shape) for n in ckpt.names())
+
+    loads = [f32(k) for k in plan.stages.usage]
+    loads += [f32("base") + f32(k) for k in plan.stages.align]
+    loads += [f32("base")] if plan.stages.prompt_vectors else []
+    return FIXED_PROCESS_BYTES + max(loads)
 
 
 def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None) -> Plan:

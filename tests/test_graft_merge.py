@@ -283,8 +283,15 @@ def test_dense_models_become_the_experts_of_the_bases_moe_twin(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(result.output_dir, dtype=torch.float32)
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     assert model.generate(IDS[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
-    msg = _plan_error(tmp_path, base, [_entry(base), _entry(donors[0])])
-    assert "base_model" in msg and "set architecture: Qwen3MoeForCausalLM" in msg
+    # as in mergekit-moe, the architecture key may be left out (or given as mergekit names it)
+    for arch in (None, "Qwen3 MoE"):
+        extra = {"architecture": arch} if arch else {}
+        cfg = load_config(write_config(tmp_path, base_model=str(base), gate_mode="random",
+                                       experts=[_entry(base), _entry(donors[0])], **extra))
+        assert build_plan(cfg, config_dir=tmp_path).target_config["architectures"] == ["Qwen3MoeForCausalLM"]
+    llama = make_tiny_dense(tmp_path / "llama", inter=40, layers=2, cls="LlamaForCausalLM")
+    msg = _plan_error(tmp_path, llama, [_entry(llama), _entry(donors[0])])
+    assert "base_model" in msg and "is dense (LlamaForCausalLM); an MoE base is needed" in msg
 
 
 @pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "cheap_embed"])

@@ -384,23 +384,31 @@ def _stage_memory(plan: Plan, sources: dict[str, _Source]) -> int:
     return FIXED_PROCESS_BYTES + max(loads)
 
 
+def _output_architecture(cfg: MergeConfig, base: _Source, sources: list[_Source]) -> Architecture:
+    """The base's architecture, or the MoE twin of a dense base (asked for, or implied by dense donors)."""
+    wanted = cfg.architecture
+    if wanted is None and not base.facts.is_moe and base.arch.moe_counterpart \
+            and any(s.key != "base" for s in sources):
+        wanted = base.arch.moe_counterpart  # as mergekit-moe does: dense sources make their MoE twin
+    if wanted is None or wanted == base.arch.name:
+        return base.arch
+    if wanted != base.arch.moe_counterpart or cfg.merge_method != "concat":
+        twin = f" (its MoE twin {base.arch.moe_counterpart} can be built with merge_method: concat)" \
+            if base.arch.moe_counterpart else ""
+        raise PlanError(f"architecture: {wanted} differs from the base's {base.arch.name}; the output keeps the "
+                        f"base's architecture (attention, norms, embeddings){twin}")
+    return ARCHITECTURES[wanted]
+
+
 def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None) -> Plan:
     """Plan the merge that `cfg` describes, reading only configs and headers."""
     base_model = resolve_model(cfg.base_model, config_dir)
     _reject_unsupported(cfg, base_model, config_dir)
     base = _open_source("base", base_model, cfg)
     try:
-        out_arch = base.arch
-        if cfg.architecture is not None and cfg.architecture != base.arch.name:
-            if cfg.architecture != base.arch.moe_counterpart or cfg.merge_method != "concat":
-                twin = f" (its MoE twin {base.arch.moe_counterpart} can be built with merge_method: concat)" \
-                    if base.arch.moe_counterpart else ""
-                raise PlanError(
-                    f"architecture: {cfg.architecture} differs from the base's {base.arch.name}; the output keeps "
-                    f"the base's architecture (attention, norms, embeddings){twin}")
-            out_arch = ARCHITECTURES[cfg.architecture]
         sources = _sources(cfg, base, config_dir)
         try:
+            out_arch = _output_architecture(cfg, base, sources)
             if cfg.merge_method == "assembly":
                 from .assembly_plan import plan_assembly
 

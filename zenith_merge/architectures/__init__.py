@@ -219,6 +219,8 @@ _SHORT_NAMES = {
     "deepseek": "DeepseekV3ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3 moe": "Qwen3MoeForCausalLM",  # mergekit-moe's output architecture names
+    "deepseek moe": "DeepseekV3ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",

@@ -191,3 +191,18 @@ def test_8bit_with_offload_on_cpu_is_refused_clearly(zen):
     # accelerate's dispatch of a partly offloaded int8 model asks for an accelerator device; say so up front
     with pytest.raises(CalibrationError, match="needs CUDA"):
         load_for_calibration(zen, load_in_8bit=True, max_memory={"cpu": 10**6})
+
+
+def test_batched_capture_equals_one_text_at_a_time():
+    """Right padding with a mask: in a causal model no real token sees a pad, so batching changes nothing."""
+    from zenith_merge.calibration import CapturePoint, capture_batch, capture_hidden, load_for_calibration
+    from zenith_merge.demo import ensure_demo
+
+    model, tok = load_for_calibration(ensure_demo("qwen3-moe-tiny"), dtype=torch.float32)
+    texts = ["What is 3 + 4?", "Solve for x: 2x - 5 = 11. First add 5.", "ok"]
+    points = [CapturePoint.input_of("model.layers.1.mlp"), CapturePoint.output_of("model.layers.2")]
+    batched = capture_batch(model, tok, texts, points)
+    one_by_one = list(capture_hidden(model, tok, texts, points, progress=False))
+    for got, want in zip(batched, one_by_one):
+        for p in points:
+            torch.testing.assert_close(got[p], want.states[p], rtol=1e-5, atol=1e-5)

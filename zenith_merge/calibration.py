@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError
 
-__all__ = ["CapturePoint", "CapturedChunk", "load_for_calibration", "capture_hidden", "bnb_8bit_unavailable"]
+__all__ = ["CapturePoint", "CapturedChunk", "load_for_calibration", "capture_hidden", "capture_batch",
+           "bnb_8bit_unavailable"]
 
 CaptureKind = Literal["input", "output"]
 
@@ -111,7 +112,7 @@ def load_for_calibration(
     load_in_8bit: bool = False,
     max_memory: Mapping[str | int, int | str] | None = None,
     offload_dir: str | Path | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ):
     """Load a causal LM and its tokenizer for forward passes only, with accelerate's big-model placement.
 
@@ -122,7 +123,9 @@ def load_for_calibration(
     `load_in_8bit` stores the linear layers as bitsandbytes int8 (CPU or CUDA); modules that accelerate
     offloads then stay in float32 (bitsandbytes cannot offload int8 weights). `dtype` defaults to
     float32 on CPU and the checkpoint's own dtype on CUDA. Returns `(model, tokenizer)`, model in eval
-    mode; raises CalibrationError naming the folder when it cannot load.
+    mode; raises CalibrationError naming the folder when it cannot load. `dtype="stored"` keeps the
+    checkpoint's own dtype (bfloat16 halves the memory of float32 and runs faster on most CPUs),
+    except float16 on CPU, which becomes float32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -130,6 +133,8 @@ def load_for_calibration(
     if not (path / "config.json").is_file():
         raise CalibrationError(f"{path}: not a model folder (no config.json)")
     cuda = torch.cuda.is_available()
+    if dtype == "stored":
+        dtype = stored_dtype(path, cuda=cuda)
     kwargs: dict = {
         "low_cpu_mem_usage": True,
         "dtype": dtype if dtype is not None else ("auto" if cuda else torch.float32),
@@ -137,6 +142,10 @@ def load_for_calibration(
     }
     if max_memory is not None:
         kwargs["max_memory"] = dict(max_memory)
+    if not cuda and _has_experts(path):
+        # the reference loop over experts: transformers' grouped matmul on CPU needs 16-byte strides,
+        # which small bf16 experts (or odd sizes) do not have, and is no faster for a few prompts
+        kwargs["experts_implementation"] = "eager"
     temp_dir = None
     if offload_dir is None:
         temp_dir = tempfile.mkdtemp(prefix="zenith-offload-")
@@ -175,6 +184,26 @@ def load_for_calibration(
         # offloaded weights are read from this folder on every forward pass: keep it as long as the model
         weakref.finalize(model, _remove, temp_dir)
     return model, tokenizer
+
+
+def _has_experts(path: Path) -> bool:
+    import json
+
+    from .architectures import ARCHITECTURES
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    arch = ARCHITECTURES.get((config.get("architectures") or [None])[0])
+    return arch is not None and arch.moe_layer_rule != "none"
+
+
+def stored_dtype(path: Path, *, cuda: bool) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights have (float16 on CPU: float32)."""
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return torch.float32 if dtype == torch.float16 and not cuda else dtype
 
 
 def _flatten_int8_inputs(model) -> None:
@@ -335,3 +364,56 @@ def capture_hidden(
             handle.remove()
         captured.clear()
         bar.close()
+
+
+def capture_batch(model, tokenizer, texts: Sequence[str], points: Sequence[CapturePoint], *,
+                  max_tokens_per_text: int = 512) -> list[dict[CapturePoint, torch.Tensor]]:
+    """The activations at `points` for a few short texts, run together in one padded forward pass.
+
+    Why: with weights offloaded to disk, every forward pass reads the whole model once; prompts
+    (a handful of short texts) batched into one pass read it once in all. Texts are right-padded
+    with an attention mask, so in a causal model no real token sees a pad; each text keeps its
+    first `max_tokens_per_text` tokens. No special tokens are added. Returns, per text, float32
+    CPU tensors of shape (n_tokens, width).
+    """
+    points = list(dict.fromkeys(points))
+    named = dict(model.named_modules())
+    missing = sorted({p.module for p in points} - named.keys())
+    if missing:
+        raise CalibrationError(f"{type(model).__name__} has no module {', '.join(missing)} to capture")
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens_per_text] for t in texts]
+    if not texts or any(not row for row in ids):
+        raise CalibrationError("capture_batch: every text needs at least one token")
+    width = max(len(row) for row in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        batch[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    captured: dict[CapturePoint, torch.Tensor] = {}
+
+    def hook_for(point):
+        if point.kind == "input":
+            def pre(module, args, kwargs):
+                value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+                captured[point] = _first_tensor(value).detach()
+            return named[point.module].register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(module, args, output):
+            captured[point] = _first_tensor(output).detach()
+        return named[point.module].register_forward_hook(post)
+
+    handles = [hook_for(p) for p in points]
+    try:
+        device = _input_device(model)
+        with torch.no_grad():
+            model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    absent = [str(p) for p in points if p not in captured]
+    if absent:
+        raise CalibrationError(f"the forward pass never reached {', '.join(absent)}")
+    states = {p: captured[p].reshape(len(ids), width, -1).float().cpu() for p in points}
+    return [{p: states[p][i, :len(row)] for p in points} for i, row in enumerate(ids)]

@@ -180,6 +180,11 @@ class MergeConfig(_Strict):
     output_dir: str = "./merged_model"
     max_shard_size: ByteSize = Field(5 * 10**9, description="largest output shard in bytes (5GB, 500MB, 4GiB, ...)")
     load_in_8bit: bool = Field(False, description="calibration forward passes in bitsandbytes 8-bit")
+    calibration_dtype: Literal["stored", "float32", "bfloat16", "float16"] = Field(
+        "stored", description="dtype of the stages' forward passes; stored: the checkpoint's own")
+    calibration_max_memory: ByteSize | None = Field(
+        None, description="CPU bytes the stages' forward passes may hold for weights; the rest is read from "
+                          "disk layer by layer (accelerate offload). None: the whole model in memory")
     workers: int = Field(1, ge=1, description="shards written in parallel")
     backend: Literal["local", "ray"] = "local"
     allow_pickle: bool = Field(False, description="read .bin pickles (weights_only) when a source has no safetensors")

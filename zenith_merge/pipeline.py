@@ -242,6 +242,13 @@ def calibration_texts(cfg: MergeConfig, config_dir: Path | None) -> list[str]:
     return texts
 
 
+def calibration_load(cfg: MergeConfig) -> dict:
+    """`load_for_calibration`'s options from the config: 8-bit, the CPU memory cap, the dtype."""
+    dtype = cfg.calibration_dtype if cfg.calibration_dtype == "stored" else getattr(torch, cfg.calibration_dtype)
+    max_memory = {"cpu": cfg.calibration_max_memory} if cfg.calibration_max_memory is not None else None
+    return {"load_in_8bit": cfg.load_in_8bit, "max_memory": max_memory, "dtype": dtype}
+
+
 def _sha(path: Path) -> str:
     from .io.manifest import file_sha256
 
@@ -263,7 +270,7 @@ def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, ke
         plan.sources["base"].path, plan.sources[source].path, list(pairs), texts,
         base_points=lambda layer: (base_arch.mlp_module.format(layer=layer), base_arch.layer_module.format(layer=layer)),
         donor_points=lambda layer: (src_arch.mlp_module.format(layer=layer), src_arch.layer_module.format(layer=layer)),
-        ridge=cfg.align.ridge, max_tokens=cfg.align.max_tokens, load_in_8bit=cfg.load_in_8bit, progress=progress)
+        ridge=cfg.align.ridge, max_tokens=cfg.align.max_tokens, progress=progress, **calibration_load(cfg))
     alignment.meta["plan_key"] = key
     save_alignment(alignment, folder)
     log.info("aligned %s: %s", source, ", ".join(
@@ -282,7 +289,7 @@ def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progr
         if cfg.gate_mode == "cheap_embed":
             vectors = pv.cheap_embed_vectors(base, layers, prompts)
         else:
-            vectors = pv.hidden_vectors(base, layers, prompts, mode=cfg.gate_mode, load_in_8bit=cfg.load_in_8bit,
+            vectors = pv.hidden_vectors(base, layers, prompts, mode=cfg.gate_mode, load=calibration_load(cfg),
                                         progress=progress)
         pv.save_vectors(vectors, layers, zdir, key)
     return _sha(zdir / pv.VECTORS_FILE)
@@ -307,7 +314,7 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
             for source, layers in plan.stages.usage.items():
                 log.info("expert usage of %s on its prompts, layers %s", source, list(layers))
                 usage[source] = expert_usage(Path(plan.sources[source].path), layers, plan.transforms[source].prompts,
-                                             load_in_8bit=cfg.load_in_8bit, progress=progress)
+                                             load=calibration_load(cfg), progress=progress)
             save_usage(usage, zdir, key)
         artefacts["usage.json"] = _sha(zdir / "usage.json")
     if plan.stages.prompt_vectors:

@@ -226,6 +226,7 @@ def fit_alignment(
     max_tokens: int = 20000,
     load_in_8bit: bool = False,
     max_memory: Mapping[str | int, int | str] | None = None,
+    dtype: torch.dtype | str | None = None,
     passage_chars: int = 1024,
     max_tokens_per_text: int = 512,
     progress: bool = True,
@@ -234,7 +235,7 @@ def fit_alignment(
 
     Why: grafting a donor expert into a base of another width needs maps between the two hidden
     spaces (see the module docstring). Both models are loaded with `load_for_calibration` (same
-    `load_in_8bit` and `max_memory`, applied to each model) and fed the same passages of `texts`
+    `load_in_8bit`, `max_memory` and `dtype`, applied to each model) and fed the same passages of `texts`
     (`split_passages`), pairing tokens by end offset as they go; at most `max_tokens` paired tokens are
     used. `base_points` / `donor_points` give, per layer, the MoE block's and the decoder layer's module
     names (from the architecture tables). Statistics are accumulated in float64, so memory does not grow
@@ -250,8 +251,8 @@ def fit_alignment(
     base_list = list(dict.fromkeys(p for pts in base_in.values() for p in pts))
     donor_list = list(dict.fromkeys(p for pts in donor_in.values() for p in pts))
 
-    base, base_tok = load_for_calibration(base_path, load_in_8bit=load_in_8bit, max_memory=max_memory)
-    donor, donor_tok = load_for_calibration(donor_path, load_in_8bit=load_in_8bit, max_memory=max_memory)
+    base, base_tok = load_for_calibration(base_path, load_in_8bit=load_in_8bit, max_memory=max_memory, dtype=dtype)
+    donor, donor_tok = load_for_calibration(donor_path, load_in_8bit=load_in_8bit, max_memory=max_memory, dtype=dtype)
     d_base, d_donor = base.config.hidden_size, donor.config.hidden_size
     acc_a = {pair: RidgeAccumulator(d_base, d_donor) for pair in pairs}
     acc_b = {pair: RidgeAccumulator(d_donor, d_base) for pair in pairs}

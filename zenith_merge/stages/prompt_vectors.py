@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
-from ..calibration import CapturePoint, capture_hidden, load_for_calibration
-from ..errors import CalibrationError
+from ..calibration import CapturePoint, capture_batch, load_for_calibration
 from ..io.reader import Checkpoint
 
 VECTORS_FILE = "prompt_vectors.safetensors"
@@ -36,38 +36,34 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 
 def _prompt_states(model, tokenizer, prompts: Sequence[str], points: dict[int, CapturePoint], mode: str,
-                   progress: bool) -> dict[int, torch.Tensor]:
-    """Per layer: the mean over prompts of each prompt's last-token (or mean-token) state."""
+                   ) -> dict[int, torch.Tensor]:
+    """Per layer: the mean over prompts of each prompt's last-token (or mean-token) state (one forward pass)."""
     bos = tokenizer.bos_token or ""
-    sums = {layer: None for layer in points}
-    n = 0
-    for chunk in capture_hidden(model, tokenizer, [bos + p for p in prompts], list(points.values()),
-                                max_tokens_per_text=4096, progress=progress):
-        for layer, point in points.items():
-            states = chunk.states[point]
-            v = states.mean(0) if mode == "hidden_avg" else states[-1]
-            sums[layer] = v if sums[layer] is None else sums[layer] + v
-        n += 1
-    if n == 0:
-        raise CalibrationError("no prompt produced a token")
-    return {layer: s / n for layer, s in sums.items()}
+    per_prompt = capture_batch(model, tokenizer, [bos + p for p in prompts], list(points.values()))
+    out = {}
+    for layer, point in points.items():
+        rows = [s[point].mean(0) if mode == "hidden_avg" else s[point][-1] for s in per_prompt]
+        out[layer] = torch.stack(rows).mean(0)
+    return out
 
 
 def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]],
-                   *, mode: str = "hidden", load_in_8bit: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
+                   *, mode: str = "hidden", load: Mapping | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
     """source -> (len(layers), hidden) unit vectors from the base model's states on that source's prompts.
 
-    `prompts[source]` is (positive, negative); the negative mean is subtracted where given.
+    `prompts[source]` is (positive, negative); the negative mean is subtracted where given. `load`
+    holds `load_for_calibration`'s options (8-bit, max_memory, dtype).
     """
     with Checkpoint.open(base_path, check_shapes=False) as ckpt:
         arch = architecture_of(ckpt.config, where=str(base_path / "config.json"))
-    model, tokenizer = load_for_calibration(base_path, load_in_8bit=load_in_8bit)
+    model, tokenizer = load_for_calibration(base_path, **(load or {}))
     points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
     out = {}
     try:
-        for source, (positive, negative) in prompts.items():
-            pos = _prompt_states(model, tokenizer, positive, points, mode, progress)
-            neg = _prompt_states(model, tokenizer, negative, points, mode, progress) if negative else None
+        for source, (positive, negative) in tqdm(prompts.items(), desc="prompt vectors", disable=not progress,
+                                                 leave=False):
+            pos = _prompt_states(model, tokenizer, positive, points, mode)
+            neg = _prompt_states(model, tokenizer, negative, points, mode) if negative else None
             rows = [pos[layer] - (neg[layer] if neg is not None else 0) for layer in layers]
             out[source] = _unit(torch.stack(rows))
     finally:

@@ -9,18 +9,20 @@ the same rule as the model's own forward pass, whatever the transformers version
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
-from ..calibration import CapturePoint, capture_hidden, load_for_calibration
+from ..calibration import CapturePoint, capture_batch, load_for_calibration
 from ..io.manifest import write_json_atomic
 from ..io.reader import Checkpoint
 from ..routing import route, routing_spec
 
 USAGE_FILE = "usage.json"
+PROMPTS_PER_PASS = 16  # prompts run together: with offloaded weights, each pass reads the model once
 
 
 def usage_order(counts: Sequence[int]) -> list[int]:
@@ -28,9 +30,12 @@ def usage_order(counts: Sequence[int]) -> list[int]:
     return sorted(range(len(counts)), key=lambda e: (-counts[e], e))
 
 
-def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str], *, load_in_8bit: bool = False,
-                 max_tokens: int = 20_000, progress: bool = True) -> dict[int, dict]:
-    """Per source layer: pick counts of every expert, their order, and the mean total weight of a token's picks."""
+def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str], *, load: Mapping | None = None,
+                 max_tokens_per_prompt: int = 512, progress: bool = True) -> dict[int, dict]:
+    """Per source layer: pick counts of every expert, their order, and the mean total weight of a token's picks.
+
+    `load` holds `load_for_calibration`'s options (8-bit, max_memory, dtype).
+    """
     with Checkpoint.open(model_path, check_shapes=False) as ckpt:
         config = ckpt.config
         arch = architecture_of(config, where=str(model_path / "config.json"))
@@ -41,20 +46,22 @@ def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str]
             bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
             bias = ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None
             routers[layer] = (weight, bias)
-    model, tokenizer = load_for_calibration(model_path, load_in_8bit=load_in_8bit)
+    model, tokenizer = load_for_calibration(model_path, **(load or {}))
     points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
     counts = {layer: torch.zeros(spec.n_experts, dtype=torch.long) for layer in layers}
     weight_sum = {layer: 0.0 for layer in layers}
     picks = {layer: 0 for layer in layers}
     try:
-        for chunk in capture_hidden(model, tokenizer, prompts, list(points.values()), max_total_tokens=max_tokens,
-                                    progress=progress):
-            for layer, point in points.items():
-                weight, bias = routers[layer]
-                idx, w = route(chunk.states[point] @ weight.T, spec, bias)
-                counts[layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
-                weight_sum[layer] += float(w.sum())
-                picks[layer] += idx.numel()
+        batches = [prompts[i:i + PROMPTS_PER_PASS] for i in range(0, len(prompts), PROMPTS_PER_PASS)]
+        for batch in tqdm(batches, desc="expert usage", disable=not progress, leave=False):
+            for states in capture_batch(model, tokenizer, batch, list(points.values()),
+                                        max_tokens_per_text=max_tokens_per_prompt):
+                for layer, point in points.items():
+                    weight, bias = routers[layer]
+                    idx, w = route(states[point] @ weight.T, spec, bias)
+                    counts[layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
+                    weight_sum[layer] += float(w.sum())
+                    picks[layer] += idx.numel()
     finally:
         del model
     out = {}

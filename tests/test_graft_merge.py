@@ -347,3 +347,17 @@ def test_mergekits_noise_and_residual_scale_apply_to_a_sources_experts(tmp_path,
                    dtype="float32")
     assert torch.equal(tensors_of(again.output_dir)[E.format(layer=1, expert=6, proj="gate")],
                        src[name.format("gate")] + delta)  # seeded: the same noise every run
+
+
+def test_memory_capped_stages_give_the_same_router_rows(tmp_path):
+    """calibration_max_memory streams the base's layers from disk (accelerate offload): same rows as in memory."""
+    base = make_tiny_dense(tmp_path / "base", inter=40, layers=2)
+    donor = make_tiny_dense(tmp_path / "donor", inter=40, layers=2, seed=4)
+    entries = [_entry(base), {"source_model": str(donor), "positive_prompts": ["What is 3?", "Solve 2x = 4."]}]
+    free = _merge(tmp_path / "free", base, entries, gate_mode="hidden", calibration_dtype="float32")
+    capped = _merge(tmp_path / "capped", base, entries, gate_mode="hidden", calibration_dtype="float32",
+                    calibration_max_memory="1KB")
+    a, b = tensors_of(free.output_dir), tensors_of(capped.output_dir)
+    for layer in (0, 1):
+        name = f"model.layers.{layer}.mlp.gate.weight"
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=0, atol=1e-2)  # bf16 rows

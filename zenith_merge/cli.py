@@ -50,8 +50,8 @@ def format_plan(plan) -> str:
         f"  estimated peak memory {_human(e.peak_memory_bytes)}, disk {_human(e.total_bytes)}",
     ]
     if e.stage_memory_bytes:
-        lines.append(f"  stages (forward passes) hold about {_human(e.stage_memory_bytes)} in float32 on CPU; "
-                     f"load_in_8bit or a GPU lowers it")
+        lines.append(f"  stages (forward passes) hold about {_human(e.stage_memory_bytes)}; "
+                     f"calibration_max_memory caps it")
     lines += format_expert_table(plan)
     if plan.method == "assembly":
         lines.append("assembly (tensors per recipe):")
@@ -122,11 +122,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """--no-progress also silences transformers' own progress bars (loading weights for the stages)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cmd_merge(args) -> int:
     from .pipeline import run_merge
     from .plan import build_plan
 
     cfg, config_dir = _load(args.config)
+    if args.no_progress:
+        _quiet_transformers()
     if args.dry_run:
         print(format_plan(build_plan(cfg, config_dir=config_dir, output_dir=args.output)))
         print("dry run: nothing written")
@@ -143,6 +152,8 @@ def cmd_align(args) -> int:
     from .pipeline import prepare_stages
 
     cfg, config_dir = _load(args.config)
+    if args.no_progress:
+        _quiet_transformers()
     plan = prepare_stages(cfg, config_dir=config_dir, output_dir=args.output, overwrite=args.overwrite,
                           progress=not args.no_progress)
     print("\n".join(format_expert_table(plan)))

@@ -156,7 +156,7 @@ class AssemblySettings(_Strict):
 
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
-PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "transfer")
+PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
 

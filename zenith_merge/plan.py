@@ -45,6 +45,9 @@ DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 CONVERTIBLE_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 # What the interpreter, torch and transformers occupy before any tensor is read (measured: ~220 MB for torch).
 FIXED_PROCESS_BYTES = 400 * 2**20
+# What a stage's forward passes add on top: transformers' modules and CPU kernel caches (oneDNN keeps
+# compiled kernels per input shape; measured up to ~550 MiB on bf16 alignment passes of the demo models).
+STAGE_OVERHEAD_BYTES = 512 * 2**20
 
 
 class _Frozen(BaseModel):
@@ -368,20 +371,31 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
         estimates=_estimates(tensors, input_bytes), **extra)
     if plan.stages.usage or plan.stages.align or plan.stages.prompt_vectors:
         plan = plan.model_copy(update={"estimates": plan.estimates.model_copy(
-            update={"stage_memory_bytes": _stage_memory(plan, {s.key: s for s in (base, *sources)})})})
+            update={"stage_memory_bytes": _stage_memory(plan, {s.key: s for s in (base, *sources)}, cfg)})})
     return simplify(plan) if plan.resolved else plan
 
 
-def _stage_memory(plan: Plan, sources: dict[str, _Source]) -> int:
-    """Bytes the largest stage holds: a model (two for an alignment fit: base and donor) in float32."""
-    def f32(key: str) -> int:
-        ckpt = sources[key].ckpt
-        return sum(4 * math.prod(ckpt.info(n).shape) for n in ckpt.names())
+def _stage_memory(plan: Plan, sources: dict[str, _Source], cfg: MergeConfig) -> int:
+    """Bytes the largest stage holds: a model (two for an alignment fit: base and donor) as loaded for it.
 
-    loads = [f32(k) for k in plan.stages.usage]
-    loads += [f32("base") + f32(k) for k in plan.stages.align]
-    loads += [f32("base")] if plan.stages.prompt_vectors else []
-    return FIXED_PROCESS_BYTES + max(loads)
+    A loaded model holds its parameters in the calibration dtype plus, while transformers maps
+    the safetensors files, their pages (clean page cache, but counted in RSS). With
+    `calibration_max_memory`, about the cap plus one layer's weights.
+    """
+    def loaded(key: str) -> int:
+        ckpt = sources[key].ckpt
+        stored = sum(ckpt.info(n).nbytes for n in ckpt.names())
+        if cfg.calibration_max_memory is not None:
+            return cfg.calibration_max_memory + stored // max(1, sources[key].facts.num_layers)
+        if cfg.calibration_dtype == "stored":
+            return 2 * stored
+        width = 2 if cfg.calibration_dtype in ("bfloat16", "float16") else 4
+        return stored + sum(width * math.prod(ckpt.info(n).shape) for n in ckpt.names())
+
+    loads = [loaded(k) for k in plan.stages.usage]
+    loads += [loaded("base") + loaded(k) for k in plan.stages.align]
+    loads += [loaded("base")] if plan.stages.prompt_vectors else []
+    return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads)
 
 
 def _output_architecture(cfg: MergeConfig, base: _Source, sources: list[_Source]) -> Architecture:

@@ -5,7 +5,8 @@
     .venv/bin/python bench/graft.py --cases demo a-1GB a-4GB          # skip the forward-pass case (b)
     .venv/bin/python bench/graft.py --keep-inputs                     # keep the synthetic models for a rerun
 
-Cases (each timed against `cp -r` of its two input folders):
+Cases (each timed against `cp -r` of its two input folders, and `cp -r` followed by `sync`, since
+zenith-merge fsyncs every shard and cp does not):
 - `demo`: `zenith-merge merge merge/config.yml`, the flagship on the demo models (zen-tiny base,
   qwen3-moe-tiny donor): expert usage (keep: 4), ridge alignment on demo:code + demo:maths, then the writer.
   `zenith-merge demo` builds the demo models first if they are not cached.
@@ -15,14 +16,19 @@ Cases (each timed against `cp -r` of its two input folders):
   1024 and copied, router rows transferred). Run at two sizes to check that peak RSS stays flat.
 - `b-4GB`: the same base and a donor of ANOTHER width (hidden 1536), `align: {mode: fit, max_tokens: 256}`
   on a short calibration text written by this script: two transformers forward passes, which load both
-  models (in float32 on CPU), so its RSS grows with the models.
+  models at once (in the stages' `calibration_dtype`), so its RSS grows with the models.
 
 The synthetic models have random bf16 weights (std 0.02, norms 1), written with safetensors shard by
 shard (at most ~400 MB in memory), a config.json built by transformers' config classes and the
 tokenizer files of the demo models zen-tiny / qwen3-moe-tiny. They are written under --work and
 removed at the end unless --keep-inputs. Each command runs under `/usr/bin/time -v` (peak RSS =
-"Maximum resident set size"); within a repeat the cases and contenders run back to back, so the page
-cache is warm for all of them after the first repeat; medians are reported.
+"Maximum resident set size"); within a repeat the cases and contenders run back to back, each after
+an untimed `sync`, so the page cache is warm for all of them; medians are reported.
+
+To time a fixed commit while zenith_merge/ is being edited, run from outside the checkout (`python -m`
+puts the working folder first on sys.path) with PYTHONPATH pointing at an exported copy:
+    git archive HEAD zenith_merge | tar -x -C /tmp/zsnap
+    cd /tmp && PYTHONPATH=/tmp/zsnap /work/main/.venv/bin/python /work/main/bench/graft.py
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ def synthetic(path: Path, arch_name: str, dims: dict, tokenizer_from: Path, seed
     cls = {"DeepseekV3ForCausalLM": transformers.DeepseekV3Config,
            "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig}[arch_name]
     config = cls(**dims, bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"],
-                 pad_token_id=special["pad_token_id"], initializer_range=0.02)
+                 pad_token_id=special["pad_token_id"], initializer_range=0.02, dtype="bfloat16")
     config.architectures = [arch_name]
     cfg = config.to_dict()
     arch, f = architecture_of(cfg), facts(cfg)
@@ -240,11 +246,12 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 
 
 def plan_estimate(cfg: Path, out: Path) -> tuple[int, int]:
-    """(estimated peak memory, largest output tensor) from `zenith-merge plan --json`."""
+    """(estimated peak memory: the writer's or the stages', whichever is larger; largest output tensor)
+    from `zenith-merge plan --json`."""
     res = subprocess.run([*CLI, "plan", str(cfg), "--output", str(out), "--json"], capture_output=True, text=True,
                          check=True)
     est = json.loads(res.stdout)["estimates"]
-    return est["peak_memory_bytes"], est["largest_tensor_bytes"]
+    return max(est["peak_memory_bytes"], est.get("stage_memory_bytes", 0)), est["largest_tensor_bytes"]
 
 
 def machine() -> str:
@@ -257,22 +264,30 @@ def machine() -> str:
 def run(cases: list[str], work: Path, repeats: int) -> list[dict]:
     subprocess.run([*CLI, "demo"], check=True, capture_output=True)  # builds the demo models if missing
     prepared = {c: prepare(c, work) for c in cases}
-    results = {c: {"cp": [], "merge": []} for c in cases}
+    os.sync()  # the synthetic models' dirty pages would otherwise be written back during the first repeat
+    results = {c: {"cp": [], "cp+sync": [], "merge": []} for c in cases}
     out = work / "out"
     for rep in range(repeats):
         for c in cases:
             p = prepared[c]
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
-            results[c]["cp"].append(timed(["cp", "-r", *map(str, p["inputs"]), str(out)]))
-            shutil.rmtree(out, ignore_errors=True)
-            results[c]["merge"].append(timed([*CLI, "merge", str(p["config"]), "--output", str(out), "--overwrite",
-                                              "--no-progress"]))
-            if rep == 0:
-                p["out_bytes"], p["out_largest"] = folder_bytes(out), largest_tensor(out)
             w = results[c]
-            print(f"repeat {rep + 1}/{repeats} {c}: cp {w['cp'][-1][0]:.1f} s / {w['cp'][-1][1] / MiB:.0f} MiB, "
-                  f"merge {w['merge'][-1][0]:.1f} s / {w['merge'][-1][1] / MiB:.0f} MiB", file=sys.stderr, flush=True)
+            for name in w:
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # each contender starts with no dirty pages of the one before it
+                if name == "cp":
+                    out.mkdir()
+                    w[name].append(timed(["cp", "-r", *map(str, p["inputs"]), str(out)]))
+                elif name == "cp+sync":
+                    out.mkdir()
+                    w[name].append(timed(["sh", "-c", 'cp -r "$@" && sync', "sh", *map(str, p["inputs"]), str(out)]))
+                else:
+                    w[name].append(timed([*CLI, "merge", str(p["config"]), "--output", str(out), "--overwrite",
+                                          "--no-progress"]))
+                    if rep == 0:
+                        p["out_bytes"], p["out_largest"] = folder_bytes(out), largest_tensor(out)
+            print(f"repeat {rep + 1}/{repeats} {c}: " + ", ".join(
+                f"{name} {rs[-1][0]:.1f} s / {rs[-1][1] / MiB:.0f} MiB" for name, rs in w.items()),
+                file=sys.stderr, flush=True)
             shutil.rmtree(out, ignore_errors=True)
     rows = []
     for c in cases:
@@ -290,18 +305,19 @@ def run(cases: list[str], work: Path, repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | in MiB | out MiB | largest tensor MiB | contender | median wall s | throughput vs cp "
-             "| peak RSS MiB | RSS - 2x largest MiB | plan's peak estimate MiB |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | in MiB | out MiB | largest tensor MiB | contender | median wall s | speed vs cp -r "
+             "| speed vs cp -r + sync | peak RSS MiB | RSS - 2x largest MiB | plan's peak estimate MiB |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    names = {"cp": "cp -r", "cp+sync": "cp -r + sync", "merge": "zenith-merge merge"}
     for r in rows:
-        for name in ("cp", "merge"):
+        for name, shown in names.items():
             m = r[name]
-            ratio = r["cp"]["wall_s"] / m["wall_s"]
             est = f"{r['plan_peak_bytes'] / MiB:.0f}" if name == "merge" else ""
             lines.append(f"| {r['label']} | {r['in_bytes'] / MiB:.0f} | {r['out_bytes'] / MiB:.0f} "
-                         f"| {r['largest_tensor_bytes'] / MiB:.1f} | {'cp -r' if name == 'cp' else 'zenith-merge merge'} "
-                         f"| {m['wall_s']:.2f} | {ratio:.2f}x | {m['rss_bytes'] / MiB:.0f} "
-                         f"| {(m['rss_bytes'] - 2 * r['largest_tensor_bytes']) / MiB:.0f} | {est} |")
+                         f"| {r['largest_tensor_bytes'] / MiB:.1f} | {shown} | {m['wall_s']:.2f} "
+                         f"| {r['cp']['wall_s'] / m['wall_s']:.2f}x | {r['cp+sync']['wall_s'] / m['wall_s']:.2f}x "
+                         f"| {m['rss_bytes'] / MiB:.0f} | {(m['rss_bytes'] - 2 * r['largest_tensor_bytes']) / MiB:.0f} "
+                         f"| {est} |")
     by = {r["case"]: r["merge"]["rss_bytes"] for r in rows}
     if "a-1GB" in by and "a-4GB" in by:
         lines.append(f"\nRSS flatness (identity graft): a-4GB / a-1GB peak RSS = {by['a-4GB'] / by['a-1GB']:.2f} "

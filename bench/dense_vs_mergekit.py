@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from synthetic import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -49,15 +50,10 @@ PROMPTS = [
     ["Once upon a time, in a quiet village by the sea, there lived", "She opened the letter slowly and began to read aloud."],
     ["The mitochondria is the powerhouse of the cell; ATP is made", "Photosynthesis converts light energy, water and CO2 into"],
 ]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def build_dense(path: Path, seed: int, dims: dict, tokenizer_dir: Path, shard_bytes: int) -> Path:
     """A Qwen3ForCausalLM folder with seeded random bf16 weights, written tensor by tensor."""
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    from safetensors.torch import save_file
-
     config = transformers.Qwen3Config(
         hidden_size=dims["hidden"], intermediate_size=dims["intermediate"], num_hidden_layers=dims["layers"],
         num_attention_heads=dims["hidden"] // 64, num_key_value_heads=max(1, dims["hidden"] // 128), head_dim=64,
@@ -69,38 +65,13 @@ def build_dense(path: Path, seed: int, dims: dict, tokenizer_dir: Path, shard_by
         shapes = {n: tuple(p.shape) for n, p in transformers.Qwen3ForCausalLM(config).named_parameters()}
     shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    shard, size, files, weight_map = {}, 0, [], {}
 
-    def flush():
-        nonlocal shard, size
-        fname = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({n: fname for n in shard})
-        shard, size = {}, 0
-
-    for name, shape in shapes.items():
+    def make(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         t = torch.randn(shape, generator=gen)
-        t = 1.0 + 0.02 * t if name.endswith("norm.weight") else 0.02 * t
-        shard[name] = t.to(torch.bfloat16)
-        size += shard[name].numel() * 2
-        if size >= shard_bytes:
-            flush()
-    if shard:
-        flush()
-    total = sum((tmp / f).stat().st_size for f in files)
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config.save_pretrained(tmp)
-    for f in TOKENIZER_FILES:
-        if (tokenizer_dir / f).is_file():
-            shutil.copy(tokenizer_dir / f, tmp / f)
-    tmp.rename(path)
-    return path
+        return (1.0 + 0.02 * t if name.endswith("norm.weight") else 0.02 * t).to(torch.bfloat16)
+
+    return write_random_checkpoint(path, config, shapes.items(), seed=seed, shard_bytes=shard_bytes, make=make,
+                                   tokenizer_from=tokenizer_dir)
 
 
 def write_configs(work: Path, models: list[Path]) -> tuple[Path, Path]:

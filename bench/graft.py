@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from synthetic import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "zenith_merge.cli"]
@@ -73,7 +74,6 @@ CASES = {
     "a-4GB": ("4GB", {}, "{mode: identity}"),
     "b-4GB": ("4GB", NARROW, "{mode: fit, max_tokens: 256, calibration: [calibration.txt]}"),
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 CALIBRATION = """\
 def moving_average(values, window):
@@ -114,11 +114,7 @@ def demo_path(name: str) -> Path:
 def synthetic(path: Path, arch_name: str, dims: dict, tokenizer_from: Path, seed: int,
               shard_bytes: int = 400 * MiB) -> Path:
     """A checkpoint with random weights, written shard by shard (one shard's tensors in memory at a time)."""
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    from safetensors.torch import save_file
-
-    from zenith_merge.architectures import architecture_of, classify, expected_shape, facts, tensor_name
+    from zenith_merge.architectures import architecture_of, expected_shape, facts, tensor_name
 
     special = json.loads((tokenizer_from / "config.json").read_text())
     cls = {"DeepseekV3ForCausalLM": transformers.DeepseekV3Config,
@@ -142,50 +138,8 @@ def synthetic(path: Path, arch_name: str, dims: dict, tokenizer_from: Path, seed
                       for r in ("expert_gate", "expert_up", "expert_down")]
     names += [tensor_name(arch, "final_norm"), tensor_name(arch, "lm_head")]
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    shard, size, files, weight_map = {}, 0, [], {}
-
-    def flush():
-        nonlocal shard, size
-        fname = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, tmp / fname, metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({n: fname for n in shard})
-        shard, size = {}, 0
-
-    for name in names:
-        shape = expected_shape(cfg, name)
-        role = classify(arch, name).role
-        if role == "router_bias":  # DeepSeek keeps e_score_correction_bias in float32
-            t = torch.zeros(shape, dtype=torch.float32)
-        elif role.endswith("norm"):
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        if size and size + t.nbytes > shard_bytes:
-            flush()
-        shard[name] = t
-        size += t.nbytes
-    flush()
-    n = len(files)
-    renamed = {}
-    for i, fname in enumerate(files, 1):  # transformers' naming: model-0000i-of-0000n.safetensors
-        final = f"model-{i:05d}-of-{n:05d}.safetensors"
-        (tmp / fname).rename(tmp / final)
-        renamed[fname] = final
-    total = sum((tmp / f).stat().st_size for f in renamed.values())
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}, indent=1))
-    config.save_pretrained(tmp)
-    (tmp / "generation_config.json").unlink(missing_ok=True)
-    for fname in TOKENIZER_FILES:
-        if (tokenizer_from / fname).is_file():
-            shutil.copyfile(tokenizer_from / fname, tmp / fname)
-    tmp.rename(path)
-    return path
+    return write_random_checkpoint(path, config, [(n, expected_shape(cfg, n)) for n in names], seed=seed,
+                                   shard_bytes=shard_bytes, tokenizer_from=tokenizer_from)
 
 
 def folder_bytes(path: Path) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from synthetic import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "zenith_merge.cli"]
@@ -39,17 +40,13 @@ SIZES = {
 
 def synthetic_deepseek(path: Path, dims: dict) -> Path:
     """A DeepseekV3 checkpoint with random bf16 weights, written tensor by tensor (no model in memory)."""
-    if (path / "model.safetensors.index.json").is_file():
-        return path
-    from safetensors.torch import save_file
-
     h = dims["hidden_size"]
     config = transformers.DeepseekV3Config(
         intermediate_size=4 * h, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
         num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=h // 2,
         kv_lora_rank=h // 4, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, **dims)
     config.architectures = ["DeepseekV3ForCausalLM"]
-    from zenith_merge.architectures import architecture_of, dim, facts, tensor_name
+    from zenith_merge.architectures import architecture_of, classify, dim, facts, tensor_name
 
     cfg = config.to_dict()
     arch, f = architecture_of(cfg), facts(cfg)
@@ -65,37 +62,12 @@ def synthetic_deepseek(path: Path, dims: dict) -> Path:
                       for r in ("expert_gate", "expert_up", "expert_down")]
     names += [tensor_name(arch, "final_norm"), tensor_name(arch, "lm_head")]
 
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    shard, shard_bytes, files, weight_map = {}, 0, [], {}
-
-    def flush():
-        nonlocal shard, shard_bytes
-        fname = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, tmp / fname, metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({n: fname for n in shard})
-        shard, shard_bytes = {}, 0
-
-    from zenith_merge.architectures import classify
-
-    for name in names:
-        role = arch.roles[classify(arch, name).role]
-        shape = tuple(dim(cfg, arch, s) for s in role.shape)
+    def make(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         dtype = torch.float32 if "e_score" in name else torch.bfloat16
-        shard[name] = torch.randn(shape, generator=gen).to(dtype)
-        shard_bytes += shard[name].numel() * shard[name].element_size()
-        if shard_bytes >= 500 * 2**20:
-            flush()
-    if shard:
-        flush()
-    total = sum((tmp / f).stat().st_size for f in files)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    config.save_pretrained(tmp)
-    tmp.rename(path)
-    return path
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    shapes = [(n, tuple(dim(cfg, arch, s) for s in arch.roles[classify(arch, n).role].shape)) for n in names]
+    return write_random_checkpoint(path, config, shapes, shard_bytes=500 * 2**20, make=make)
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:

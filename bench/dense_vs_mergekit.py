@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from synthetic import write_random_checkpoint
+from common import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from synthetic import write_random_checkpoint
+from common import timed, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "zenith_merge.cli"]
@@ -186,17 +185,6 @@ max_shard_size: 1GB
 
 
 # ------------------------------------------------------------------ timing
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of `cmd` under /usr/bin/time -v."""
-    t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
-    return wall, rss_kb * 1024
 
 
 def plan_estimate(cfg: Path, out: Path) -> tuple[int, int]:

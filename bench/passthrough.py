@@ -16,17 +16,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import transformers
-from synthetic import write_random_checkpoint
+from common import timed, write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "zenith_merge.cli"]
@@ -68,17 +65,6 @@ def synthetic_deepseek(path: Path, dims: dict) -> Path:
 
     shapes = [(n, tuple(dim(cfg, arch, s) for s in arch.roles[classify(arch, n).role].shape)) for n in names]
     return write_random_checkpoint(path, config, shapes, shard_bytes=500 * 2**20, make=make)
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of `cmd` under /usr/bin/time -v."""
-    t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(f"{cmd} failed:\n{res.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
-    return wall, rss_kb * 1024
 
 
 def bench_size(label: str, work: Path, repeats: int) -> dict:

@@ -18,6 +18,7 @@ stream after it). Module names come from the architecture tables, never from her
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import weakref
@@ -198,8 +199,6 @@ def _has_experts(path: Path) -> bool:
 
 def stored_dtype(path: Path, *, cuda: bool) -> torch.dtype:
     """The dtype a checkpoint's config says its weights have (float16 on CPU: float32)."""
-    import json
-
     config = json.loads((Path(path) / "config.json").read_text())
     name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
@@ -310,36 +309,11 @@ def capture_hidden(
     if max_tokens_per_text < 1:
         raise ValueError("max_tokens_per_text must be at least 1")
     points = list(dict.fromkeys(points))
-    named = dict(model.named_modules())
-    missing = sorted({p.module for p in points} - named.keys())
-    if missing:
-        raise CalibrationError(f"{type(model).__name__} has no module {', '.join(missing)} to capture")
-
-    captured: dict[CapturePoint, torch.Tensor] = {}
-
-    def pre_hook(point):
-        def hook(module, args, kwargs):
-            value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-            captured[point] = _first_tensor(value).detach()
-        return hook
-
-    def post_hook(point):
-        def hook(module, args, output):
-            captured[point] = _first_tensor(output).detach()
-        return hook
-
     device = _input_device(model)
-    handles = []
     total = 0
     bar = tqdm(total=max_total_tokens, desc="calibration", unit="tok", disable=not progress, leave=False)
     try:
-        for point in points:
-            module = named[point.module]
-            if point.kind == "input":
-                handles.append(module.register_forward_pre_hook(pre_hook(point), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(post_hook(point)))
-        with torch.no_grad():
+        with _Hooks(model, points) as hooks, torch.no_grad():
             for index, text in enumerate(texts):
                 for start, ids, ends in _chunks(text, tokenizer, max_tokens_per_text):
                     if max_total_tokens is not None:
@@ -349,21 +323,57 @@ def capture_hidden(
                         ids, ends = ids[:room], ends[:room]
                     if ids.numel() == 0:
                         continue
-                    captured.clear()
                     model(input_ids=ids[None].to(device), use_cache=False)
-                    absent = [str(p) for p in points if p not in captured]
-                    if absent:
-                        raise CalibrationError(f"the forward pass never reached {', '.join(absent)}")
-                    states = {p: captured[p].reshape(-1, captured[p].shape[-1]).float().cpu() for p in points}
-                    captured.clear()
+                    states = {p: t.reshape(-1, t.shape[-1]).float().cpu() for p, t in hooks.take().items()}
                     total += ids.numel()
                     bar.update(ids.numel())
                     yield CapturedChunk(index, start, text[start:int(ends[-1])], ends, states)
     finally:
-        for handle in handles:
-            handle.remove()
-        captured.clear()
         bar.close()
+
+
+class _Hooks:
+    """Forward hooks that record what `points` see, installed for a `with` block and removed after it."""
+
+    def __init__(self, model, points: Sequence[CapturePoint]):
+        self.points = list(points)
+        self.named = dict(model.named_modules())
+        missing = sorted({p.module for p in self.points} - self.named.keys())
+        if missing:
+            raise CalibrationError(f"{type(model).__name__} has no module {', '.join(missing)} to capture")
+        self.captured: dict[CapturePoint, torch.Tensor] = {}
+        self.handles: list = []
+
+    def _install(self, point: CapturePoint):
+        module = self.named[point.module]
+        if point.kind == "input":
+            def pre(module, args, kwargs):
+                value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+                self.captured[point] = _first_tensor(value).detach()
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(module, args, output):
+            self.captured[point] = _first_tensor(output).detach()
+        return module.register_forward_hook(post)
+
+    def __enter__(self) -> _Hooks:
+        self.handles = [self._install(p) for p in self.points]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.captured.clear()
+
+    def take(self) -> dict[CapturePoint, torch.Tensor]:
+        """What the last forward pass recorded, every point present (else CalibrationError); then forget it."""
+        absent = [str(p) for p in self.points if p not in self.captured]
+        if absent:
+            raise CalibrationError(f"the forward pass never reached {', '.join(absent)}")
+        out = {p: self.captured[p] for p in self.points}
+        self.captured.clear()
+        return out
 
 
 def capture_batch(model, tokenizer, texts: Sequence[str], points: Sequence[CapturePoint], *,
@@ -377,10 +387,6 @@ def capture_batch(model, tokenizer, texts: Sequence[str], points: Sequence[Captu
     CPU tensors of shape (n_tokens, width).
     """
     points = list(dict.fromkeys(points))
-    named = dict(model.named_modules())
-    missing = sorted({p.module for p in points} - named.keys())
-    if missing:
-        raise CalibrationError(f"{type(model).__name__} has no module {', '.join(missing)} to capture")
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens_per_text] for t in texts]
     if not texts or any(not row for row in ids):
         raise CalibrationError("capture_batch: every text needs at least one token")
@@ -391,29 +397,9 @@ def capture_batch(model, tokenizer, texts: Sequence[str], points: Sequence[Captu
     for i, row in enumerate(ids):
         batch[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
-    captured: dict[CapturePoint, torch.Tensor] = {}
-
-    def hook_for(point):
-        if point.kind == "input":
-            def pre(module, args, kwargs):
-                value = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-                captured[point] = _first_tensor(value).detach()
-            return named[point.module].register_forward_pre_hook(pre, with_kwargs=True)
-
-        def post(module, args, output):
-            captured[point] = _first_tensor(output).detach()
-        return named[point.module].register_forward_hook(post)
-
-    handles = [hook_for(p) for p in points]
-    try:
-        device = _input_device(model)
-        with torch.no_grad():
-            model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    absent = [str(p) for p in points if p not in captured]
-    if absent:
-        raise CalibrationError(f"the forward pass never reached {', '.join(absent)}")
-    states = {p: captured[p].reshape(len(ids), width, -1).float().cpu() for p in points}
+    device = _input_device(model)
+    with _Hooks(model, points) as hooks, torch.no_grad():
+        model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
+        captured = hooks.take()
+    states = {p: t.reshape(len(ids), width, -1).float().cpu() for p, t in captured.items()}
     return [{p: states[p][i, :len(row)] for p in points} for i, row in enumerate(ids)]

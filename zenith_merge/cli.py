@@ -154,7 +154,8 @@ def cmd_align(args) -> int:
     cfg, config_dir = _load(args.config)
     if args.no_progress:
         _quiet_transformers()
-    plan = prepare_stages(cfg, config_dir=config_dir, output_dir=args.output, overwrite=args.overwrite,
+    plan = prepare_stages(cfg, config_dir=config_dir, output_dir=args.output, resume=not args.overwrite,
+                          overwrite=args.overwrite,
                           progress=not args.no_progress)
     print("\n".join(format_expert_table(plan)))
     out = Path(plan.output_dir) / ".zenith"
@@ -211,6 +212,12 @@ def cmd_smoke_test(args) -> int:
     return 0 if report.ok else 1
 
 
+def _config_args(sp: argparse.ArgumentParser) -> None:
+    """The arguments every config-driven subcommand takes: the config, and where its output goes."""
+    sp.add_argument("config", help="merge config (YAML), e.g. merge/config.yml")
+    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with a --help on every subcommand."""
     p = argparse.ArgumentParser(
@@ -225,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Plan a merge from CONFIG and print it: sources, output tensors, shards, "
                                     "largest tensor, estimated peak memory and disk. Reads configs and "
                                     "safetensors headers only.")
-    sp.add_argument("config", help="merge config (YAML), e.g. merge/config.yml")
-    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+    _config_args(sp)
     sp.add_argument("--json", action="store_true", help="print the full plan as JSON")
     sp.add_argument("--print-output-dir", action="store_true", help="print only the resolved output folder")
     sp.set_defaults(fn=cmd_plan)
@@ -234,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("merge", help="run a merge: plan, write shards, copy tokenizer, write config",
                         description="Run the merge CONFIG describes. Shards are written atomically and recorded "
                                     "in <output>/.zenith/manifest.json; an interrupted run continues with --resume.")
-    sp.add_argument("config", help="merge config (YAML)")
-    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+    _config_args(sp)
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="keep shards a previous run of the same plan finished")
     g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
@@ -249,8 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompts (for experts[].keep) and the hidden-space maps A and B (ridge least "
                                     "squares on calibration text, where widths differ), into <output>/.zenith/. "
                                     "Prints the expert table and each fit's R^2. A later `merge --resume` reuses them.")
-    sp.add_argument("config", help="merge config (YAML)")
-    sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
+    _config_args(sp)
     sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_align)

@@ -49,6 +49,8 @@ class PlanTensorSource:
         self._recipes = None
         self._open: dict[str, Checkpoint] = {}
         self._alignments: dict[str, object] = {}
+        self._router_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._vectors: dict[str, torch.Tensor] | None = None
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -107,68 +109,69 @@ class PlanTensorSource:
         w = self._checkpoint(slot.source).read(source_tensor(self.plan, slot, r.proj))
         noise = self.plan.transforms[slot.source].noise_scale
         if noise:  # mergekit's noise_scale: W + noise_scale * N(0, 1), seeded per tensor
-            seed = (self.plan.config.get("seed", 0) * 1_000_003 + r.layer * 10_007 + r.slot * 7 + "gud".index(r.proj[0]))
-            w = w.float() + noise * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed % 2**31))
+            gen = _generator(self.plan.config.get("seed", 0), r.layer, r.slot * 7 + _PROJ_INDEX[r.proj])
+            w = w.float() + noise * torch.randn(w.shape, generator=gen)
         A, B = self._maps(slot.source, r.layer, slot.source_layer)
         return fold_projection(w, r.proj, A=A, B=B, scale=slot.scale)
 
+    def _rows(self, source: str, name: str) -> torch.Tensor:
+        """A router tensor of a source (float32), read once per output layer."""
+        if (source, name) not in self._router_cache:
+            self._router_cache[source, name] = self._checkpoint(source).read(name).float()
+        return self._router_cache[source, name]
+
     def _router(self, r: RouterRecipe) -> torch.Tensor:
-        le = next(le for le in self.plan.expert_table if le.layer == r.layer)
-        base = self._checkpoint("base")
+        self._router_cache.clear()
         base_arch = ARCHITECTURES[self.plan.sources["base"].architecture]
         role = "router" if r.part == "weight" else "router_bias"
         base_name = tensor_name(base_arch, role, r.layer) if role in base_arch.roles else None
-        base_rows = base.read(base_name).float() if base_name is not None and base_name in base else None
+        base_rows = self._rows("base", base_name) if base_name is not None and base_name in self._checkpoint("base") \
+            else None
+        return torch.stack([self._router_row(r, j, slot, base_rows)
+                            for j, slot in enumerate(self.plan.layer_experts(r.layer).slots)])
+
+    def _router_row(self, r: RouterRecipe, j: int, slot, base_rows: torch.Tensor | None) -> torch.Tensor:
+        """One slot's router row (or score correction): the base's own, or the gate mode's for a grafted expert."""
+        if slot.source == "base" and slot.kind == "routed":
+            return base_rows[slot.expert]
         mode = self.plan.config.get("gate_mode", "random")
-        donor_routers: dict[tuple[str, int], torch.Tensor] = {}
-        rows = []
-        for j, slot in enumerate(le.slots):
-            if slot.source == "base" and slot.kind == "routed":
-                rows.append(base_rows[slot.expert])
-            elif r.part == "bias":  # a grafted expert starts at the base's mean correction
-                rows.append(base_rows.mean() if base_rows is not None else torch.tensor(0.0))
-            elif mode in PROMPT_ROW_MODES:
-                rows.append(self._prompt_row(slot, r.layer, base_rows, donor_routers))
-            elif mode == "transfer":
-                if (slot.source, slot.source_layer) not in donor_routers:
-                    name = source_router(self.plan, slot, "weight")
-                    donor_routers[slot.source, slot.source_layer] = self._checkpoint(slot.source).read(name).float()
-                donor = donor_routers[slot.source, slot.source_layer]
-                A, _ = self._maps(slot.source, r.layer, slot.source_layer)
-                rows.append(fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0])
-            else:
-                width = facts(self.plan.target_config).hidden_size
-                std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else width ** -0.5
-                rows.append(random_router_row(width, std,
-                                              self.plan.config.get("seed", 0), r.layer, j,
-                                              uniform=mode == "uniform_random"))
-        out = torch.stack(rows)
-        if r.part == "bias":  # same-family donors keep their own corrections: they share the base's scale
-            for j, slot in enumerate(le.slots):
-                if slot.source != "base" and mode == "transfer" and self.plan.transforms[slot.source].align == "identity":
-                    name = source_router(self.plan, slot, "bias")
-                    donor = self._checkpoint(slot.source)
-                    if name is not None and name in donor:
-                        out[j] = donor.read(name).float()[slot.expert]
-        return out
+        if r.part == "bias":
+            # same-family donors keep their own corrections (they share the base's scale); others start
+            # at the base's mean correction
+            if mode == "transfer" and self.plan.transforms[slot.source].align == "identity":
+                name = source_router(self.plan, slot, "bias")
+                if name is not None and name in self._checkpoint(slot.source):
+                    return self._rows(slot.source, name)[slot.expert]
+            return base_rows.mean() if base_rows is not None else torch.tensor(0.0)
+        if mode in PROMPT_ROW_MODES:
+            # mergekit's prompt-based row: the source's unit prompt vector, at the base rows' mean norm where
+            # the base has a router; a routed donor expert adds its own mapped row, which orders the donor's
+            # experts among themselves (all of one source share the prompt vector)
+            row = self._prompt_vector(slot.source, r.layer)
+            if base_rows is not None:
+                row = row * base_rows.norm(dim=-1).mean()
+            if slot.kind == "routed" and source_router(self.plan, slot, "weight") is not None:
+                row = row + self._mapped_row(slot, r.layer)
+            return row
+        if mode == "transfer":
+            return self._mapped_row(slot, r.layer)
+        width = facts(self.plan.target_config).hidden_size
+        std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else width ** -0.5
+        return random_router_row(width, std, self.plan.config.get("seed", 0), r.layer, j,
+                                 uniform=mode == "uniform_random")
 
-    def _prompt_row(self, slot, layer: int, base_rows, donor_routers) -> torch.Tensor:
-        """mergekit's prompt-based row: the source's unit prompt vector, at the base rows' mean norm where the
-        base has a router; a routed donor expert adds its own router row mapped through A, which orders the
-        donor's experts among themselves (all of one source share the prompt vector)."""
-        from .stages.prompt_vectors import load_vector
+    def _mapped_row(self, slot, layer: int) -> torch.Tensor:
+        """The source's own router row of the slot's expert, mapped into the base's space: row . A."""
+        donor = self._rows(slot.source, source_router(self.plan, slot, "weight"))
+        A, _ = self._maps(slot.source, layer, slot.source_layer)
+        return fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0]
 
-        row = load_vector(Path(self.plan.output_dir) / ".zenith", slot.source, layer)
-        if base_rows is not None:
-            row = row * base_rows.norm(dim=-1).mean()
-        name = source_router(self.plan, slot, "weight") if slot.kind == "routed" else None
-        if name is not None:
-            if (slot.source, slot.source_layer) not in donor_routers:
-                donor_routers[slot.source, slot.source_layer] = self._checkpoint(slot.source).read(name).float()
-            A, _ = self._maps(slot.source, layer, slot.source_layer)
-            donor = donor_routers[slot.source, slot.source_layer]
-            row = row + fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0]
-        return row
+    def _prompt_vector(self, source: str, layer: int) -> torch.Tensor:
+        if self._vectors is None:
+            from .stages.prompt_vectors import load_vectors
+
+            self._vectors = load_vectors(Path(self.plan.output_dir) / ".zenith")
+        return self._vectors[f"{source}.{layer}"]
 
     def _assemble(self, r: AssembleRecipe) -> torch.Tensor:
         base = self._checkpoint("base").read(r.tensor)
@@ -185,11 +188,20 @@ class PlanTensorSource:
             ckpt.close()
         self._open.clear()
         self._alignments.clear()
+        self._router_cache.clear()
+
+
+_PROJ_INDEX = {"gate": 0, "up": 1, "down": 2}
+
+
+def _generator(seed: int, layer: int, offset: int) -> torch.Generator:
+    """A generator seeded by (config seed, layer, offset within the layer): the same numbers on every run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + offset) % 2**31)
 
 
 def random_router_row(width: int, std: float, seed: int, layer: int, slot: int, *, uniform: bool) -> torch.Tensor:
     """A seeded random router row with the spread `std` of the base's rows (mergekit's `random`/`uniform_random`)."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + slot) % 2**31)
+    gen = _generator(seed, layer, slot)
     if uniform:  # uniform on [-a, a] has std a / sqrt(3)
         return (torch.rand(width, generator=gen) * 2 - 1) * std * 3 ** 0.5
     return torch.randn(width, generator=gen) * std
@@ -329,17 +341,18 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
 
 
 def prepare_stages(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None,
-                   overwrite: bool = False, progress: bool = True) -> Plan:
+                   resume: bool = True, overwrite: bool = False, progress: bool = True) -> Plan:
     """Plan, then run the stages into `<output>/.zenith/` and save the resolved plan; write no weights.
 
-    An output folder from an earlier run is continued (its artefacts reused when they belong to
-    the same plan) unless `overwrite`.
+    With `resume`, an output folder from an earlier run is continued (its artefacts reused when
+    they belong to the same plan); `overwrite` empties it first.
     """
     plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
     out = Path(plan.output_dir)
-    prepare_output_dir(out, resume=not overwrite, overwrite=overwrite,
+    prepare_output_dir(out, resume=resume, overwrite=overwrite,
                        source_dirs=[Path(s.path) for s in plan.sources.values()])
-    plan = run_stages(plan, cfg, config_dir=config_dir, progress=progress)
+    if plan.needs_stages:
+        plan = run_stages(plan, cfg, config_dir=config_dir, progress=progress)
     plan.save(out)
     return plan
 
@@ -355,12 +368,9 @@ def run_merge(
     progress: bool = True,
 ) -> MergeResult:
     """Plan, run the stages, and write a merge; on resume, finished shards are kept and the rest rewritten."""
-    plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
+    plan = prepare_stages(cfg, config_dir=config_dir, output_dir=output_dir, resume=resume, overwrite=overwrite,
+                          progress=progress)
     out = Path(plan.output_dir)
-    prepare_output_dir(out, resume=resume, overwrite=overwrite, source_dirs=[Path(s.path) for s in plan.sources.values()])
-    if not plan.resolved or plan.stages.align or plan.stages.prompt_vectors:
-        plan = run_stages(plan, cfg, config_dir=config_dir, progress=progress)
-    plan.save(out)
     source = PlanTensorSource(plan)
     try:
         result = write_checkpoint(

@@ -211,15 +211,25 @@ class Plan(_Frozen):
     @property
     def resolved(self) -> bool:
         """True when every slot names its expert and scale, so every recipe can run."""
-        return all(s.expert is not None or s.kind != "routed" for le in self.expert_table for s in le.slots) and \
-            all(s.scale is not None for le in self.expert_table for s in le.slots)
+        return all((s.expert is not None or s.kind != "routed") and s.scale is not None
+                   for le in self.expert_table for s in le.slots)
+
+    @property
+    def needs_stages(self) -> bool:
+        """True when stages must run (or their saved artefacts be checked) before writing."""
+        st = self.stages
+        return not self.resolved or bool(st.align) or bool(st.prompt_vectors)
+
+    def layer_experts(self, layer: int) -> LayerExperts:
+        """The expert table's row of output `layer`."""
+        for le in self.expert_table:
+            if le.layer == layer:
+                return le
+        raise KeyError(f"layer {layer} is not an MoE layer of the plan")
 
     def slot(self, layer: int, slot: int) -> ExpertSlot:
         """The expert table's entry for output `layer`, `slot`."""
-        for le in self.expert_table:
-            if le.layer == layer:
-                return le.slots[slot]
-        raise KeyError(f"layer {layer} is not an MoE layer of the plan")
+        return self.layer_experts(layer).slots[slot]
 
     @property
     def plan_id(self) -> str:
@@ -348,12 +358,13 @@ def _planned_source(src: _Source) -> PlannedSource:
                          fingerprint=fingerprint(src.model.path))
 
 
-def _estimates(tensors: list[PlannedTensor], input_bytes: dict[str, int]) -> Estimates:
+def _estimates(tensors: list[PlannedTensor], input_bytes: dict[str, int], stage_bytes: int) -> Estimates:
     specs = [t.spec for t in tensors]
     largest = max(tensors, key=lambda t: t.spec.nbytes)
     peak = FIXED_PROCESS_BYTES + max(t.spec.nbytes + input_bytes[t.name] for t in tensors)
     return Estimates(tensor_count=len(tensors), total_bytes=sum(s.nbytes for s in specs),
-                     largest_tensor=largest.name, largest_tensor_bytes=largest.spec.nbytes, peak_memory_bytes=peak)
+                     largest_tensor=largest.name, largest_tensor_bytes=largest.spec.nbytes, peak_memory_bytes=peak,
+                     stage_memory_bytes=stage_bytes)
 
 
 def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: str, base: _Source,
@@ -368,15 +379,14 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
         tensors=tuple(tensors),
         shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)
                      for s in shards),
-        estimates=_estimates(tensors, input_bytes), **extra)
-    if plan.stages.usage or plan.stages.align or plan.stages.prompt_vectors:
-        plan = plan.model_copy(update={"estimates": plan.estimates.model_copy(
-            update={"stage_memory_bytes": _stage_memory(plan, {s.key: s for s in (base, *sources)}, cfg)})})
+        estimates=_estimates(tensors, input_bytes,
+                             _stage_memory(extra.get("stages"), {s.key: s for s in (base, *sources)}, cfg)),
+        **extra)
     return simplify(plan) if plan.resolved else plan
 
 
-def _stage_memory(plan: Plan, sources: dict[str, _Source], cfg: MergeConfig) -> int:
-    """Bytes the largest stage holds: a model (two for an alignment fit: base and donor) as loaded for it.
+def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: MergeConfig) -> int:
+    """Bytes the largest stage holds: a model (two for an alignment fit: base and donor) as loaded for it; 0: none.
 
     A loaded model holds its parameters in the calibration dtype plus, while transformers maps
     the safetensors files, their pages (clean page cache, but counted in RSS). With
@@ -392,10 +402,12 @@ def _stage_memory(plan: Plan, sources: dict[str, _Source], cfg: MergeConfig) -> 
         width = 2 if cfg.calibration_dtype in ("bfloat16", "float16") else 4
         return stored + sum(width * math.prod(ckpt.info(n).shape) for n in ckpt.names())
 
-    loads = [loaded(k) for k in plan.stages.usage]
-    loads += [loaded("base") + loaded(k) for k in plan.stages.align]
-    loads += [loaded("base")] if plan.stages.prompt_vectors else []
-    return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads)
+    if stages is None:
+        return 0
+    loads = [loaded(k) for k in stages.usage]
+    loads += [loaded("base") + loaded(k) for k in stages.align]
+    loads += [loaded("base")] if stages.prompt_vectors else []
+    return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
 
 
 def _output_architecture(cfg: MergeConfig, base: _Source, sources: list[_Source]) -> Architecture:
@@ -445,7 +457,7 @@ def _copy_tensor(base: _Source, name: str, cfg: MergeConfig, target: dict[str, A
                          recipe=CopyRecipe(source="base", tensor=name, pad=shape != info.shape))
 
 
-def _slots_of(src: _Source, base: _Source) -> SourceSlots:
+def _slots_of(src: _Source) -> SourceSlots:
     """How many experts per layer one `experts[]` entry gives, with its errors named by key."""
     f, entry, i = src.facts, src.entry, src.index
     if not f.is_moe and not (src.arch.roles.get("mlp_gate") and f.intermediate_size):
@@ -498,10 +510,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     donors = [s for s in sources if s.key != "base"]
     base_entry = next((s for s in sources if s.key == "base"), None)
     selecting = any(s.entry.keep != "all" for s in sources)
-    if donors and not bf.is_moe and not converting:
-        twin = f"set architecture: {base.arch.moe_counterpart} to build an MoE from it" \
-            if base.arch.moe_counterpart else "an MoE base is needed"
-        raise PlanError(f"base_model: {cfg.base_model} is dense ({base.arch.name}); {twin}")
+    if donors and not bf.is_moe and not converting:  # a dense base with an MoE twin is converted (see above)
+        raise PlanError(f"base_model: {cfg.base_model} is dense ({base.arch.name}); an MoE base is needed")
     top_k = cfg.experts_per_token or bf.experts_per_token or 2
     if not donors and not selecting and not converting:  # the base alone: a bit-identical rewrite
         target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
@@ -514,7 +524,7 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         return _finish(cfg, config_dir, output_dir, method="passthrough", base=base, sources=sources, target=target,
                        tensors=tensors, input_bytes={t.name: base.ckpt.info(t.name).nbytes for t in tensors})
 
-    slots = [_slots_of(s, base) for s in sources]
+    slots = [_slots_of(s) for s in sources]
     for s, sl in zip(sources, slots):
         _check_gate_mode(cfg, s, sl)
     total = sum(sl.count for sl in slots)
@@ -662,7 +672,8 @@ def source_router(plan: Plan, slot: ExpertSlot, part: str) -> str | None:
     return tensor_name(arch, role, slot.source_layer) if role in arch.roles else None
 
 
-def _identity_slot(plan: Plan, layer: int, j: int, slot: ExpertSlot) -> bool:
+def _identity_slot(layer: int, j: int, slot: ExpertSlot) -> bool:
+    """The base's own expert j of `layer`, in its own place j."""
     return slot.source == "base" and slot.kind == "routed" and slot.expert == j and slot.source_layer == layer
 
 
@@ -691,9 +702,9 @@ def simplify(plan: Plan) -> Plan:
                 if unmapped and (slot.scale == 1.0 or r.proj != "down") and info(slot.source, src).shape == t.shape:
                     t = t.model_copy(update={"recipe": CopyRecipe(source=slot.source, tensor=src)})
             elif isinstance(r, RouterRecipe):
-                le = next(le for le in plan.expert_table if le.layer == r.layer)
+                le = plan.layer_experts(r.layer)
                 name = source_router(plan, le.slots[0], r.part)
-                if all(_identity_slot(plan, r.layer, j, s) for j, s in enumerate(le.slots)) and \
+                if all(_identity_slot(r.layer, j, s) for j, s in enumerate(le.slots)) and \
                         name is not None and info("base", name).shape == t.shape:
                     t = t.model_copy(update={"recipe": CopyRecipe(source="base", tensor=name)})
             out.append(t)

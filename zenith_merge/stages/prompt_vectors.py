@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
@@ -109,6 +109,11 @@ def saved_key(folder: Path) -> str | None:
         return None
     with safe_open(str(path), "pt") as f:
         return (f.metadata() or {}).get("key")
+
+
+def load_vectors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every saved vector, by `<source>.<layer>` (a few KB: one row per source and layer)."""
+    return load_file(str(Path(folder) / VECTORS_FILE))
 
 
 def load_vector(folder: Path, source: str, layer: int) -> torch.Tensor:

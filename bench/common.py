@@ -1,16 +1,20 @@
-"""Random-weight checkpoints for benchmarks, written shard by shard (one shard's tensors in memory at a time).
+"""What the benchmarks share: random-weight checkpoints written shard by shard, and timing under /usr/bin/time.
 
-    from synthetic import write_random_checkpoint
+    from common import timed, write_random_checkpoint
     write_random_checkpoint(folder, config, [(name, shape), ...], make=lambda name, shape, gen: ...)
+    wall_s, peak_rss_bytes = timed(["cp", "-r", src, dst])
 
-The folder is built under `<folder>.partial` and renamed when complete, so an interrupted
+A checkpoint folder is built under `<folder>.partial` and renamed when complete, so an interrupted
 benchmark never leaves a half-written model that a later run would take for a finished one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -80,3 +84,14 @@ def write_random_checkpoint(path: Path, config, tensors: Iterable[tuple[str, tup
                 shutil.copyfile(tokenizer_from / fname, tmp / fname)
     tmp.rename(path)
     return path
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of `cmd` under /usr/bin/time -v."""
+    t0 = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
+    return wall, rss_kb * 1024

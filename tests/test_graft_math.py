@@ -48,7 +48,8 @@ def test_folded_expert_is_the_source_expert_between_the_maps(d_base, d_src, inte
     folded = [fold_projection(w, p, A=A, B=B, scale=scale).double() for w, p in
               ((gate, "gate"), (up, "up"), (down, "down"))]
     want = scale * (expert_forward(x @ A.T, gate, up, down) @ B.T)
-    torch.testing.assert_close(expert_forward(x, *folded), want, rtol=1e-4, atol=1e-4)  # float32 inside the fold
+    # the fold runs in float32: its error scales with the output's magnitude
+    torch.testing.assert_close(expert_forward(x, *folded), want, rtol=1e-4, atol=1e-5 * (1 + want.abs().max().item()))
 
 
 def test_identity_fold_is_the_same_tensor():

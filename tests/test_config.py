@@ -44,8 +44,9 @@ def test_flagship_has_base_and_donor_with_thinking_prompts():
     sources = [e.source_model for e in cfg.experts]
     assert sources == ["demo://zen-tiny", "demo://qwen3-moe-tiny"]
     assert any(p.startswith("/think") for p in cfg.experts[1].positive_prompts)
-    # the union vocabulary (and /think, /no_think forced from the donor) waits for the tokenizer issue
-    assert cfg.tokenizer.source == "base"
+    assert cfg.tokenizer.source == "union"
+    for switch in ("/think", "/no_think"):
+        assert cfg.tokenizer.tokens[switch].source == "demo://qwen3-moe-tiny" and cfg.tokenizer.tokens[switch].force
 
 
 def test_assembly_needs_one_weight_per_expert_and_a_default():

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tensors_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from zenith_merge.cli import main
-from zenith_merge.config import load_config
+from zenith_merge.config import load_config, parse_config
 from zenith_merge.demo import ensure_demo, heldout_text
 from zenith_merge.pipeline import run_merge
 
@@ -42,17 +43,24 @@ def test_flagship_is_a_deepseek_checkpoint_with_both_sources_experts(flagship, c
     assert "result: ok" in capsys.readouterr().out
 
 
-def test_flagship_keeps_the_base_when_the_donor_is_masked(flagship):
-    """Base preservation on trained models: donor slots never picked -> the base's logits on base text."""
+def test_flagship_keeps_the_base_when_the_donor_is_masked_and_slerp_t_is_0(tmp_path):
+    """Base preservation on trained models, union vocabulary included: with slerp_t 0 the base's tokens keep
+    their rows, and with the donor's slots never picked the logits over the base's vocabulary are the base's."""
+    data = yaml.safe_load((ROOT / "merge" / "config.yml").read_text())
+    data["tokenizer"]["slerp_t"] = 0.0
+    out = run_merge(parse_config(data), config_dir=ROOT / "merge", output_dir=tmp_path / "out", progress=False)
     zen = ensure_demo("zen-tiny")
     tok = AutoTokenizer.from_pretrained(zen)
-    ids = tok(heldout_text("code")[:600], return_tensors="pt").input_ids
+    text = heldout_text("code")[:600]
+    ids = tok(text, return_tensors="pt").input_ids
+    assert AutoTokenizer.from_pretrained(out.output_dir)(text, return_tensors="pt").input_ids.equal(ids)
     base = AutoModelForCausalLM.from_pretrained(zen, dtype=torch.float32).eval()
-    merged = AutoModelForCausalLM.from_pretrained(flagship, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out.output_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         for layer in merged.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias[8:] = -1e4
-        torch.testing.assert_close(merged(ids).logits, base(ids).logits, rtol=1e-4, atol=1e-4)
+        want = base(ids).logits
+        torch.testing.assert_close(merged(ids).logits[..., :want.shape[-1]], want, rtol=1e-4, atol=1e-4)
 
 
 def test_resumed_graft_reuses_its_stages_and_shards(flagship, tmp_path):

@@ -100,7 +100,11 @@ class ExpertSource(SharedExpertSource):
 
 
 class TokenSetting(_Strict):
-    """`tokenizer.tokens.<token>`: which source's embedding the token takes, and whether that is forced."""
+    """`tokenizer.tokens.<token>`: which source's embedding the token takes, and whether that is forced.
+
+    As in mergekit: `source` decides the row of a token that not every vocabulary has; with
+    `force: true` it decides even for a token they share (which is otherwise SLERPed).
+    """
 
     source: ModelRef | Literal["base"] | None = None
     force: bool = False
@@ -113,6 +117,19 @@ class TokenizerSettings(_Strict):
     tokens: dict[str, TokenSetting] = Field(default_factory=dict)
     pad_to_multiple_of: int = Field(64, ge=1)
     slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="0 keeps the base's row, 1 takes the donor's")
+    protect: list[str] = Field(
+        default_factory=list,
+        description="text that must tokenize exactly as the base tokenizes it (files relative to the config, or "
+                    "demo:code / demo:maths); donor merges that change it are left out. Default: the base's "
+                    "positive prompts")
+
+    @field_validator("tokens")
+    @classmethod
+    def _force_needs_source(cls, v: dict[str, TokenSetting]) -> dict[str, TokenSetting]:
+        for token, setting in v.items():
+            if setting.force and setting.source is None:
+                raise ValueError(f"{token!r}: force: true needs a source (base or one of the experts' models)")
+        return v
 
 
 TENSOR_CLASSES = ("embeddings", "lm_head", "norms", "attention", "router", "routed_experts", "shared_experts",
@@ -250,6 +267,25 @@ def parse_config(data: Any, *, where: str = "config") -> MergeConfig:
         raise ConfigError(_format_validation_error(err, where)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: line {line}: key {key!r} is given twice in one mapping (first on "
+                                  f"line {seen[key]}); give it once")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML merge config file."""
     path = Path(path)
@@ -258,7 +294,12 @@ def load_config(path: str | Path) -> MergeConfig:
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_config(data, where=str(path))

@@ -26,11 +26,13 @@ from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkp
 from .output_config import patch_output
 from .plan import (
     PROMPT_ROW_MODES,
+    UNION_SIDE_FILES,
     AssembleRecipe,
     CopyRecipe,
     ExpertRecipe,
     Plan,
     RouterRecipe,
+    VocabRecipe,
     build_plan,
     resolve,
     source_router,
@@ -100,6 +102,8 @@ class PlanTensorSource:
             out = self._expert(recipe)
         elif isinstance(recipe, RouterRecipe):
             out = self._router(recipe)
+        elif isinstance(recipe, VocabRecipe):
+            return self._vocab(recipe, spec)
         else:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
@@ -173,6 +177,21 @@ class PlanTensorSource:
             self._vectors = load_vectors(Path(self.plan.output_dir) / ".zenith")
         return self._vectors[f"{source}.{layer}"]
 
+    def _vocab(self, r: VocabRecipe, spec: TensorSpec) -> torch.Tensor:
+        """The union's embedding or lm_head, built in the output dtype from the token map."""
+        from .stages.tokenizer import _rows_tensor, load_maps, load_token_map, union_rows
+
+        zdir = Path(self.plan.output_dir) / ".zenith"
+        token_map = load_token_map(zdir)
+        base = self._checkpoint("base")
+        base_rows = base.read(_rows_tensor(base, self.plan.sources["base"].architecture, r.part))
+        donors = {}
+        for key in self.plan.vocab.donors:
+            ckpt = self._checkpoint(key)
+            donors[key] = ckpt.read(_rows_tensor(ckpt, self.plan.sources[key].architecture, r.part))
+        out = torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
+        return union_rows(r.part, out, base_rows, donors, token_map, load_maps(zdir))
+
     def _assemble(self, r: AssembleRecipe) -> torch.Tensor:
         base = self._checkpoint("base").read(r.tensor)
         parents = {key: (base if key == "base" else self._checkpoint(key).read(r.tensor)) for key in r.sources}
@@ -207,6 +226,13 @@ def random_router_row(width: int, std: float, seed: int, layer: int, slot: int, 
     return torch.randn(width, generator=gen) * std
 
 
+def union_dir(out_dir: Path) -> Path:
+    """Where the tokenizer stage keeps the union tokenizer's files: `<output>/.zenith/tokenizer/`."""
+    from .stages.tokenizer import TOKENIZER_DIR
+
+    return out_dir / ".zenith" / TOKENIZER_DIR
+
+
 def alignment_dir(out_dir: Path, source: str) -> Path:
     """Where a source's fitted maps A and B are kept: `<output>/.zenith/align-<source>/`."""
     return out_dir / ".zenith" / f"align-{source}"
@@ -220,32 +246,39 @@ class MergeResult:
 
 
 def write_side_files(plan: Plan, out_dir: Path) -> None:
-    """Copy tokenizer and generation files from their sources and write the target config.json."""
+    """Copy tokenizer and generation files from their sources (or the union's, from the tokenizer stage) and
+    write the target config.json."""
     for name, key in plan.side_files.items():
-        src = Path(plan.sources[key].path) / name
+        src = union_dir(out_dir) / name if key == UNION_SIDE_FILES else Path(plan.sources[key].path) / name
         tmp = out_dir / f".{name}.tmp"
         shutil.copyfile(src, tmp)
         tmp.replace(out_dir / name)
     write_json_atomic(out_dir / "config.json", plan.target_config)
 
 
-def calibration_texts(cfg: MergeConfig, config_dir: Path | None) -> list[str]:
-    """The alignment's calibration text: `align.calibration` (files, or demo:<domain>), else every prompt."""
+def read_texts(items, key: str, config_dir: Path | None) -> list[str]:
+    """The texts a config list names: text files (relative to the config) or demo:code / demo:maths."""
     texts = []
-    for i, item in enumerate(cfg.align.calibration):
+    for i, item in enumerate(items):
         if item.startswith("demo:"):
             from .demo import calibration_text
 
             domain = item.removeprefix("demo:")
             if domain not in ("code", "maths"):
-                raise ConfigError(f"align.calibration.{i}: unknown demo text {item!r}; use demo:code or demo:maths")
+                raise ConfigError(f"{key}.{i}: unknown demo text {item!r}; use demo:code or demo:maths")
             texts.append(calibration_text(domain))
             continue
         path = resolve_path(item, config_dir)
         try:
             texts.append(path.read_text(encoding="utf-8"))
         except OSError as err:
-            raise ConfigError(f"align.calibration.{i}: cannot read {path} ({err.strerror})") from None
+            raise ConfigError(f"{key}.{i}: cannot read {path} ({err.strerror})") from None
+    return texts
+
+
+def calibration_texts(cfg: MergeConfig, config_dir: Path | None) -> list[str]:
+    """The alignment's calibration text: `align.calibration` (files, or demo:<domain>), else every prompt."""
+    texts = read_texts(cfg.align.calibration, "align.calibration", config_dir)
     if not texts:
         texts = [p for e in cfg.experts for p in (*e.positive_prompts, *e.negative_prompts)]
     if not texts:
@@ -329,6 +362,11 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
                                              load=calibration_load(cfg), progress=progress)
             save_usage(usage, zdir, key)
         artefacts["usage.json"] = _sha(zdir / "usage.json")
+    if plan.vocab is not None:
+        from .stages.tokenizer import build_union
+
+        protect = read_texts(plan.vocab.protect, "tokenizer.protect", config_dir) or list(plan.vocab.protect_prompts)
+        artefacts.update(build_union(plan, protect, zdir, key=key))
     if plan.stages.prompt_vectors:
         artefacts["prompt_vectors"] = _prompt_vectors(plan, cfg, zdir, key=key, progress=progress)
     if plan.stages.align:

@@ -36,9 +36,12 @@ from .io.reader import Checkpoint
 from .io.writer import ShardSpec, TensorSpec, layout_shards
 from .routing import RoutingSpec, routing_spec
 from .sources import SourceModel, fingerprint, resolve_model, tokenizer_files
+from .vocab_plan import VocabPlan, plan_vocab
 
 PLAN_FORMAT_VERSION = 1
 PLAN_FILE = ".zenith/plan.json"
+# `Plan.side_files` value of files the tokenizer stage writes (the union tokenizer), not copied from a source.
+UNION_SIDE_FILES = "union"
 
 # Output dtype names (the config's `dtype`) as safetensors codes, and the codes that may be converted.
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -102,7 +105,16 @@ class AssembleRecipe(_Frozen):
     threshold: float
 
 
-Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe, Field(discriminator="kind")]
+class VocabRecipe(_Frozen):
+    """The embedding (`embed`) or lm_head (`head`) of the union vocabulary, row by row from the token map:
+    base rows copied, shared tokens SLERPed toward the mapped donor row, donor-only tokens transferred."""
+
+    kind: Literal["vocab"] = "vocab"
+    part: Literal["embed", "head"]
+
+
+Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | VocabRecipe,
+                   Field(discriminator="kind")]
 
 
 class ExpertSlot(_Frozen):
@@ -204,6 +216,7 @@ class Plan(_Frozen):
     transforms: dict[str, SourceTransform] = Field(default_factory=dict)
     stages: StagePlan = Field(default_factory=StagePlan)
     artefacts: dict[str, str] = Field(default_factory=dict, description="stage artefact -> sha256 (when resolved)")
+    vocab: VocabPlan | None = Field(None, description="the union vocabulary (tokenizer.source: union)")
     tensors: tuple[PlannedTensor, ...]
     shards: tuple[PlannedShard, ...]
     estimates: Estimates
@@ -218,7 +231,7 @@ class Plan(_Frozen):
     def needs_stages(self) -> bool:
         """True when stages must run (or their saved artefacts be checked) before writing."""
         st = self.stages
-        return not self.resolved or bool(st.align) or bool(st.prompt_vectors)
+        return not self.resolved or bool(st.align) or bool(st.prompt_vectors) or self.vocab is not None
 
     def layer_experts(self, layer: int) -> LayerExperts:
         """The expert table's row of output `layer`."""
@@ -303,14 +316,6 @@ def _reject_unsupported(cfg: MergeConfig, base: SourceModel, config_dir: Path | 
         if resolve_model(shared.source_model, config_dir, build_demo=False).path != base.path:
             raise PlanError(f"shared_experts.{i}.source_model: the output keeps the base's shared expert; a donor's "
                             f"shared expert joins as a routed expert with experts[].shared_expert: routed")
-    tok = cfg.tokenizer
-    if tok is not None and tok.source == "union":
-        raise PlanError("tokenizer.source: union (a union vocabulary with SLERPed embeddings) is not available in "
-                        "this version; use tokenizer.source: base (grafted experts work in the base's hidden "
-                        "space, so the base's tokenizer serves the merged model)")
-    if tok is not None and tok.source not in ("union", "base"):
-        if resolve_model(tok.source, config_dir, build_demo=False).path != base.path:
-            raise PlanError("tokenizer.source: a tokenizer from another model is not supported; use base")
 
 
 def _sources(cfg: MergeConfig, base: _Source, config_dir: Path | None) -> list[_Source]:
@@ -373,9 +378,14 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
     shards = layout_shards([t.spec for t in tensors], cfg.max_shard_size)
     planned = {"base": _planned_source(base)}
     planned.update({s.key: _planned_source(s) for s in sources if s.key not in planned})
+    side_files = {name: "base" for name in tokenizer_files(base.model.path)}
+    if extra.get("vocab") is not None:
+        from .stages.tokenizer import union_file_names
+
+        side_files = {name: UNION_SIDE_FILES for name in union_file_names(base.model.path)}
     plan = Plan(
         method=method, config=cfg.model_dump(mode="json"), output_dir=str(_output_path(cfg, config_dir, output_dir)),
-        sources=planned, target_config=target, side_files={name: "base" for name in tokenizer_files(base.model.path)},
+        sources=planned, target_config=target, side_files=side_files,
         tensors=tuple(tensors),
         shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)
                      for s in shards),
@@ -551,6 +561,9 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     if "n_group" in arch.routing_keys:
         target[arch.routing_keys["n_group"]] = n_group
         target[arch.routing_keys["topk_group"]] = topk_group
+    vocab = _vocab_plan(cfg, config_dir, base, sources)
+    if vocab is not None:
+        set_dim(target, arch, "vocab", vocab.padded_size)
     out_routing = routing_spec(target)
     moe_layers = facts(target).moe_layers
 
@@ -603,17 +616,42 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
     vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_ROW_MODES
                     and (s.key != "base" or sl.dense_mlp))
-    tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch)
+    tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch, vocab, sources)
     return _finish(cfg, config_dir, output_dir, method="concat", base=base, sources=sources, target=target,
-                   tensors=tensors, input_bytes=input_bytes,
+                   tensors=tensors, input_bytes=input_bytes, vocab=vocab,
                    layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
                    transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors))
 
 
+def _vocab_plan(cfg: MergeConfig, config_dir: Path | None, base: _Source, sources: list[_Source]) -> VocabPlan | None:
+    """The union vocabulary's plan (None: the base's tokenizer serves)."""
+    donors = [s for s in sources if s.key != "base"]
+    rows = base.ckpt.info(tensor_name(base.arch, "embed")).shape[0]
+    return plan_vocab(cfg, config_dir, {"base": base.model.path, **{s.key: s.model.path for s in donors}},
+                      {"base": base.facts.hidden_size, **{s.key: s.facts.hidden_size for s in donors}}, rows)
+
+
+def _vocab_input_bytes(name: str, shape: tuple[int, ...], base: _Source, sources: list[_Source],
+                       vocab: VocabPlan) -> int:
+    """What building a union embedding/lm_head holds: the output, the base's tensor, each donor's rows."""
+    donor_bytes = 0
+    for s in sources:
+        if s.key in vocab.donors:
+            donor_bytes += max(s.ckpt.info(n).nbytes for n in s.ckpt.names()
+                               if (tid := classify(s.arch, n)) is not None and tid.role in ("embed", "lm_head"))
+    return base.ckpt.info(name).nbytes + donor_bytes + 2 * 8 * VOCAB_CHUNK_ROWS * shape[-1]
+
+
+# Rows of a union embedding computed at a time (float64 work copies of this many rows).
+VOCAB_CHUNK_ROWS = 4096
+
+
 def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], table: list[LayerExperts],
-                    arch: Architecture) -> tuple[list[PlannedTensor], dict[str, int]]:
+                    arch: Architecture, vocab: VocabPlan | None = None,
+                    sources: list[_Source] = ()) -> tuple[list[PlannedTensor], dict[str, int]]:
     """Output tensors in the base's order; each MoE layer's router and experts generated where the base has them
-    (where a dense base has its MLP, when the output is its MoE twin)."""
+    (where a dense base has its MLP, when the output is its MoE twin), the embedding and lm_head from the union
+    vocabulary's token map when there is one."""
     moe = {le.layer: le for le in table}
     generated = _GENERATED_CLASSES + (("dense_mlp",) if arch.name != base.arch.name else ())
     tensors: list[PlannedTensor] = []
@@ -629,6 +667,11 @@ def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], tab
                     input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32 work copies: source, map, result
             continue
         t = _copy_tensor(base, name, cfg, target)
+        if vocab is not None and tid is not None and tid.role in ("embed", "lm_head"):
+            t = t.model_copy(update={"recipe": VocabRecipe(part="embed" if tid.role == "embed" else "head")})
+            tensors.append(t)
+            input_bytes[name] = _vocab_input_bytes(name, t.shape, base, sources, vocab)
+            continue
         tensors.append(t)
         input_bytes[name] = base.ckpt.info(name).nbytes + (4 * math.prod(t.shape) if t.recipe.pad else 0)
     return tensors, input_bytes

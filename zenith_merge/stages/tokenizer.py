@@ -1,0 +1,254 @@
+"""The tokenizer stage: the union tokenizer's files, the token map, and the maps that bring donor rows
+into the base's space.
+
+Writes into `<output>/.zenith/`:
+
+- `tokenizer/`: the union's tokenizer.json, tokenizer_config.json (chat template with the
+  thinking switches), special_tokens_map.json, generation_config.json (copied to the output);
+- `token_map.json`: for every union id, the token, its id in each source, and how its
+  embedding and lm_head rows are made (`row`: base | slerp:<donor> | <donor>); rows past
+  the union's tokens are padding (the base's own padding rows where it has them, else zero);
+- `vocab_maps.safetensors`: per donor, `embed.<donor>` and `head.<donor>` (d_base, d_donor),
+  ridge fits over the tokens both vocabularies share (their rows are paired samples of the
+  two spaces), absent where the widths agree and the map is the identity.
+
+The writer builds the embedding and lm_head from these (see `union_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..architectures import ARCHITECTURES, tensor_name
+from ..errors import OutputError
+from ..io.manifest import file_sha256, write_json_atomic
+from ..io.reader import Checkpoint
+from ..ridge import RidgeAccumulator
+from ..vocab.output_files import (
+    dumps,
+    union_generation_config,
+    union_special_tokens_map,
+    union_tokenizer_config,
+)
+from ..vocab.rows import NormStats, match_norms, slerp
+from ..vocab.tokenizer_json import TokenizerFiles, TokenizerModel
+from ..vocab.union import UnionToken, UnionVocab, union_tokenizer, union_vocabulary
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+TOKEN_MAP = "token_map.json"
+VOCAB_MAPS = "vocab_maps.safetensors"
+FORMAT_VERSION = 1
+# Rows handled at a time when fitting maps and building the union's rows (float64 work copies).
+CHUNK_ROWS = 4096
+# Mapped donor rows sampled to measure their norm distribution (evenly spaced, deterministic).
+NORM_SAMPLE = 16384
+
+
+def union_file_names(base_folder: str | Path) -> list[str]:
+    """The tokenizer files a union output has: tokenizer.json, tokenizer_config.json, generation_config.json,
+    and special_tokens_map.json / chat_template.jinja where the base has them."""
+    base_folder = Path(base_folder)
+    names = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    names += [n for n in ("special_tokens_map.json", "chat_template.jinja") if (base_folder / n).is_file()]
+    return sorted(names)
+
+
+def _row_rule(token: UnionToken, donors: tuple[str, ...], forced: dict[int, str], chosen: dict[int, str]) -> str:
+    """How a union token's rows are made: base (copied), slerp:<donor>, or <donor> (transferred)."""
+    if token.id in forced:
+        return forced[token.id]
+    holders = [d for d in donors if d in token.sources]
+    if "base" in token.sources:
+        return f"slerp:{holders[0]}" if holders else "base"
+    return chosen.get(token.id, holders[0])
+
+
+def token_rules(vocab: UnionVocab, rules: dict[str, Any]) -> dict[int, str]:
+    """union id -> row rule, from the union and the plan's resolved `tokenizer.tokens` (token -> {source, force})."""
+    forced, chosen = {}, {}
+    for text, rule in rules.items():
+        tok = vocab.find(text)
+        if tok is None:
+            continue
+        source = rule["source"] if isinstance(rule, dict) else rule.source
+        force = rule["force"] if isinstance(rule, dict) else rule.force
+        (forced if force else chosen)[tok.id] = source
+    return {uid: _row_rule(t, vocab.donors, forced, chosen) for uid, t in vocab.tokens.items()}
+
+
+def _rows_tensor(ckpt: Checkpoint, arch_name: str, part: str) -> str:
+    """The name of a source's embedding (`embed`) or output rows (`head`: lm_head, or the embedding when tied)."""
+    arch = ARCHITECTURES[arch_name]
+    embed = tensor_name(arch, "embed")
+    if part == "head":
+        head = tensor_name(arch, "lm_head")
+        if head in ckpt:
+            return head
+    return embed
+
+
+def _fit_map(base_rows: torch.Tensor, donor_rows: torch.Tensor, pairs: list[tuple[int, int]], ridge: float
+             ) -> tuple[torch.Tensor, float]:
+    """M (d_base, d_donor) with base_row ~ M donor_row over the shared tokens' (base id, donor id) pairs; its R^2."""
+    acc = RidgeAccumulator(donor_rows.shape[1], base_rows.shape[1])
+    for start in range(0, len(pairs), CHUNK_ROWS):
+        chunk = pairs[start:start + CHUNK_ROWS]
+        acc.add(donor_rows[[d for _, d in chunk]].double(), base_rows[[b for b, _ in chunk]].double())
+    fit = acc.fit(ridge)
+    return fit.W.float(), fit.r2
+
+
+def _mapped(rows: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
+    rows = rows.double()
+    return rows if M is None else rows @ M.double().T
+
+
+def _sample(ids: list[int]) -> list[int]:
+    step = max(1, len(ids) // NORM_SAMPLE)
+    return ids[::step][:NORM_SAMPLE]
+
+
+def build_union(plan, protect: list[str], zdir: Path, *, key: str) -> dict[str, str]:
+    """Build (or reuse, when built for plan `key`) the union tokenizer, token map and row maps; their sha256s."""
+    vp = plan.vocab
+    zdir = Path(zdir)
+    tmap_path = zdir / TOKEN_MAP
+    if tmap_path.is_file() and json.loads(tmap_path.read_text()).get("plan_key") == key:
+        return _artefacts(zdir)
+    folders = {k: Path(plan.sources[k].path) for k in vp.sources}
+    models = {k: TokenizerModel.load(f) for k, f in folders.items()}
+    donors = {k: m for k, m in models.items() if k != "base"}
+    vocab = union_vocabulary(models["base"], donors, pad_to_multiple_of=plan.config["tokenizer"]["pad_to_multiple_of"])
+    if vocab.size != vp.size or vocab.donors != vp.donors:
+        raise OutputError(f"the sources' tokenizers changed since the plan was made (union of {vocab.size} tokens, "
+                          f"planned {vp.size}); plan again")
+    built = union_tokenizer(models["base"], donors, vocab, protect)
+    files = {k: TokenizerFiles.load(f) for k, f in folders.items()}
+    rules = token_rules(vocab, {t: r.model_dump() for t, r in vp.tokens.items()})
+
+    maps, meta = _fit_maps(plan, vocab, rules)
+    tdir = zdir / TOKENIZER_DIR
+    tdir.mkdir(parents=True, exist_ok=True)
+    tok_cfg, jinja = union_tokenizer_config(vocab, files["base"])
+    out_files = {"tokenizer.json": dumps(built.data), "tokenizer_config.json": dumps(tok_cfg),
+                 "generation_config.json": dumps(union_generation_config(vocab, files, models))}
+    stm = union_special_tokens_map(vocab, files["base"])
+    if stm is not None:
+        out_files["special_tokens_map.json"] = dumps(stm)
+    if jinja is not None:
+        out_files["chat_template.jinja"] = jinja
+    for name, text in out_files.items():
+        tmp = tdir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(tdir / name)
+    tensors_tmp = zdir / f".{VOCAB_MAPS}.tmp"
+    save_file({k: v.contiguous() for k, v in maps.items()} or {"none": torch.zeros(0)}, str(tensors_tmp))
+    tensors_tmp.replace(zdir / VOCAB_MAPS)
+
+    entries = [{"id": uid, "token": t.text, **({"special": True} if t.special else {}), **t.sources,
+                "row": rules[uid]} for uid, t in sorted(vocab.tokens.items())]
+    write_json_atomic(tmap_path, {
+        "format_version": FORMAT_VERSION, "plan_key": key, "size": vocab.size, "padded_size": vp.padded_size,
+        "base_size": vocab.base_size, "donors": list(vocab.donors), "slerp_t": vp.slerp_t,
+        "merges_added": built.merges_added, "merges_dropped": built.merges_dropped,
+        "unrepresentable": {k: len(v) for k, v in vocab.unrepresentable.items()}, **meta, "tokens": entries})
+    log.info("union tokenizer: %d tokens (%d appended, %d donor merges, %d left out to keep protected text exact)",
+             vocab.size, len(vocab.appended()), built.merges_added, len(built.merges_dropped))
+    return _artefacts(zdir)
+
+
+def _artefacts(zdir: Path) -> dict[str, str]:
+    return {TOKEN_MAP: file_sha256(zdir / TOKEN_MAP), VOCAB_MAPS: file_sha256(zdir / VOCAB_MAPS)}
+
+
+def _fit_maps(plan, vocab: UnionVocab, rules: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per donor and part: the map into the base's space (fitted or identity), its R^2, and the norm statistics
+    (the base's rows, the donor's mapped rows) that transferred rows are matched with."""
+    vp = plan.vocab
+    parts = ["embed"]
+    base_src = plan.sources["base"]
+    base_ckpt = Checkpoint.open(Path(base_src.path), check_shapes=False)
+    maps, fits, norms = {}, {}, {}
+    try:
+        if tensor_name(ARCHITECTURES[base_src.architecture], "lm_head") in base_ckpt:
+            parts.append("head")
+        for part in parts:
+            base_rows = base_ckpt.read(_rows_tensor(base_ckpt, base_src.architecture, part))
+            base_ids = [uid for uid in vocab.tokens if uid < base_rows.shape[0] and "base" in vocab.tokens[uid].sources]
+            norms[part] = {"base": asdict(NormStats.of(base_rows[base_ids].double().norm(dim=-1)))}
+            for key in vocab.donors:
+                src = plan.sources[key]
+                with Checkpoint.open(Path(src.path), check_shapes=False) as ckpt:
+                    donor_rows = ckpt.read(_rows_tensor(ckpt, src.architecture, part))
+                pairs = [(t.sources["base"], t.sources[key]) for t in vocab.tokens.values()
+                         if "base" in t.sources and key in t.sources]
+                M, r2 = None, None
+                if vp.maps[key] == "fit":
+                    if len(pairs) < 2:
+                        raise OutputError(f"{src.ref}: shares {len(pairs)} tokens with the base; too few to fit "
+                                          f"the map of its {part} rows into the base's space")
+                    M, r2 = _fit_map(base_rows, donor_rows, pairs, vp.ridge)
+                    maps[f"{part}.{key}"] = M
+                used = _sample(sorted({t.sources[key] for t in vocab.tokens.values() if key in t.sources}))
+                norms[part][key] = asdict(NormStats.of(_mapped(donor_rows[used], M).norm(dim=-1)))
+                fits.setdefault(key, {})[part] = {"mode": vp.maps[key], "r2": r2, "shared_tokens": len(pairs)}
+    finally:
+        base_ckpt.close()
+    return maps, {"maps": fits, "norms": norms}
+
+
+def load_token_map(zdir: Path) -> dict[str, Any]:
+    """`<zdir>/token_map.json`, with an error naming it when missing."""
+    path = Path(zdir) / TOKEN_MAP
+    if not path.is_file():
+        raise OutputError(f"{path}: missing; run the merge (or `zenith-merge tokenizer`) again without --resume")
+    return json.loads(path.read_text())
+
+
+def union_rows(part: str, out: torch.Tensor, base_rows: torch.Tensor, donor_rows: dict[str, torch.Tensor],
+               token_map: dict[str, Any], maps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Fill `out` (padded_size, d_base) with the union's embedding (`part` embed) or lm_head (`head`) rows.
+
+    Base rows (and the base's own padding rows) are copied; a slerp:<donor> token gets
+    slerp(base row, matched mapped donor row, t); a <donor> token gets the matched mapped row;
+    rows past the base's and the union's tokens stay zero.
+    """
+    n = min(base_rows.shape[0], out.shape[0])
+    out[:n] = base_rows[:n].to(out.dtype)
+    t = token_map["slerp_t"]
+    base_stats = NormStats(**token_map["norms"][part]["base"])
+    for key, rows in donor_rows.items():
+        slerped, moved = [], []
+        for entry in token_map["tokens"]:
+            if entry["row"] == f"slerp:{key}" and t > 0:
+                slerped.append((entry["id"], entry["base"], entry[key]))
+            elif entry["row"] == key:
+                moved.append((entry["id"], entry[key]))
+        M = maps.get(f"{part}.{key}")
+        donor_stats = NormStats(**token_map["norms"][part][key])
+        for start in range(0, len(moved), CHUNK_ROWS):
+            chunk = moved[start:start + CHUNK_ROWS]
+            mapped = match_norms(_mapped(rows[[d for _, d in chunk]], M), donor_stats, base_stats)
+            out[[u for u, _ in chunk]] = mapped.to(out.dtype)
+        for start in range(0, len(slerped), CHUNK_ROWS):
+            chunk = slerped[start:start + CHUNK_ROWS]
+            mapped = match_norms(_mapped(rows[[d for _, _, d in chunk]], M), donor_stats, base_stats)
+            out[[u for u, _, _ in chunk]] = slerp(base_rows[[b for _, b, _ in chunk]], mapped, t).to(out.dtype)
+    return out
+
+
+def load_maps(zdir: Path) -> dict[str, torch.Tensor]:
+    """The saved row maps (`embed.<donor>`, `head.<donor>`)."""
+    path = Path(zdir) / VOCAB_MAPS
+    if not path.is_file():
+        raise OutputError(f"{path}: missing; run the merge (or `zenith-merge tokenizer`) again without --resume")
+    return {k: v for k, v in load_file(str(path)).items() if k != "none"}

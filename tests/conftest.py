@@ -17,15 +17,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 TEXT = ["def add(a, b):\n    return a + b\n", "What is 3 + 4? It is 7.", "class Stack:\n    pass\n"] * 20
 
 
-def save_tokenizer(path: Path, vocab_size: int = 300) -> None:
-    """A byte-level BPE tokenizer with bos/eos, loadable by AutoTokenizer."""
+def save_tokenizer(path: Path, vocab_size: int = 300, specials: tuple[str, ...] = (), text: list[str] = TEXT) -> None:
+    """A byte-level BPE tokenizer with bos/eos (and `specials`), loadable by AutoTokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>", *specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(TEXT, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.train_from_iterator(text, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", additional_special_tokens=list(specials))
     fast.save_pretrained(path)
 
 
@@ -68,14 +69,14 @@ def read_index(folder: Path) -> dict:
 
 
 def make_tiny_qwen3_moe(path: Path, *, seed: int = 0, hidden: int = 24, layers: int = 2, experts: int = 4,
-                        moe_inter: int = 12, shard: str = "20KB", dtype=torch.bfloat16) -> Path:
+                        moe_inter: int = 12, shard: str = "20KB", dtype=torch.bfloat16, **overrides) -> Path:
     """A tiny Qwen3MoeForCausalLM (GQA, softmax routing, no shared expert) of another width, sharded."""
     torch.manual_seed(seed)
     config = transformers.Qwen3MoeConfig(
         vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=moe_inter,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=experts,
         num_experts_per_tok=2, norm_topk_prob=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        max_position_embeddings=128)
+        max_position_embeddings=128, **overrides)
     config.architectures = ["Qwen3MoeForCausalLM"]
     model = transformers.Qwen3MoeForCausalLM(config)
     with torch.no_grad():

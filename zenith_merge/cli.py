@@ -52,6 +52,13 @@ def format_plan(plan) -> str:
     if e.stage_memory_bytes:
         lines.append(f"  stages (forward passes) hold about {_human(e.stage_memory_bytes)}; "
                      f"calibration_max_memory caps it")
+    if plan.vocab is not None:
+        v = plan.vocab
+        lines.append(f"tokenizer: union of base + {', '.join(v.donors)}: {v.size} tokens ({v.appended} appended), "
+                     f"embedding rows {v.padded_size}; shared tokens SLERPed at t={v.slerp_t}; donor rows "
+                     + ", ".join(f"{k} {m}" for k, m in v.maps.items())
+                     + (f"; forced: {', '.join(t for t, r in v.tokens.items() if r.force)}"
+                        if any(r.force for r in v.tokens.values()) else ""))
     lines += format_expert_table(plan)
     if plan.method == "assembly":
         lines.append("assembly (tensors per recipe):")
@@ -173,9 +180,50 @@ def cmd_align(args) -> int:
               f"widths {info['d_base']} (base) / {info['d_donor']} ({source})")
         for kind in ("A", "B"):
             print(f"  R^2 {kind}: " + "  ".join(f"{k.split('.', 1)[1]}: {v:.3f}" for k, v in info["r2"][kind].items()))
-    if not plan.stages.usage and not plan.stages.align:
-        print("nothing to compute: no expert selection and no alignment fit in this plan")
+    if plan.vocab is not None:
+        from .stages.tokenizer import load_token_map
+
+        print("\n".join(format_union(plan, load_token_map(out))))
+    if not plan.stages.usage and not plan.stages.align and plan.vocab is None:
+        print("nothing to compute: no expert selection, alignment fit or union vocabulary in this plan")
     print(f"artefacts in {out}; `zenith-merge merge CONFIG --resume` reuses them")
+    return 0
+
+
+def format_union(plan, token_map: dict) -> list[str]:
+    """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
+    from .stages.tokenizer import row_counts
+
+    vp = plan.vocab
+    rows = row_counts(token_map)
+    appended = [e for e in token_map["tokens"] if e["id"] >= token_map["base_size"]]
+    specials = [e["token"] for e in appended if e.get("special")]
+    lines = [f"union tokenizer: {token_map['size']} tokens ({token_map['base_size']} base ids kept, "
+             f"{len(appended)} appended from {', '.join(token_map['donors'])}), embedding rows {vp.padded_size}",
+             f"  donor merges: {token_map['merges_added']} added after the base's, "
+             f"{len(token_map['merges_dropped'])} left out to keep protected text exact"
+             + (f" ({', '.join(map(repr, token_map['merges_dropped'][:8]))}"
+                f"{' ...' if len(token_map['merges_dropped']) > 8 else ''})" if token_map["merges_dropped"] else ""),
+             f"  special tokens added: {', '.join(specials) or 'none'}",
+             "  rows: " + ", ".join(f"{n} {rule}" for rule, n in rows.items()) + f" (slerp_t {vp.slerp_t})"]
+    lines += [f"  forced: {tok!r} from {rule.source}" for tok, rule in vp.tokens.items() if rule.force]
+    for donor, parts in token_map["maps"].items():
+        lines.append(f"  {donor} rows into the base's space: " + ", ".join(
+            f"{part} {m['mode']}" + (f" (R^2 {m['r2']:.3f} over {m['shared_tokens']} shared tokens)"
+                                     if m["r2"] is not None else "") for part, m in parts.items()))
+    return lines
+
+
+def cmd_tokenizer(args) -> int:
+    from .pipeline import build_tokenizer, union_dir
+    from .stages.tokenizer import load_token_map
+
+    cfg, config_dir = _load(args.config)
+    plan = build_tokenizer(cfg, config_dir=config_dir, output_dir=args.output, overwrite=args.overwrite)
+    zdir = Path(plan.output_dir) / ".zenith"
+    print("\n".join(format_union(plan, load_token_map(zdir))))
+    print(f"tokenizer files in {union_dir(Path(plan.output_dir))} (AutoTokenizer.from_pretrained loads them); "
+          f"token map {zdir / 'token_map.json'}")
     return 0
 
 
@@ -249,15 +297,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_merge)
 
-    sp = sub.add_parser("align", help="run the merge's stages only: expert usage and the A/B alignment fits",
+    sp = sub.add_parser("align", help="run the merge's stages only: expert usage, A/B alignment fits, tokenizer",
                         description="Compute what the merge needs before writing: expert usage on each source's "
                                     "prompts (for experts[].keep) and the hidden-space maps A and B (ridge least "
-                                    "squares on calibration text, where widths differ), into <output>/.zenith/. "
+                                    "squares on calibration text, where widths differ) and the union tokenizer "
+                                    "(tokenizer.source: union), into <output>/.zenith/. "
                                     "Prints the expert table and each fit's R^2. A later `merge --resume` reuses them.")
     _config_args(sp)
     sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_align)
+
+    sp = sub.add_parser("tokenizer", help="build the union tokenizer only: files, token map, embedding row maps",
+                        description="Build the union vocabulary CONFIG asks for (tokenizer.source: union): the "
+                                    "base's tokenizer plus the experts' tokens it lacks, with the chat template's "
+                                    "thinking switches, into <output>/.zenith/tokenizer/, and the token map "
+                                    "(<output>/.zenith/token_map.json: union id -> source ids and how each row is "
+                                    "made). Prints a summary. `merge` runs this too, and `merge --resume` reuses it.")
+    _config_args(sp)
+    sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    sp.set_defaults(fn=cmd_tokenizer)
 
     sp = sub.add_parser("demo", help="build the embedded demo models (cached; trained on first use)",
                         description="Build the small trained demo models (zen-tiny, zen-r1-tiny, qwen3-moe-tiny) "

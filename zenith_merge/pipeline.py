@@ -17,7 +17,7 @@ import torch
 
 from .architectures import ARCHITECTURES, facts, tensor_name
 from .config import MergeConfig, resolve_path
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, OutputError, PlanError
 from .graft_math import fold_projection, interpolate, pad_to, relative_difference
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
@@ -340,6 +340,30 @@ def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progr
     return _sha(zdir / pv.VECTORS_FILE)
 
 
+def protect_texts(plan: Plan, config_dir: Path | None) -> list[str]:
+    """The text the union tokenizer must split as the base does: `tokenizer.protect`, else the base's prompts."""
+    return read_texts(plan.vocab.protect, "tokenizer.protect", config_dir) or list(plan.vocab.protect_prompts)
+
+
+def build_tokenizer(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None,
+                    overwrite: bool = False) -> Plan:
+    """Run only the tokenizer stage: the union tokenizer, token map and row maps into `<output>/.zenith/`.
+
+    A later `merge --resume` of the same config reuses them.
+    """
+    plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
+    if plan.vocab is None:
+        raise PlanError("tokenizer: this merge keeps the base's tokenizer (tokenizer.source is not union, or no "
+                        "expert's vocabulary differs from the base's); there is no union to build")
+    out = Path(plan.output_dir)
+    prepare_output_dir(out, resume=not overwrite, overwrite=overwrite,
+                       source_dirs=[Path(s.path) for s in plan.sources.values()])
+    from .stages.tokenizer import build_union
+
+    build_union(plan, protect_texts(plan, config_dir), out / ".zenith", key=plan.plan_id)
+    return plan
+
+
 def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, progress: bool = True) -> Plan:
     """Run the stages the plan asks for (expert usage, alignment fits) and return the resolved plan.
 
@@ -365,8 +389,7 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
     if plan.vocab is not None:
         from .stages.tokenizer import build_union
 
-        protect = read_texts(plan.vocab.protect, "tokenizer.protect", config_dir) or list(plan.vocab.protect_prompts)
-        artefacts.update(build_union(plan, protect, zdir, key=key))
+        artefacts.update(build_union(plan, protect_texts(plan, config_dir), zdir, key=key))
     if plan.stages.prompt_vectors:
         artefacts["prompt_vectors"] = _prompt_vectors(plan, cfg, zdir, key=key, progress=progress)
     if plan.stages.align:
@@ -419,5 +442,13 @@ def run_merge(
         source.close()
     write_side_files(plan, out)
     patch_output(out)
+    from .model_card import write_model_card
+
+    token_map = None
+    if plan.vocab is not None:
+        from .stages.tokenizer import load_token_map
+
+        token_map = load_token_map(out / ".zenith")
+    write_model_card(plan, out, token_map)
     log.info("merged %d tensors into %s", len(plan.tensors), out)
     return MergeResult(plan=plan, output_dir=out, write=result)

@@ -206,6 +206,14 @@ def _fit_maps(plan, vocab: UnionVocab, rules: dict[int, str]) -> tuple[dict[str,
     return maps, {"maps": fits, "norms": norms}
 
 
+def row_counts(token_map: dict[str, Any]) -> dict[str, int]:
+    """How many union tokens each row rule made (base, slerp:<donor>, <donor>)."""
+    counts: dict[str, int] = {}
+    for entry in token_map["tokens"]:
+        counts[entry["row"]] = counts.get(entry["row"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def load_token_map(zdir: Path) -> dict[str, Any]:
     """`<zdir>/token_map.json`, with an error naming it when missing."""
     path = Path(zdir) / TOKEN_MAP

@@ -9,7 +9,8 @@ the answer to come is decided as Qwen3 decides it:
 - with neither, the base's own generation prompt stands as it is.
 
 Thinking off closes an empty think block after the generation prompt (`<think>\\n\\n</think>\\n\\n`,
-what Qwen3 emits), or closes the one the base's prompt opened (R1's prompt ends in `<think>\\n`);
+what Qwen3 emits), or closes the one the base's prompt opened (R1's prompt ends in `<think>\\n`),
+unless the base's template closed one itself (Qwen3's does, given `enable_thinking=False`);
 thinking on opens one where the base's prompt does not.
 """
 
@@ -36,7 +37,8 @@ _WRAPPER = """\
 {{- zenith_base -}}
 {%- if add_generation_prompt is defined and add_generation_prompt -%}
 {%- set opened = zenith_base.rstrip().endswith('@OPEN@') -%}
-{%- if zenith.thinking is false -%}
+{%- set closed = zenith_base.rstrip().endswith('@CLOSE@') -%}
+{%- if zenith.thinking is false and not closed -%}
 {{- ('\\n' if opened else '@OPEN@\\n\\n') ~ '@CLOSE@\\n\\n' -}}
 {%- elif zenith.thinking is true and not opened -%}
 {{- '@OPEN@\\n' -}}

@@ -1,0 +1,68 @@
+"""The output's model card (README.md): what was merged, how, and how the vocabulary maps to the sources.
+
+Hugging Face metadata front matter first (base_model, tags, library_name), as mergekit's
+cards have it, then the sources, the vocabulary (for a union: sizes, added specials, how
+rows were made, and where the token map is) and the config that produced the merge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io.manifest import temp_path
+
+
+def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
+    if plan.vocab is None or token_map is None:
+        return ["## Vocabulary", "", "The base model's tokenizer, unchanged: token ids are the base's.", ""]
+    from .stages.tokenizer import row_counts
+
+    vp = plan.vocab
+    rows = row_counts(token_map)
+    appended = [e for e in token_map["tokens"] if e["id"] >= token_map["base_size"]]
+    specials = [e["token"] for e in appended if e.get("special")]
+    names = {key: plan.sources[key].ref for key in ("base", *vp.donors)}
+    how = {"base": "copied from the base", "slerp": f"SLERP of the base row and the mapped donor row, t={vp.slerp_t}"}
+    lines = ["## Vocabulary", "",
+             f"A union of the base's tokenizer and {', '.join(names[k] for k in vp.donors)}'s: "
+             f"{token_map['size']} tokens (ids 0-{token_map['base_size'] - 1} are the base's, unchanged; "
+             f"{len(appended)} donor tokens follow), embedding and lm_head padded to {vp.padded_size} rows.",
+             f"Donor subwords are BPE tokens produced by {token_map['merges_added']} donor merges ranked after "
+             f"the base's; {len(token_map['merges_dropped'])} were left out because they changed how protected "
+             f"text splits.",
+             f"Special tokens added: {', '.join(f'`{s}`' for s in specials) or 'none'}.", "",
+             "| rows | tokens | made as |", "|---|---:|---|"]
+    for rule, n in rows.items():
+        kind, _, donor = rule.partition(":")
+        what = how.get(kind, f"transferred from {names.get(rule, rule)} (mapped, norm matched to the base's)")
+        lines.append(f"| `{rule}` | {n} | {what if kind != 'slerp' else how['slerp'] + f' ({names[donor]})'} |")
+    lines += ["", "`.zenith/token_map.json` maps every union id to its id in each source (`base`, "
+              + ", ".join(f"`{k}` = {names[k]}" for k in vp.donors) + ") and names how its rows were made.", ""]
+    return lines
+
+
+def model_card(plan, token_map: dict[str, Any] | None = None) -> str:
+    """The README.md text of a merged folder."""
+    base = plan.sources["base"]
+    front = {"base_model": base.ref, "tags": ["merge", "zenith-merge", "moe"], "library_name": "transformers"}
+    arch = (plan.target_config.get("architectures") or ["?"])[0]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {Path(plan.output_dir).name}", "",
+             f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method}`, plan `{plan.plan_id[:12]}`).",
+             "", "## Sources", "", "| key | model | architecture | fingerprint |", "|---|---|---|---|"]
+    lines += [f"| {key} | {s.ref} | {s.architecture} | `{s.fingerprint[:16]}` |" for key, s in plan.sources.items()]
+    lines += ["", *_vocabulary(plan, token_map), "## Configuration", "", "```yaml",
+              yaml.safe_dump(plan.config, sort_keys=False, allow_unicode=True).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(plan, out_dir: Path, token_map: dict[str, Any] | None = None) -> Path:
+    """Write `<out>/README.md` atomically."""
+    path = Path(out_dir) / "README.md"
+    tmp = temp_path(path)
+    tmp.write_text(model_card(plan, token_map), encoding="utf-8")
+    tmp.replace(path)
+    return path

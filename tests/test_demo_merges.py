@@ -63,6 +63,25 @@ def test_flagship_keeps_the_base_when_the_donor_is_masked_and_slerp_t_is_0(tmp_p
         torch.testing.assert_close(merged(ids).logits[..., :want.shape[-1]], want, rtol=1e-4, atol=1e-4)
 
 
+def test_flagship_union_tokenizer_loads_and_renders_the_thinking_markers(flagship):
+    tok = AutoTokenizer.from_pretrained(flagship)
+    zen = AutoTokenizer.from_pretrained(ensure_demo("zen-tiny"))
+    code = heldout_text("code")
+    assert tok(code).input_ids == zen(code).input_ids
+    for special in ("<think>", "</think>", "/think", "/no_think", "<|im_start|>", "<|im_end|>"):
+        ids = tok(special, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and tok.decode(ids) == special
+    ask = [{"role": "user", "content": "What is 12 + 7?"}]
+    on = tok.apply_chat_template(ask, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    off = tok.apply_chat_template(ask, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert on.endswith("<｜Assistant｜><think>\n") and off.endswith("<｜Assistant｜><think>\n\n</think>\n\n")
+    soft = [{"role": "user", "content": "What is 12 + 7? /no_think"}]
+    assert tok.apply_chat_template(soft, tokenize=False, add_generation_prompt=True) == off.replace("7?", "7? /no_think")
+    eos = json.loads((flagship / "generation_config.json").read_text())["eos_token_id"]
+    assert tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>") in eos and tok.convert_tokens_to_ids("<|im_end|>") in eos
+    assert "token_map.json" in (flagship / "README.md").read_text()
+
+
 def test_resumed_graft_reuses_its_stages_and_shards(flagship, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (flagship / ".zenith").rglob("*") if p.is_file()}
     cfg = load_config(ROOT / "merge" / "config.yml")
@@ -70,6 +89,7 @@ def test_resumed_graft_reuses_its_stages_and_shards(flagship, tmp_path):
     assert result.write.written == [] and len(result.write.skipped) == len(result.plan.shards)
     after = {p.name: p.stat().st_mtime_ns for p in (flagship / ".zenith").rglob("*") if p.is_file()}
     assert after["usage.json"] == before["usage.json"] and after["align.safetensors"] == before["align.safetensors"]
+    assert after["token_map.json"] == before["token_map.json"]
 
 
 def test_chimera_is_r1_experts_in_the_v3_body(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -130,10 +131,17 @@ def cmd_plan(args) -> int:
 
 
 def _quiet_transformers() -> None:
-    """--no-progress also silences transformers' own progress bars (loading weights for the stages)."""
-    from transformers.utils import logging as hf_logging
+    """--no-progress also silences transformers' own progress bars (loading weights for the stages).
 
-    hf_logging.disable_progress_bar()
+    Without importing transformers when it is not loaded yet (about a second): it reads
+    huggingface_hub's switch when it is imported.
+    """
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def cmd_merge(args) -> int:

@@ -112,6 +112,11 @@ def _mapped(rows: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
     return rows if M is None else rows @ M.double().T
 
 
+def _row_norms(rows: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Norms of the rows `ids`, a chunk at a time (a whole embedding in float64 would be several GB)."""
+    return torch.cat([rows[ids[i:i + CHUNK_ROWS]].double().norm(dim=-1) for i in range(0, len(ids), CHUNK_ROWS)])
+
+
 def _sample(ids: list[int]) -> list[int]:
     step = max(1, len(ids) // NORM_SAMPLE)
     return ids[::step][:NORM_SAMPLE]
@@ -184,7 +189,7 @@ def _fit_maps(plan, vocab: UnionVocab, rules: dict[int, str]) -> tuple[dict[str,
         for part in parts:
             base_rows = base_ckpt.read(_rows_tensor(base_ckpt, base_src.architecture, part))
             base_ids = [uid for uid in vocab.tokens if uid < base_rows.shape[0] and "base" in vocab.tokens[uid].sources]
-            norms[part] = {"base": asdict(NormStats.of(base_rows[base_ids].double().norm(dim=-1)))}
+            norms[part] = {"base": asdict(NormStats.of(_row_norms(base_rows, base_ids)))}
             for key in vocab.donors:
                 src = plan.sources[key]
                 with Checkpoint.open(Path(src.path), check_shapes=False) as ckpt:

@@ -20,6 +20,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -106,14 +107,42 @@ def _as_bytes(spec: TensorSpec, data) -> memoryview:
     return view
 
 
+class _HashingSink:
+    """Writes views to a file while a second thread hashes them (sha256 releases the GIL, and so does
+    the write): the hash costs no wall time where a core is free.
+
+    `write(view)` returns a future; the view's memory must not change until it is done. One
+    hashing thread takes the views in the order they were written, so the digest is the file's.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="zenith-sha256")
+
+    def write(self, view) -> Future:
+        done = self._pool.submit(self._digest.update, view)
+        self._f.write(view)
+        return done
+
+    def hexdigest(self) -> str:
+        self._pool.shutdown(wait=True)
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _RangeCopier:
-    """Streams `ByteRange`s into the shard through one reusable chunk buffer, source files opened once."""
+    """Streams `ByteRange`s into the shard through two alternating chunk buffers (one is hashed while the
+    other is read and written), source files opened once."""
 
     def __init__(self):
         self._files: dict[Path, object] = {}
-        self._buf: memoryview | None = None
+        self._bufs: list[memoryview] = []
+        self._pending: list[Future | None] = [None, None]
 
-    def copy(self, spec: TensorSpec, rng: ByteRange, write: Callable[[memoryview], None]) -> None:
+    def copy(self, spec: TensorSpec, rng: ByteRange, sink: _HashingSink) -> None:
         if rng.nbytes != spec.nbytes:
             raise OutputError(f"tensor {spec.name!r}: produced a range of {rng.nbytes} bytes, planned {spec.nbytes} "
                               f"({spec.dtype}{list(spec.shape)})")
@@ -123,12 +152,24 @@ class _RangeCopier:
         if f is None:
             f = self._files[rng.file] = open(rng.file, "rb", buffering=0)  # closed in close()
         need = min(COPY_CHUNK_BYTES, rng.nbytes)
-        if self._buf is None or len(self._buf) < need:
-            self._buf = memoryview(bytearray(need))
-        for start in range(0, rng.nbytes, len(self._buf)):
-            chunk = self._buf[:min(len(self._buf), rng.nbytes - start)]
+        if not self._bufs or len(self._bufs[0]) < need:
+            self.wait()
+            self._bufs = [memoryview(bytearray(need)), memoryview(bytearray(need))]
+        size = len(self._bufs[0])
+        for k, start in enumerate(range(0, rng.nbytes, size)):
+            i = k % 2
+            if self._pending[i] is not None:
+                self._pending[i].result()
+            chunk = self._bufs[i][:min(size, rng.nbytes - start)]
             pread_into(f, chunk, rng.offset + start, None, f"tensor {spec.name!r}")
-            write(chunk)
+            self._pending[i] = sink.write(chunk)
+
+    def wait(self) -> None:
+        """Until every chunk handed to the sink is hashed."""
+        for i, done in enumerate(self._pending):
+            if done is not None:
+                done.result()
+            self._pending[i] = None
 
     def close(self) -> None:
         for f in self._files.values():
@@ -147,24 +188,23 @@ def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
     final = Path(out_dir) / shard.filename
     tmp = temp_path(final, f".{os.getpid()}")
     header = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors])
-    digest = hashlib.sha256()
     copier = _RangeCopier()
+    sink = None
     try:
         with tmp.open("wb") as f:
-            def write(data) -> None:
-                f.write(data)
-                digest.update(data)
-
-            write(header)
+            sink = _HashingSink(f)
+            sink.write(header).result()
             for spec in shard.tensors:
                 data = source.produce(spec)
                 if isinstance(data, ByteRange):
-                    copier.copy(spec, data, write)
+                    copier.copy(spec, data, sink)
                 else:
-                    write(_as_bytes(spec, data))
+                    sink.write(_as_bytes(spec, data)).result()
                 del data  # drop this tensor before producing the next
                 if on_bytes is not None:
                     on_bytes(spec.nbytes)
+            copier.wait()
+            digest = sink.hexdigest()
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -174,8 +214,10 @@ def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
         raise
     finally:
         copier.close()
+        if sink is not None:
+            sink.close()
     fsync_dir(final.parent)
-    return shard.filename, digest.hexdigest(), size
+    return shard.filename, digest, size
 
 
 def _check_layout(shards: Sequence[ShardSpec]) -> None:

@@ -69,3 +69,6 @@ class Architecture:
     moe_counterpart: str | None = None
     # Config values an MoE architecture takes when it is built from its dense twin's config.
     from_dense_config: dict[str, object] = field(default_factory=dict)
+    # A plain dense Llama-family decoder (RMSNorm, RoPE, GQA, SiLU MLP; q/k norms where the roles
+    # have them): prompt states can be computed by `dense_forward`, without transformers.
+    plain_forward: bool = False

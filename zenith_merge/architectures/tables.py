@@ -151,6 +151,7 @@ def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | Non
         defaults={"tie_word_embeddings": False},
         attention_layout_keys=_GQA_LAYOUT_KEYS,
         roles={**_COMMON_ROLES, **_DENSE_MLP_ROLES, **_GQA_ATTENTION_ROLES, **(_QK_NORM_ROLES if qk_norm else {})},
+        plain_forward=True,
     )
 
 

@@ -24,8 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import dense_forward
 from ..architectures import architecture_of, tensor_name
-from ..calibration import CapturePoint, capture_batch, load_for_calibration
+from ..calibration import CapturePoint, capture_batch, load_for_calibration, stored_dtype
 from ..io.reader import Checkpoint
 
 VECTORS_FILE = "prompt_vectors.safetensors"
@@ -56,7 +57,11 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
     """
     with Checkpoint.open(base_path, check_shapes=False) as ckpt:
         arch = architecture_of(ckpt.config, where=str(base_path / "config.json"))
-    model, tokenizer = load_for_calibration(base_path, **(load or {}))
+        config = ckpt.config
+    load = dict(load or {})
+    if not load.get("load_in_8bit") and dense_forward.supported(config, max_tokens=PLAIN_MAX_TOKENS):
+        return _plain_vectors(base_path, layers, prompts, mode=mode, dtype=load.get("dtype"))
+    model, tokenizer = load_for_calibration(base_path, **load)
     points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
     out = {}
     try:
@@ -68,6 +73,33 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
             out[source] = _unit(torch.stack(rows))
     finally:
         del model
+    return out
+
+
+# Prompts longer than this (in tokens) are cut, as capture_batch cuts them; the plain pass checks
+# that no sliding window is reached within it.
+PLAIN_MAX_TOKENS = 512
+
+
+def _plain_vectors(base_path: Path, layers: Sequence[int],
+                   prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]], *, mode: str,
+                   dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
+    """`hidden_vectors` by the plain dense pass: no transformers, one layer's weights in memory at a time."""
+    if dtype == "stored":
+        dtype = stored_dtype(base_path, cuda=False)
+    bos = dense_forward.bos_text(base_path)
+
+    def mean_state(texts: Sequence[str]) -> dict[int, torch.Tensor]:
+        per_text = dense_forward.mlp_inputs(base_path, [bos + t for t in texts], layers, dtype=dtype or torch.float32,
+                                            max_tokens=PLAIN_MAX_TOKENS)
+        return {layer: torch.stack([s[layer].mean(0) if mode == "hidden_avg" else s[layer][-1]
+                                    for s in per_text]).mean(0) for layer in layers}
+
+    out = {}
+    for source, (positive, negative) in prompts.items():
+        pos = mean_state(positive)
+        neg = mean_state(negative) if negative else None
+        out[source] = _unit(torch.stack([pos[layer] - (neg[layer] if neg is not None else 0) for layer in layers]))
     return out
 
 

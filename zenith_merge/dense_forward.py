@@ -1,0 +1,147 @@
+"""A forward pass of dense Llama-family decoders (Llama, Mistral, Qwen3) over a few prompts, layer by layer,
+straight from the checkpoint: the MLP inputs that prompt-based router rows need, without transformers.
+
+Why: mergekit-moe's `hidden` gate mode runs the base on each expert's prompts. Loading transformers'
+model classes for that costs seconds of imports and holds the whole model; this pass reads one
+layer's weights at a time through the lazy reader (memory: one layer plus the prompts' states)
+and imports only torch and tokenizers. It covers the plain case (default RoPE, SiLU MLP, no
+sliding window reached, optional q/k norms and biases); anything else returns None and the caller
+uses transformers. A test holds it equal to transformers' forward.
+
+Per layer l, for the states h (tokens, hidden):
+    x = rmsnorm(h) * w_in;  h = h + o(attn(rope(q(x)), rope(k(x)), v(x)))      (causal, GQA)
+    m = rmsnorm(h) * w_post  <- captured: the MLP's input;  h = h + down(silu(gate(m)) * up(m))
+with rmsnorm(x) = x / sqrt(mean(x^2) + eps), computed in float32 as transformers does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .architectures import ARCHITECTURES, tensor_name
+from .io.reader import Checkpoint
+
+
+def _rope_theta(config: dict[str, Any]) -> float | None:
+    """The RoPE base of a default-RoPE config (transformers 4 or 5 keys); None for scaled or other RoPE."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type", "default")) != "default" or config.get("partial_rotary_factor"):
+        return None
+    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def supported(config: dict[str, Any], max_tokens: int) -> bool:
+    """True when the plain pass computes what transformers would for prompts of up to `max_tokens` tokens."""
+    arch = ARCHITECTURES.get((config.get("architectures") or [None])[0])
+    if arch is None or not arch.plain_forward or _rope_theta(config) is None:
+        return False
+    if config.get("hidden_act", "silu") != "silu" or config.get("pretraining_tp", 1) != 1:
+        return False
+    window = config.get("sliding_window")
+    uses_window = config.get("use_sliding_window", arch.model_type == "mistral")
+    return not (window and uses_window and window < max_tokens)
+
+
+def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class _Layer:
+    """One decoder layer's weights, read from the checkpoint in the compute dtype."""
+
+    def __init__(self, ckpt: Checkpoint, arch, layer: int, dtype: torch.dtype):
+        def get(role: str, suffix: str = "") -> torch.Tensor | None:
+            name = tensor_name(arch, role, layer) if role in arch.roles else None
+            if name is not None and suffix:
+                name = name.removesuffix("weight") + suffix
+            return ckpt.read(name).to(dtype) if name is not None and name in ckpt else None
+
+        self.w_in, self.w_post = get("input_norm"), get("post_attention_norm")
+        self.q, self.k, self.v, self.o = get("q_proj"), get("k_proj"), get("v_proj"), get("o_proj")
+        self.qb, self.kb, self.vb, self.ob = (get(r, "bias") for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm, self.k_norm = get("q_norm"), get("k_norm")
+        self.gate, self.up, self.down = get("mlp_gate"), get("mlp_up"), get("mlp_down")
+        self.gate_b, self.up_b, self.down_b = (get(r, "bias") for r in ("mlp_gate", "mlp_up", "mlp_down"))
+
+
+def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+               eps: float) -> torch.Tensor:
+    n = x.shape[0]
+    hd = L.q.shape[0] // heads
+    q = F.linear(x, L.q, L.qb).view(n, heads, hd)
+    k = F.linear(x, L.k, L.kb).view(n, kv_heads, hd)
+    v = F.linear(x, L.v, L.vb).view(n, kv_heads, hd)
+    if L.q_norm is not None:  # Qwen3: RMSNorm over each head's features, before RoPE
+        q, k = _rmsnorm(q, L.q_norm, eps), _rmsnorm(k, L.k_norm, eps)
+    q = q * cos[:, None] + _rotate_half(q) * sin[:, None]
+    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    rep = heads // kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * hd ** -0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, heads * hd)
+    return F.linear(out, L.o, L.ob)
+
+
+def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], *,
+               dtype: torch.dtype = torch.float32, max_tokens: int = 512) -> list[dict[int, torch.Tensor]]:
+    """Per text, per layer in `layers`: the MLP's input (the normalised state after attention), float32.
+
+    Texts are tokenised with the model's tokenizer.json, no special tokens added, each cut to its
+    first `max_tokens` tokens (as `capture_batch` does).
+    """
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = [tok.encode(t, add_special_tokens=False).ids[:max_tokens] for t in texts]
+    with Checkpoint.open(folder, check_shapes=False) as ckpt:
+        config = ckpt.config
+        arch = ARCHITECTURES[config["architectures"][0]]
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        eps = float(config.get("rms_norm_eps", 1e-6))
+        embed = ckpt.read(tensor_name(arch, "embed"))
+        states = [embed[row].to(dtype) for row in ids]
+        del embed
+        wanted = set(layers)
+        out: list[dict[int, torch.Tensor]] = [{} for _ in texts]
+        theta = _rope_theta(config)
+        for layer in range(max(layers) + 1):
+            L = _Layer(ckpt, arch, layer, dtype)
+            hd = L.q.shape[0] // heads
+            inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+            for i, h in enumerate(states):
+                freqs = torch.arange(h.shape[0]).float()[:, None] * inv[None]
+                emb = torch.cat((freqs, freqs), dim=-1)
+                cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+                h = h + _attention(L, _rmsnorm(h, L.w_in, eps), cos, sin, heads, kv_heads, eps)
+                m = _rmsnorm(h, L.w_post, eps)
+                if layer in wanted:
+                    out[i][layer] = m.float()
+                states[i] = h + F.linear(F.silu(F.linear(m, L.gate, L.gate_b)) * F.linear(m, L.up, L.up_b),
+                                         L.down, L.down_b)
+    return out
+
+
+def bos_text(folder: str | Path) -> str:
+    """The text of the model's BOS token from tokenizer_config.json ('' when it has none)."""
+    path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    bos = cfg.get("bos_token")
+    return (bos.get("content") if isinstance(bos, dict) else bos) or ""

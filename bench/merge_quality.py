@@ -188,15 +188,25 @@ def verdicts(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="Held-out bits per byte of the demo sources and of same-family and "
-                                             "cross-architecture merges of them (DESIGN.md 'Quality yardstick').")
+def report_args(description: str) -> argparse.Namespace:
+    """The arguments of a quality report: --out (markdown copy) and --keep (where merged models go)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     ap.add_argument("--keep", type=Path, help="write the merged models under this folder instead of a temporary one")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def heldout_texts() -> dict[str, str]:
+    """The held-out texts every quality report scores: code, maths, maths in Qwen chat format."""
+    return {"code": heldout_text("code"), "maths": heldout_text("maths"),
+            "maths_chat": heldout_text("maths", style="qwen_chat")}
+
+
+def main() -> None:
+    args = report_args("Held-out bits per byte of the demo sources and of same-family and cross-architecture "
+                       "merges of them (DESIGN.md 'Quality yardstick').")
     t_start = time.perf_counter()
-    texts = {"code": heldout_text("code"), "maths": heldout_text("maths"),
-             "maths_chat": heldout_text("maths", style="qwen_chat")}
+    texts = heldout_texts()
     rows = [Row(name, "source", score(ensure_demo(name, progress=False), texts))
             for name in (BASE, SAME_DONOR, CROSS_DONOR)]
     with tempfile.TemporaryDirectory(prefix="zenith-merge-quality-") as tmp:

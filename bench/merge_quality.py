@@ -74,6 +74,10 @@ def _gate(mode: str) -> Callable[[dict], None]:
 
 
 CHIMERA = ROOT / "merge" / "examples" / "chimera.yml"
+def _calibrated(d: dict) -> None:
+    d["router"] = {"calibrate": True}
+
+
 MERGES = [
     Merge("chimera (R1 routed experts, rest zen-tiny)", CHIMERA, "same"),
     Merge("assembly: routed experts 0.5/0.5, rest zen-tiny", CHIMERA, "same",
@@ -92,6 +96,8 @@ MERGES = [
     Merge("check: all tensors from zen-r1-tiny (should equal it)", CHIMERA, "same", _weights({"default": [0.0, 1.0]})),
     Merge("graft: merge/config.yml (transfer router rows)", ROOT / "merge" / "config.yml", "cross"),
     Merge("graft control: random router rows", ROOT / "merge" / "config.yml", "cross", _gate("random")),
+    Merge("graft: transfer rows, calibrated offsets (router.calibrate)", ROOT / "merge" / "config.yml", "cross",
+          _calibrated),
 ]
 
 

@@ -115,6 +115,8 @@ def format_expert_table(plan) -> list[str]:
         lines.append("  stage usage: " + ", ".join(f"{k} layers {list(v)}" for k, v in stages.usage.items()))
     if stages.align:
         lines.append("  stage align: " + ", ".join(f"{k} pairs {list(v)}" for k, v in stages.align.items()))
+    if stages.router_offsets:
+        lines.append("  stage router offsets: " + ", ".join(stages.router_offsets))
     return lines
 
 
@@ -192,7 +194,16 @@ def cmd_align(args) -> int:
         from .stages.tokenizer import load_token_map
 
         print("\n".join(format_union(plan, load_token_map(out))))
-    if not plan.stages.usage and not plan.stages.align and plan.vocab is None:
+    if plan.stages.router_offsets:
+        from .stages.router_offsets import load_offsets
+
+        print("router offsets (selection bias added to each source's slots; hit / leak: share of top-k picks on "
+              "its own / the other sources' prompts that land on its slots):")
+        for layer, per in (load_offsets(out) or {}).items():
+            print(f"  L{layer:<3} " + "  ".join(
+                f"{s} {v['offset']:+.3f}: hit {v['hit_before']:.2f} -> {v['hit']:.2f}, "
+                f"leak {v['leak_before']:.2f} -> {v['leak']:.2f}" for s, v in per.items()))
+    if not plan.stages.usage and not plan.stages.align and plan.vocab is None and not plan.stages.router_offsets:
         print("nothing to compute: no expert selection, alignment fit or union vocabulary in this plan")
     print(f"artefacts in {out}; `zenith-merge merge CONFIG --resume` reuses them")
     return 0

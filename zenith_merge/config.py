@@ -172,6 +172,16 @@ class AssemblySettings(_Strict):
         return v
 
 
+class RouterSettings(_Strict):
+    """`router:` what happens to the output's router rows after the gate mode made them."""
+
+    calibrate: bool | None = Field(
+        None, description="offset each grafted source's selection bias so its prompts reach its experts (needs a "
+                          "selection bias: DeepSeek's e_score_correction_bias). None: on for gate_mode transfer")
+    target_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of top-k picks a source's prompts should "
+                                                                 "send to its experts when no other source has prompts")
+
+
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 OutputDtype = Literal["float32", "float16", "bfloat16"]
@@ -193,6 +203,7 @@ class MergeConfig(_Strict):
     merge_method: Literal["concat", "assembly"] = Field(
         "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors")
     align: AlignSettings = Field(default_factory=AlignSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
     assembly: AssemblySettings | None = None
     output_dir: str = "./merged_model"
     max_shard_size: ByteSize = Field(5 * 10**9, description="largest output shard in bytes (5GB, 500MB, 4GiB, ...)")

@@ -40,6 +40,7 @@ from .plan import (
 )
 
 log = logging.getLogger(__name__)
+ROUTER_OFFSETS = "router_offsets.json"  # the artefact name, as the stage writes it
 
 
 class PlanTensorSource:
@@ -53,6 +54,7 @@ class PlanTensorSource:
         self._alignments: dict[str, object] = {}
         self._router_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._vectors: dict[str, torch.Tensor] | None = None
+        self._offsets: dict | None = None
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -140,13 +142,7 @@ class PlanTensorSource:
             return base_rows[slot.expert]
         mode = self.plan.config.get("gate_mode", "random")
         if r.part == "bias":
-            # same-family donors keep their own corrections (they share the base's scale); others start
-            # at the base's mean correction
-            if mode == "transfer" and self.plan.transforms[slot.source].align == "identity":
-                name = source_router(self.plan, slot, "bias")
-                if name is not None and name in self._checkpoint(slot.source):
-                    return self._rows(slot.source, name)[slot.expert]
-            return base_rows.mean() if base_rows is not None else torch.tensor(0.0)
+            return self._bias_row(slot, r.layer, mode, base_rows) + self._offset(slot.source, r.layer)
         if mode in PROMPT_ROW_MODES:
             # mergekit's prompt-based row: the source's unit prompt vector, at the base rows' mean norm where
             # the base has a router; a routed donor expert adds its own mapped row, which orders the donor's
@@ -163,6 +159,25 @@ class PlanTensorSource:
         std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else width ** -0.5
         return random_router_row(width, std, self.plan.config.get("seed", 0), r.layer, j,
                                  uniform=mode == "uniform_random")
+
+    def _bias_row(self, slot, layer: int, mode: str, base_rows: torch.Tensor | None) -> torch.Tensor:
+        """A grafted slot's score correction before calibration: a same-family donor keeps its own (it shares
+        the base's scale); others start at the base's mean correction."""
+        if mode == "transfer" and self.plan.transforms[slot.source].align == "identity":
+            name = source_router(self.plan, slot, "bias")
+            if name is not None and name in self._checkpoint(slot.source):
+                return self._rows(slot.source, name)[slot.expert]
+        return base_rows.mean() if base_rows is not None else torch.tensor(0.0)
+
+    def _offset(self, source: str, layer: int) -> float:
+        """The calibrated selection offset of a source's slots at `layer` (0 before calibration)."""
+        if ROUTER_OFFSETS not in self.plan.artefacts:
+            return 0.0
+        if self._offsets is None:
+            from .stages.router_offsets import load_offsets
+
+            self._offsets = load_offsets(Path(self.plan.output_dir) / ".zenith") or {}
+        return self._offsets.get(layer, {}).get(source, {}).get("offset", 0.0)
 
     def _mapped_row(self, slot, layer: int) -> torch.Tensor:
         """The source's own router row of the slot's expert, mapped into the base's space: row . A."""
@@ -398,7 +413,47 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
             folder = alignment_dir(out, source)
             _align(plan, source, pairs, texts, folder, key=key, cfg=cfg, progress=progress)
             artefacts[f"align-{source}"] = _sha(folder / "align.safetensors")
-    return resolve(plan, usage, artefacts)
+    plan = resolve(plan, usage, artefacts)
+    if plan.stages.router_offsets:
+        artefacts[ROUTER_OFFSETS] = _router_offsets(plan, cfg, zdir, key=key)
+        plan = plan.model_copy(update={"artefacts": dict(artefacts)})
+    return plan
+
+
+def _router_offsets(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str) -> str:
+    """Calibrate (or reuse) the grafted sources' selection offsets on the resolved plan's router rows; their sha256.
+
+    The rows are the writer's own (the recipes of the plan, before any offset), and the states
+    the base model's MoE inputs on every source's prompts.
+    """
+    from .routing import routing_spec
+    from .stages.router_offsets import calibrate_layer, load_offsets, prompt_states, save_offsets
+
+    if load_offsets(zdir, key) is None:
+        arch = ARCHITECTURES[plan.sources["base"].architecture]
+        layers = [le.layer for le in plan.expert_table]
+        prompts = {k: list(t.prompts) for k, t in plan.transforms.items() if t.prompts}
+        states = prompt_states(Path(plan.sources["base"].path), layers, prompts, mlp_module=arch.mlp_module,
+                               load=calibration_load(cfg))
+        spec = routing_spec(plan.target_config)
+        out_arch = ARCHITECTURES[plan.target_config["architectures"][0]]
+        source = PlanTensorSource(plan)
+        specs = {t.name: t.spec for t in plan.tensors}
+        offsets = {}
+        try:
+            for le in plan.expert_table:
+                rows = source.produce(specs[tensor_name(out_arch, "router", le.layer)]).float()
+                bias = source.produce(specs[tensor_name(out_arch, "router_bias", le.layer)]).float()
+                offsets[le.layer] = calibrate_layer(
+                    {k: v[le.layer] for k, v in states.items()}, rows, bias, [sl.source for sl in le.slots], spec,
+                    plan.stages.router_offsets, target_share=cfg.router.target_share)
+        finally:
+            source.close()
+        save_offsets(offsets, zdir, key)
+        log.info("router offsets: %s", "; ".join(
+            f"L{layer} " + ", ".join(f"{s} {v['offset']:+.3f} (hit {v['hit']:.2f}, leak {v['leak']:.2f})"
+                                     for s, v in per.items()) for layer, per in offsets.items()))
+    return _sha(zdir / ROUTER_OFFSETS)
 
 
 def prepare_stages(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None,

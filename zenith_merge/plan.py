@@ -155,6 +155,8 @@ class StagePlan(_Frozen):
         default_factory=dict, description="source -> (base layer, source layer) pairs to fit A and B for")
     prompt_vectors: tuple[str, ...] = Field((), description="sources whose router rows start from their prompts' "
                                                             "direction in the base's MoE input (gate_mode hidden...)")
+    router_offsets: tuple[str, ...] = Field((), description="sources whose selection bias is calibrated on the "
+                                                            "sources' prompts (router.calibrate)")
 
 class PlannedTensor(_Frozen):
     """One output tensor: what it is and how to make it."""
@@ -231,7 +233,8 @@ class Plan(_Frozen):
     def needs_stages(self) -> bool:
         """True when stages must run (or their saved artefacts be checked) before writing."""
         st = self.stages
-        return not self.resolved or bool(st.align) or bool(st.prompt_vectors) or self.vocab is not None
+        return (not self.resolved or bool(st.align) or bool(st.prompt_vectors) or bool(st.router_offsets)
+                or self.vocab is not None)
 
     def layer_experts(self, layer: int) -> LayerExperts:
         """The expert table's row of output `layer`."""
@@ -416,7 +419,7 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
         return 0
     loads = [loaded(k) for k in stages.usage]
     loads += [loaded("base") + loaded(k) for k in stages.align]
-    loads += [loaded("base")] if stages.prompt_vectors else []
+    loads += [loaded("base")] if stages.prompt_vectors or stages.router_offsets else []
     return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
 
 
@@ -616,11 +619,13 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
     vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_ROW_MODES
                     and (s.key != "base" or sl.dense_mlp))
+    offsets = _calibrated_sources(cfg, sources, arch)
     tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch, vocab, sources)
     return _finish(cfg, config_dir, output_dir, method="concat", base=base, sources=sources, target=target,
                    tensors=tensors, input_bytes=input_bytes, vocab=vocab,
                    layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
-                   transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors))
+                   transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors,
+                                                           router_offsets=offsets))
 
 
 def _vocab_plan(cfg: MergeConfig, config_dir: Path | None, base: _Source, sources: list[_Source]) -> VocabPlan | None:
@@ -644,6 +649,24 @@ def _vocab_input_bytes(name: str, shape: tuple[int, ...], base: _Source, sources
 
 # Rows of a union embedding computed at a time (float64 work copies of this many rows).
 VOCAB_CHUNK_ROWS = 4096
+
+
+def _calibrated_sources(cfg: MergeConfig, sources: list[_Source], arch: Architecture) -> tuple[str, ...]:
+    """The grafted sources whose selection bias `router.calibrate` offsets (on by default for gate_mode transfer)."""
+    want = cfg.router.calibrate if cfg.router.calibrate is not None else cfg.gate_mode == "transfer"
+    if not want:
+        return ()
+    if "router_bias" not in arch.roles:
+        if cfg.router.calibrate:
+            raise PlanError(f"router.calibrate: the output ({arch.name}) has no selection bias to offset; "
+                            f"calibration works on DeepSeek-V3 outputs (e_score_correction_bias)")
+        return ()
+    grafted = [s for s in sources if s.key != "base"]
+    missing = [s for s in grafted if not s.entry.positive_prompts]
+    if missing and cfg.router.calibrate:
+        raise PlanError(f"experts.{missing[0].index}.positive_prompts: router.calibrate measures where each "
+                        f"source's prompts are routed; give some")
+    return tuple(s.key for s in grafted if s.entry.positive_prompts)
 
 
 def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], table: list[LayerExperts],

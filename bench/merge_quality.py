@@ -208,6 +208,19 @@ def heldout_texts() -> dict[str, str]:
             "maths_chat": heldout_text("maths", style="qwen_chat")}
 
 
+def text_sizes(texts: dict[str, str]) -> str:
+    """The held-out texts' sizes, as a report says them."""
+    return (f"held-out text: {len(texts['code'].encode())} bytes of code, {len(texts['maths'].encode())} bytes of "
+            f"maths, {len(texts['maths_chat'].encode())} bytes of maths as Qwen chat.")
+
+
+def emit(report: str, out: Path | None) -> None:
+    """Print a report, and write it to `out` when given."""
+    print(report)
+    if out:
+        out.write_text(report + "\n")
+
+
 def main() -> None:
     args = report_args("Held-out bits per byte of the demo sources and of same-family and cross-architecture "
                        "merges of them (DESIGN.md 'Quality yardstick').")
@@ -236,14 +249,11 @@ def main() -> None:
         f"cache: {ensure_demo(BASE, progress=False).parent}",
         f"command: `.venv/bin/python bench/merge_quality.py`, total wall {time.perf_counter() - t_start:.0f} s",
         "", table(rows), "",
-        f"held-out text: {len(texts['code'].encode())} bytes of code, {len(texts['maths'].encode())} bytes of "
-        f"maths, {len(texts['maths_chat'].encode())} bytes of maths as Qwen chat. Gap closed is against "
-        f"{SAME_DONOR} for same-family merges, {CROSS_DONOR} for grafts; base {BASE}.",
+        f"{text_sizes(texts)} Gap closed is against {SAME_DONOR} for same-family merges, {CROSS_DONOR} for "
+        f"grafts; base {BASE}.",
         "", "Against DESIGN.md's targets:", verdicts(rows),
     ])
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,19 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from merge_quality import BASE, CROSS_DONOR, Merge, gap, heldout_texts, machine, report_args, run_one, score
+from merge_quality import (
+    BASE,
+    CROSS_DONOR,
+    Merge,
+    emit,
+    gap,
+    heldout_texts,
+    machine,
+    report_args,
+    run_one,
+    score,
+    text_sizes,
+)
 from transformers import AutoTokenizer
 
 from zenith_merge.demo import ensure_demo
@@ -144,14 +156,11 @@ def main() -> None:
         f"cache: {base_dir.parent}",
         f"command: `.venv/bin/python bench/tokenizer_union.py`, total wall {time.perf_counter() - t_start:.0f} s",
         "", vocab_table(token_map), "", tok_table, "", bpb_table(rows), "",
-        f"held-out text: {len(texts['code'].encode())} bytes of code, {len(texts['maths'].encode())} bytes of "
-        f"maths, {len(texts['maths_chat'].encode())} bytes of maths as Qwen chat. Base {BASE}, donor {CROSS_DONOR}; "
-        "every merge is merge/config.yml with only the tokenizer settings changed.",
+        f"{text_sizes(texts)} Base {BASE}, donor {CROSS_DONOR}; every merge is merge/config.yml with only the "
+        "tokenizer settings changed.",
         "", "Against DESIGN.md's cross-architecture target:", verdicts(rows),
     ])
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

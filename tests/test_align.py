@@ -15,10 +15,15 @@ from zenith_merge.errors import CalibrationError
 from zenith_merge.stages.align import (
     Alignment,
     RidgeAccumulator,
+    accumulator_bytes,
     fit_alignment,
+    fit_alignment_groups,
     load_alignment,
     pair_by_offsets,
+    pair_groups,
+    read_maps,
     save_alignment,
+    save_alignment_groups,
     split_passages,
 )
 
@@ -188,3 +193,36 @@ def test_fit_alignment_on_demo_models(tmp_path):
         assert 0.05 < alignment.r2_A[pair] < 0.99 and 0.05 < alignment.r2_B[pair] < 0.99
     loaded = load_alignment(save_alignment(alignment, tmp_path))
     assert torch.equal(loaded.A[(2, 1)], alignment.A[(2, 1)]) and loaded.r2_B == alignment.r2_B
+
+
+def test_pair_groups_fit_the_budget_and_keep_one_pair_at_least():
+    pairs = [(i + 1, i) for i in range(7)]
+    one = accumulator_bytes(128, 96)
+    assert one == 8 * (128 + 96) ** 2
+    assert pair_groups(pairs, 128, 96, None) == [pairs]
+    assert pair_groups(pairs, 128, 96, 3 * one + 1) == [pairs[:3], pairs[3:6], pairs[6:]]
+    assert pair_groups(pairs, 128, 96, 1) == [[p] for p in pairs]
+
+
+def test_grouped_fit_gives_the_same_maps_one_group_at_a_time(tmp_path):
+    """With a budget of one layer pair, each pair is fitted in its own pass and saved before the next: same maps."""
+    from zenith_merge.demo import calibration_text, ensure_demo
+
+    base, donor = ensure_demo("zen-tiny"), ensure_demo("qwen3-moe-tiny")
+    texts = [calibration_text("maths")[:2000]]
+    layers = lambda layer: (f"model.layers.{layer}.mlp", f"model.layers.{layer}")  # noqa: E731
+    pairs = [(1, 0), (2, 1), (3, 2)]
+    kwargs = dict(base_points=layers, donor_points=layers, max_tokens=600, progress=False)
+    whole = fit_alignment(base, donor, pairs, texts, **kwargs)
+    groups = fit_alignment_groups(base, donor, pairs, texts, max_accumulator_bytes=accumulator_bytes(128, 96),
+                                  **kwargs)
+    folder = save_alignment_groups(groups, tmp_path / "grouped")
+    assert sorted(p.name for p in folder.iterdir()) == ["align-0.safetensors", "align-1.safetensors",
+                                                        "align-2.safetensors", "align.json"]
+    for pair in pairs:
+        a, b = read_maps(folder, pair)
+        assert torch.equal(a, whole.A[pair]) and torch.equal(b, whole.B[pair])
+    info = json.loads((folder / "align.json").read_text())
+    assert info["files"]["A.2.1"] == "align-1.safetensors" and set(info["sha256"]) == {
+        "align-0.safetensors", "align-1.safetensors", "align-2.safetensors"}
+    assert load_alignment(folder).r2_A == whole.r2_A

@@ -82,6 +82,18 @@ def test_flagship_union_tokenizer_loads_and_renders_the_thinking_markers(flagshi
     assert "token_map.json" in (flagship / "README.md").read_text()
 
 
+def test_a_graft_fitted_one_layer_pair_at_a_time_writes_the_same_checkpoint(flagship, tmp_path):
+    data = yaml.safe_load((ROOT / "merge" / "config.yml").read_text())
+    data["align"]["max_memory"] = 1  # below one pair's statistics: one pair per pass
+    out = run_merge(parse_config(data), config_dir=ROOT / "merge", output_dir=tmp_path / "out",
+                    progress=False).output_dir
+    names = sorted(p.name for p in (out / ".zenith" / "align-donor1").iterdir())
+    assert names == ["align-0.safetensors", "align-1.safetensors", "align-2.safetensors", "align.json"]
+    grouped, whole = tensors_of(out), tensors_of(flagship)
+    assert grouped.keys() == whole.keys()
+    assert all(torch.equal(grouped[n].view(torch.uint8), whole[n].view(torch.uint8)) for n in whole)
+
+
 def test_resumed_graft_reuses_its_stages_and_shards(flagship, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in (flagship / ".zenith").rglob("*") if p.is_file()}
     cfg = load_config(ROOT / "merge" / "config.yml")

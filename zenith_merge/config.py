@@ -147,6 +147,10 @@ class AlignSettings(_Strict):
         description="calibration text: text files (relative to the config) or demo:code / demo:maths; "
                     "default: the experts' prompts")
     max_tokens: int = Field(20_000, ge=1, description="calibration tokens per model, at most")
+    max_memory: ByteSize | None = Field(
+        None, description="bytes the fit's float64 statistics may hold (8 (d_base + d_donor)^2 per layer pair); "
+                          "beyond it the pairs are fitted in groups, one pass over the calibration text each, and "
+                          "each group's maps are written before the next starts. None: all pairs in one pass")
 
 
 class AssemblySettings(_Strict):

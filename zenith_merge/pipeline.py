@@ -7,7 +7,6 @@ into bytes, one tensor at a time, in whichever process writes its shard.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 
 from .architectures import ARCHITECTURES, facts, tensor_name
 from .config import MergeConfig, resolve_path
-from .errors import ConfigError, OutputError, PlanError
+from .errors import ConfigError, OutputError, PlanError, ZenithError
 from .graft_math import fold_projection, interpolate, pad_to, relative_difference
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
@@ -55,6 +54,7 @@ class PlanTensorSource:
         self._router_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._vectors: dict[str, torch.Tensor] | None = None
         self._offsets: dict | None = None
+        self._align_info: dict[str, dict] = {}
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -78,13 +78,15 @@ class PlanTensorSource:
             return None, None
         key = (source, layer, source_layer)
         if key not in self._alignments:
-            from safetensors import safe_open
+            from .stages.align import read_info, read_maps
 
-            path = alignment_dir(Path(self.plan.output_dir), source) / "align.safetensors"
-            if not path.is_file():
-                raise OutputError(f"{path}: missing; run `zenith-merge align` (or merge without --resume) again")
-            with safe_open(str(path), "pt") as f:
-                maps = tuple(f.get_tensor(f"{kind}.{layer}.{source_layer}") for kind in ("A", "B"))
+            folder = alignment_dir(Path(self.plan.output_dir), source)
+            if source not in self._align_info:
+                try:
+                    self._align_info[source] = read_info(folder)
+                except ZenithError as err:
+                    raise OutputError(f"{err}; run `zenith-merge align` (or merge without --resume) again") from None
+            maps = read_maps(folder, (layer, source_layer), self._align_info[source])
             self._alignments.clear()
             self._alignments[key] = maps
         return self._alignments[key]
@@ -318,23 +320,27 @@ def _sha(path: Path) -> str:
 def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, key: str, cfg: MergeConfig,
            progress: bool) -> None:
     """Fit (or reuse, when fitted for this plan) the maps A and B of one source's layer pairs."""
-    from .stages.align import fit_alignment, save_alignment
+    from .stages.align import ALIGN_JSON, fit_alignment_groups, read_info, save_alignment_groups
 
-    info = folder / "align.json"
-    if info.is_file() and (folder / "align.safetensors").is_file():
-        if json.loads(info.read_text()).get("meta", {}).get("plan_key") == key:
-            return
+    if (folder / ALIGN_JSON).is_file():
+        try:
+            if read_info(folder).get("meta", {}).get("plan_key") == key:
+                return
+        except ZenithError:
+            pass  # incomplete or older: fit again
     base_arch = ARCHITECTURES[plan.sources["base"].architecture]
     src_arch = ARCHITECTURES[plan.sources[source].architecture]
-    alignment = fit_alignment(
+    groups = fit_alignment_groups(
         plan.sources["base"].path, plan.sources[source].path, list(pairs), texts,
         base_points=lambda layer: (base_arch.mlp_module.format(layer=layer), base_arch.layer_module.format(layer=layer)),
         donor_points=lambda layer: (src_arch.mlp_module.format(layer=layer), src_arch.layer_module.format(layer=layer)),
-        ridge=cfg.align.ridge, max_tokens=cfg.align.max_tokens, progress=progress, **calibration_load(cfg))
-    alignment.meta["plan_key"] = key
-    save_alignment(alignment, folder)
+        ridge=cfg.align.ridge, max_tokens=cfg.align.max_tokens, max_accumulator_bytes=cfg.align.max_memory,
+        progress=progress, **calibration_load(cfg))
+    save_alignment_groups(groups, folder, grouped=cfg.align.max_memory is not None, meta={"plan_key": key})
+    info = read_info(folder)
     log.info("aligned %s: %s", source, ", ".join(
-        f"{p}: R2(A) {alignment.r2_A[p]:.2f}, R2(B) {alignment.r2_B[p]:.2f}" for p in alignment.pairs))
+        f"{b}.{d}: R2(A) {info['r2']['A'][f'A.{b}.{d}']:.2f}, R2(B) {info['r2']['B'][f'B.{b}.{d}']:.2f}"
+        for b, d in info["pairs"]))
 
 
 def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progress: bool) -> str:
@@ -412,7 +418,7 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
         for source, pairs in plan.stages.align.items():
             folder = alignment_dir(out, source)
             _align(plan, source, pairs, texts, folder, key=key, cfg=cfg, progress=progress)
-            artefacts[f"align-{source}"] = _sha(folder / "align.safetensors")
+            artefacts[f"align-{source}"] = _sha(folder / "align.json")  # which holds each map file's sha256
     plan = resolve(plan, usage, artefacts)
     if plan.stages.router_offsets:
         artefacts[ROUTER_OFFSETS] = _router_offsets(plan, cfg, zdir, key=key)

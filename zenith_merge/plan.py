@@ -418,9 +418,19 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
     if stages is None:
         return 0
     loads = [loaded(k) for k in stages.usage]
-    loads += [loaded("base") + loaded(k) for k in stages.align]
+    loads += [loaded("base") + loaded(k) + _fit_bytes(stages.align[k], sources["base"], sources[k], cfg)
+              for k in stages.align]
     loads += [loaded("base")] if stages.prompt_vectors or stages.router_offsets else []
     return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
+
+
+def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:
+    """The alignment fit's statistics at their largest: one group of layer pairs (`align.max_memory`)."""
+    from .stages.align import accumulator_bytes, pair_groups
+
+    d_base, d_donor = base.facts.hidden_size, donor.facts.hidden_size
+    group = max(len(g) for g in pair_groups(list(pairs), d_base, d_donor, cfg.align.max_memory))
+    return group * accumulator_bytes(d_base, d_donor)
 
 
 def _output_architecture(cfg: MergeConfig, base: _Source, sources: list[_Source]) -> Architecture:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration
 from ..errors import CalibrationError
+from ..io.manifest import file_sha256
 from ..ridge import RidgeAccumulator, RidgeFit
 
 __all__ = [
@@ -39,16 +40,22 @@ __all__ = [
     "LayerPoints",
     "RidgeAccumulator",
     "RidgeFit",
+    "accumulator_bytes",
     "fit_alignment",
+    "fit_alignment_groups",
     "load_alignment",
     "pair_by_offsets",
+    "pair_groups",
+    "read_info",
+    "read_maps",
     "save_alignment",
+    "save_alignment_groups",
     "split_passages",
 ]
 
 ALIGN_TENSORS = "align.safetensors"
 ALIGN_JSON = "align.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # layer -> (MoE block module name, decoder layer module name), e.g. 2 -> ("model.layers.2.mlp", "model.layers.2").
 # The caller derives it from the architecture tables; this stage never guesses module names.
@@ -149,7 +156,32 @@ def _run(model, tokenizer, passage: str, points: list[CapturePoint],
     return ends, states
 
 
-def fit_alignment(
+def accumulator_bytes(d_base: int, d_donor: int) -> int:
+    """Bytes of the float64 statistics one layer pair's fits hold: X^T X and Y^T X for A and for B.
+
+    8 (d_b^2 + d_d d_b) + 8 (d_d^2 + d_b d_d) = 8 (d_b + d_d)^2
+    """
+    return 8 * (d_base + d_donor) ** 2
+
+
+def pair_groups(pairs: Sequence[tuple[int, int]], d_base: int, d_donor: int,
+                max_bytes: int | None) -> list[list[tuple[int, int]]]:
+    """Layer pairs split into groups whose statistics fit in `max_bytes` (None: one group); at least one a group."""
+    pairs = list(pairs)
+    if max_bytes is None:
+        return [pairs]
+    size = max(1, max_bytes // accumulator_bytes(d_base, d_donor))
+    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
+
+
+def fit_alignment(base_path: str | Path, donor_path: str | Path, layer_pairs: Sequence[tuple[int, int]],
+                  texts: Iterable[str], **kwargs) -> Alignment:
+    """Fit A and B for each (base_layer, donor_layer) pair, all pairs in one pass; see `fit_alignment_groups`."""
+    (alignment,) = fit_alignment_groups(base_path, donor_path, layer_pairs, texts, **kwargs)
+    return alignment
+
+
+def fit_alignment_groups(
     base_path: str | Path,
     donor_path: str | Path,
     layer_pairs: Sequence[tuple[int, int]],
@@ -159,40 +191,60 @@ def fit_alignment(
     donor_points: LayerPoints,
     ridge: float = 1e-2,
     max_tokens: int = 20000,
+    max_accumulator_bytes: int | None = None,
     load_in_8bit: bool = False,
     max_memory: Mapping[str | int, int | str] | None = None,
     dtype: torch.dtype | str | None = None,
     passage_chars: int = 1024,
     max_tokens_per_text: int = 512,
     progress: bool = True,
-) -> Alignment:
-    """Fit A and B for each (base_layer, donor_layer) pair on calibration text run through both models.
+) -> Iterator[Alignment]:
+    """Fit A and B for each (base_layer, donor_layer) pair on calibration text run through both models,
+    yielding one `Alignment` per group of pairs.
 
     Why: grafting a donor expert into a base of another width needs maps between the two hidden
-    spaces (see the module docstring). Both models are loaded with `load_for_calibration` (same
+    spaces (see the module docstring). Both models are loaded once with `load_for_calibration` (same
     `load_in_8bit`, `max_memory` and `dtype`, applied to each model) and fed the same passages of `texts`
     (`split_passages`), pairing tokens by end offset as they go; at most `max_tokens` paired tokens are
     used. `base_points` / `donor_points` give, per layer, the MoE block's and the decoder layer's module
     names (from the architecture tables). Statistics are accumulated in float64, so memory does not grow
-    with the number of tokens.
+    with the number of tokens; with `max_accumulator_bytes` it does not grow with the number of layers
+    either: the pairs are fitted in groups that fit (`pair_groups`), one pass over the text per group,
+    and each group's maps are handed over (to be saved) before the next group starts.
     """
     pairs = [(int(b), int(d)) for b, d in layer_pairs]
     if not pairs:
         raise ValueError("no layer pairs to align")
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"duplicate layer pairs in {pairs}")
+    texts = list(texts)
+    base, base_tok = load_for_calibration(base_path, load_in_8bit=load_in_8bit, max_memory=max_memory, dtype=dtype)
+    donor, donor_tok = load_for_calibration(donor_path, load_in_8bit=load_in_8bit, max_memory=max_memory, dtype=dtype)
+    d_base, d_donor = base.config.hidden_size, donor.config.hidden_size
+    try:
+        for group in pair_groups(pairs, d_base, d_donor, max_accumulator_bytes):
+            yield _fit_group(base, base_tok, donor, donor_tok, group, texts, base_points=base_points,
+                             donor_points=donor_points, ridge=ridge, max_tokens=max_tokens,
+                             passage_chars=passage_chars, max_tokens_per_text=max_tokens_per_text,
+                             progress=progress, where=(base_path, donor_path))
+    finally:
+        del base, donor
+
+
+def _fit_group(base, base_tok, donor, donor_tok, pairs: list[tuple[int, int]], texts: list[str], *,
+               base_points: LayerPoints, donor_points: LayerPoints, ridge: float, max_tokens: int,
+               passage_chars: int, max_tokens_per_text: int, progress: bool, where) -> Alignment:
+    """One pass over the text for one group of layer pairs, then their ridge fits."""
     base_in = {b: _points(base_points, b) for b, _ in pairs}
     donor_in = {d: _points(donor_points, d) for _, d in pairs}
     base_list = list(dict.fromkeys(p for pts in base_in.values() for p in pts))
     donor_list = list(dict.fromkeys(p for pts in donor_in.values() for p in pts))
-
-    base, base_tok = load_for_calibration(base_path, load_in_8bit=load_in_8bit, max_memory=max_memory, dtype=dtype)
-    donor, donor_tok = load_for_calibration(donor_path, load_in_8bit=load_in_8bit, max_memory=max_memory, dtype=dtype)
     d_base, d_donor = base.config.hidden_size, donor.config.hidden_size
     acc_a = {pair: RidgeAccumulator(d_base, d_donor) for pair in pairs}
     acc_b = {pair: RidgeAccumulator(d_donor, d_base) for pair in pairs}
     n_tokens = 0
-    bar = tqdm(total=max_tokens, desc="alignment", unit="tok", disable=not progress, leave=False)
+    bar = tqdm(total=max_tokens, desc=f"alignment {pairs[0]}..{pairs[-1]}", unit="tok", disable=not progress,
+               leave=False)
     try:
         for text in texts:
             for passage in split_passages(text, passage_chars):
@@ -213,12 +265,11 @@ def fit_alignment(
                 bar.update(take)
     finally:
         bar.close()
-        del base, donor
     if n_tokens == 0:
-        raise CalibrationError(f"{base_path} and {donor_path}: no tokens of the calibration text end at the same "
+        raise CalibrationError(f"{where[0]} and {where[1]}: no tokens of the calibration text end at the same "
                                f"character in both tokenizations; give more (or longer) texts")
-    fits_a = {pair: acc.fit(ridge) for pair, acc in acc_a.items()}
-    fits_b = {pair: acc.fit(ridge) for pair, acc in acc_b.items()}
+    fits_a = {pair: acc_a.pop(pair).fit(ridge) for pair in pairs}
+    fits_b = {pair: acc_b.pop(pair).fit(ridge) for pair in pairs}
     return Alignment(
         pairs=pairs,
         A={p: f.W.float() for p, f in fits_a.items()},
@@ -229,7 +280,7 @@ def fit_alignment(
         ridge=ridge,
         d_base=d_base,
         d_donor=d_donor,
-        meta={"base": str(base_path), "donor": str(donor_path)},
+        meta={"base": str(where[0]), "donor": str(where[1])},
     )
 
 
@@ -241,47 +292,81 @@ def _key(kind: str, pair: tuple[int, int]) -> str:
 
 
 def save_alignment(alignment: Alignment, folder: str | Path) -> Path:
-    """Write `align.safetensors` (A.<base>.<donor>, B.<base>.<donor>, float32) and `align.json` into folder.
+    """Write `align.safetensors` (A.<base>.<donor>, B.<base>.<donor>, float32) and `align.json` into folder."""
+    return save_alignment_groups([alignment], folder, grouped=False)
+
+
+def save_alignment_groups(groups: Iterable[Alignment], folder: str | Path, *, grouped: bool = True,
+                          meta: Mapping | None = None) -> Path:
+    """Write each group's maps as it comes (`align-<k>.safetensors`; `align.safetensors` when not `grouped`),
+    then `align.json`: pairs, R^2, the file of each map and each file's sha256.
 
     Each file is written to a temporary name and renamed, tensors first: a folder with align.json has a
-    complete alignment. Returns the folder.
+    complete alignment. A group's maps are dropped once written, so memory holds one group. Returns the folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for pair in alignment.pairs:
-        tensors[_key("A", pair)] = alignment.A[pair].detach().to("cpu", torch.float32).contiguous()
-        tensors[_key("B", pair)] = alignment.B[pair].detach().to("cpu", torch.float32).contiguous()
-    info = {
-        "format": FORMAT_VERSION,
-        "pairs": [list(p) for p in alignment.pairs],
-        "r2": {"A": {_key("A", p): alignment.r2_A[p] for p in alignment.pairs},
-               "B": {_key("B", p): alignment.r2_B[p] for p in alignment.pairs}},
-        "n_tokens": alignment.n_tokens,
-        "ridge": alignment.ridge,
-        "d_base": alignment.d_base,
-        "d_donor": alignment.d_donor,
-        "meta": alignment.meta,
-    }
-    tmp = folder / f".{ALIGN_TENSORS}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)})
-    os.replace(tmp, folder / ALIGN_TENSORS)
+    info: dict = {"format": FORMAT_VERSION, "pairs": [], "r2": {"A": {}, "B": {}}, "files": {}, "sha256": {}}
+    for k, alignment in enumerate(groups):
+        name = f"align-{k}.safetensors" if grouped else ALIGN_TENSORS
+        tensors = {}
+        for pair in alignment.pairs:
+            for kind, maps, r2 in (("A", alignment.A, alignment.r2_A), ("B", alignment.B, alignment.r2_B)):
+                tensors[_key(kind, pair)] = maps[pair].detach().to("cpu", torch.float32).contiguous()
+                info["r2"][kind][_key(kind, pair)] = r2[pair]
+                info["files"][_key(kind, pair)] = name
+            info["pairs"].append(list(pair))
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)})
+        os.replace(tmp, folder / name)
+        info["sha256"][name] = file_sha256(folder / name)
+        info.update(n_tokens=alignment.n_tokens, ridge=alignment.ridge, d_base=alignment.d_base,
+                    d_donor=alignment.d_donor, meta={**alignment.meta, **(meta or {})})
+        del tensors, alignment
     tmp = folder / f".{ALIGN_JSON}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, folder / ALIGN_JSON)
     return folder
 
 
-def load_alignment(folder: str | Path) -> Alignment:
-    """Read an alignment written by `save_alignment`; raises CalibrationError naming what is missing or wrong."""
+def read_info(folder: str | Path) -> dict:
+    """`align.json` of a folder, checked: its format, and every map file it names present."""
     folder = Path(folder)
-    json_path, tensor_path = folder / ALIGN_JSON, folder / ALIGN_TENSORS
-    if not json_path.is_file() or not tensor_path.is_file():
-        raise CalibrationError(f"{folder}: no complete alignment ({ALIGN_JSON} and {ALIGN_TENSORS}); fit it again")
+    json_path = folder / ALIGN_JSON
+    if not json_path.is_file():
+        raise CalibrationError(f"{folder}: no complete alignment ({ALIGN_JSON} missing); fit it again")
     info = json.loads(json_path.read_text())
     if info.get("format") != FORMAT_VERSION:
         raise CalibrationError(f"{json_path}: alignment format {info.get('format')!r}, expected {FORMAT_VERSION}")
-    tensors = load_file(str(tensor_path))
+    for name in sorted(set(info["files"].values())):
+        if not (folder / name).is_file():
+            raise CalibrationError(f"{folder}: no complete alignment ({name} missing); fit it again")
+    return info
+
+
+def read_maps(folder: str | Path, pair: tuple[int, int], info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one layer pair, read from the file that holds them (one pair's maps in memory)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    info = info or read_info(folder)
+    out = []
+    for kind in ("A", "B"):
+        key = _key(kind, pair)
+        if key not in info["files"]:
+            raise CalibrationError(f"{folder / ALIGN_JSON}: no map {key}; fit the alignment again")
+        with safe_open(str(folder / info["files"][key]), "pt") as f:
+            out.append(f.get_tensor(key))
+    return out[0], out[1]
+
+
+def load_alignment(folder: str | Path) -> Alignment:
+    """Read an alignment written by `save_alignment`; raises CalibrationError naming what is missing or wrong."""
+    folder = Path(folder)
+    info = read_info(folder)
+    tensors = {}
+    for name in sorted(set(info["files"].values())):
+        tensors.update(load_file(str(folder / name)))
     pairs = [(int(b), int(d)) for b, d in info["pairs"]]
     d_base, d_donor = int(info["d_base"]), int(info["d_donor"])
     A, B = {}, {}
@@ -290,7 +375,8 @@ def load_alignment(folder: str | Path) -> Alignment:
             key = _key(kind, pair)
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 found = tuple(tensors[key].shape) if key in tensors else "nothing"
-                raise CalibrationError(f"{tensor_path}: expected {key} of shape {shape}, found {found}")
+                raise CalibrationError(f"{folder / info['files'].get(key, ALIGN_TENSORS)}: expected {key} of shape "
+                                       f"{shape}, found {found}")
             store[pair] = tensors[key]
     return Alignment(
         pairs=pairs, A=A, B=B,

@@ -117,6 +117,10 @@ def format_expert_table(plan) -> list[str]:
         lines.append("  stage align: " + ", ".join(f"{k} pairs {list(v)}" for k, v in stages.align.items()))
     if stages.router_offsets:
         lines.append("  stage router offsets: " + ", ".join(stages.router_offsets))
+    if stages.train_routers:
+        r = plan.config["router"]
+        lines.append(f"  router training after writing: {stages.train_routers} steps, {r['train']} rows, lr {r['lr']}, "
+                     f"rewrites {', '.join(plan.router_shards)}")
     return lines
 
 

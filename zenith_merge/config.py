@@ -184,6 +184,17 @@ class RouterSettings(_Strict):
                           "selection bias: DeepSeek's e_score_correction_bias). None: on for gate_mode transfer")
     target_share: float = Field(0.5, gt=0.0, lt=1.0, description="share of top-k picks a source's prompts should "
                                                                  "send to its experts when no other source has prompts")
+    train_steps: int = Field(0, ge=0, description="router-only training steps after the merge is written (0: none)")
+    train: Literal["grafted", "all"] = Field(
+        "grafted", description="which router rows train: the grafted sources' (the base's routing kept) or all")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate of router training")
+    batch_size: int = Field(4, ge=1, description="sequences per training step")
+    seq_len: int = Field(128, ge=8, description="tokens per training sequence")
+    bias_update: float = Field(1e-3, ge=0.0, description="DeepSeek's auxiliary-loss-free step: each expert's "
+                                                         "selection bias moves by this against its load imbalance")
+    data: list[str] = Field(default_factory=list, description="training text: files (relative to the config) or "
+                                                              "demo:code / demo:maths; default: align.calibration "
+                                                              "and every expert's prompts")
 
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]

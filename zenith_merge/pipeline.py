@@ -39,7 +39,8 @@ from .plan import (
 )
 
 log = logging.getLogger(__name__)
-ROUTER_OFFSETS = "router_offsets.json"  # the artefact name, as the stage writes it
+ROUTER_OFFSETS = "router_offsets.json"  # the artefact names, as the stages write them
+ROUTER_TRAINED = "router_trained.safetensors"
 
 
 class PlanTensorSource:
@@ -130,6 +131,12 @@ class PlanTensorSource:
 
     def _router(self, r: RouterRecipe) -> torch.Tensor:
         self._router_cache.clear()
+        if ROUTER_TRAINED in self.plan.artefacts:  # router training's rows replace the gate mode's
+            from .stages.router_training import read_trained
+
+            arch = ARCHITECTURES[self.plan.target_config["architectures"][0]]
+            role = "router" if r.part == "weight" else "router_bias"
+            return read_trained(Path(self.plan.output_dir) / ".zenith", tensor_name(arch, role, r.layer))
         base_arch = ARCHITECTURES[self.plan.sources["base"].architecture]
         role = "router" if r.part == "weight" else "router_bias"
         base_name = tensor_name(base_arch, role, r.layer) if role in base_arch.roles else None
@@ -479,6 +486,15 @@ def prepare_stages(cfg: MergeConfig, *, config_dir: Path | None = None, output_d
     return plan
 
 
+def _write(plan: Plan, out: Path, **kwargs) -> WriteResult:
+    """Write the plan's shards into `out` (the writer's options in kwargs)."""
+    source = PlanTensorSource(plan)
+    try:
+        return write_checkpoint(out, plan.shard_specs(), source, plan_id=plan.plan_id, **kwargs)
+    finally:
+        source.close()
+
+
 def run_merge(
     cfg: MergeConfig,
     *,
@@ -489,18 +505,35 @@ def run_merge(
     workers: int | None = None,
     progress: bool = True,
 ) -> MergeResult:
-    """Plan, run the stages, and write a merge; on resume, finished shards are kept and the rest rewritten."""
+    """Plan, run the stages, and write a merge; on resume, finished shards are kept and the rest rewritten.
+
+    With router training, the merge is written first (the model trains from it), then the shards
+    holding the routers are written again with the trained rows; a resumed run picks up at
+    whichever of those steps was cut short.
+    """
     plan = prepare_stages(cfg, config_dir=config_dir, output_dir=output_dir, resume=resume, overwrite=overwrite,
                           progress=progress)
     out = Path(plan.output_dir)
-    source = PlanTensorSource(plan)
-    try:
-        result = write_checkpoint(
-            out, plan.shard_specs(), source, plan_id=plan.plan_id, resume=resume,
-            workers=workers or cfg.workers, backend=cfg.backend, progress=progress,
-        )
-    finally:
-        source.close()
+    write = dict(workers=workers or cfg.workers, backend=cfg.backend, progress=progress)
+    if plan.stages.train_routers:
+        from .stages.router_training import TRAINED_FILE, train_routers, trained_key
+
+        zdir, untrained_id = out / ".zenith", plan.plan_id
+        if trained_key(zdir) != untrained_id:
+            _write(plan, out, resume=resume, **write)
+            write_side_files(plan, out)  # the model trains from the folder: it needs config and tokenizer
+            patch_output(out)
+            log.info("training the router rows for %d steps", plan.stages.train_routers)
+            texts = read_texts(cfg.router.data, "router.data", config_dir) or [
+                *read_texts(cfg.align.calibration, "align.calibration", config_dir),
+                *(p for e in cfg.experts for p in e.positive_prompts)]
+            train_routers(out, plan, texts, key=untrained_id, progress=progress)
+        plan = plan.model_copy(update={"artefacts": {**plan.artefacts, TRAINED_FILE: _sha(zdir / TRAINED_FILE)}})
+        plan.save(out)
+        keep = frozenset(s.filename for s in plan.shards) - set(plan.router_shards)
+        result = _write(plan, out, resume=True, carry=(untrained_id, keep), **write)
+    else:
+        result = _write(plan, out, resume=resume, **write)
     write_side_files(plan, out)
     patch_output(out)
     from .model_card import write_model_card

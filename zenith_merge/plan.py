@@ -157,6 +157,7 @@ class StagePlan(_Frozen):
                                                             "direction in the base's MoE input (gate_mode hidden...)")
     router_offsets: tuple[str, ...] = Field((), description="sources whose selection bias is calibrated on the "
                                                             "sources' prompts (router.calibrate)")
+    train_routers: int = Field(0, description="router training steps once the merge is written (router.train_steps)")
 
 class PlannedTensor(_Frozen):
     """One output tensor: what it is and how to make it."""
@@ -248,6 +249,14 @@ class Plan(_Frozen):
         return self.layer_experts(layer).slots[slot]
 
     @property
+    def router_shards(self) -> tuple[str, ...]:
+        """The shards router training rewrites: those holding the router tensors (after all others)."""
+        if not self.stages.train_routers:
+            return ()
+        arch = ARCHITECTURES[self.target_config["architectures"][0]]
+        return tuple(s.filename for s in self.shards if any(is_router(arch, n) for n in s.tensors))
+
+    @property
     def plan_id(self) -> str:
         """sha256 of everything that determines the output bytes (not where they are written)."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "estimates"})
@@ -274,6 +283,12 @@ class Plan(_Frozen):
         if not path.is_file():
             raise PlanError(f"{path}: no plan here; is {out_dir} a zenith-merge output folder?")
         return cls.model_validate_json(path.read_text())
+
+
+def is_router(arch: Architecture, name: str) -> bool:
+    """True for a router tensor (weight rows or selection bias) of `arch`: what router training changes."""
+    tid = classify(arch, name)
+    return tid is not None and tid.role in ("router", "router_bias")
 
 
 # Roles the planner generates per MoE layer instead of copying (experts by slot, router by row).
@@ -378,7 +393,15 @@ def _estimates(tensors: list[PlannedTensor], input_bytes: dict[str, int], stage_
 def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: str, base: _Source,
             sources: list[_Source], target: dict[str, Any], tensors: list[PlannedTensor],
             input_bytes: dict[str, int], **extra) -> Plan:
-    shards = layout_shards([t.spec for t in tensors], cfg.max_shard_size)
+    specs, break_before = [t.spec for t in tensors], None
+    stages = extra.get("stages")
+    if stages is not None and stages.train_routers:
+        # the routers in shards of their own, after the rest: training rewrites only those
+        arch = ARCHITECTURES[target["architectures"][0]]
+        routers = [t.spec for t in tensors if is_router(arch, t.name)]
+        specs = [t.spec for t in tensors if not is_router(arch, t.name)] + routers
+        break_before = len(specs) - len(routers)
+    shards = layout_shards(specs, cfg.max_shard_size, break_before=break_before)
     planned = {"base": _planned_source(base)}
     planned.update({s.key: _planned_source(s) for s in sources if s.key not in planned})
     side_files = {name: "base" for name in tokenizer_files(base.model.path)}
@@ -393,7 +416,8 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
         shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)
                      for s in shards),
         estimates=_estimates(tensors, input_bytes,
-                             _stage_memory(extra.get("stages"), {s.key: s for s in (base, *sources)}, cfg)),
+                             max(_stage_memory(extra.get("stages"), {s.key: s for s in (base, *sources)}, cfg),
+                                 _training_memory(stages, tensors))),
         **extra)
     return simplify(plan) if plan.resolved else plan
 
@@ -431,6 +455,13 @@ def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:
     d_base, d_donor = base.facts.hidden_size, donor.facts.hidden_size
     group = max(len(g) for g in pair_groups(list(pairs), d_base, d_donor, cfg.align.max_memory))
     return group * accumulator_bytes(d_base, d_donor)
+
+
+def _training_memory(stages: StagePlan | None, tensors: list[PlannedTensor]) -> int:
+    """Router training holds the merged model in float32 (plus transformers' overhead and activations)."""
+    if stages is None or not stages.train_routers:
+        return 0
+    return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + 4 * sum(math.prod(t.shape) for t in tensors)
 
 
 def _output_architecture(cfg: MergeConfig, base: _Source, sources: list[_Source]) -> Architecture:
@@ -635,7 +666,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
                    tensors=tensors, input_bytes=input_bytes, vocab=vocab,
                    layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
                    transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors,
-                                                           router_offsets=offsets))
+                                                           router_offsets=offsets,
+                                                           train_routers=_router_training(cfg, donors)))
 
 
 def _vocab_plan(cfg: MergeConfig, config_dir: Path | None, base: _Source, sources: list[_Source]) -> VocabPlan | None:
@@ -659,6 +691,14 @@ def _vocab_input_bytes(name: str, shape: tuple[int, ...], base: _Source, sources
 
 # Rows of a union embedding computed at a time (float64 work copies of this many rows).
 VOCAB_CHUNK_ROWS = 4096
+
+
+def _router_training(cfg: MergeConfig, donors: list[_Source]) -> int:
+    """Router training steps, checked: they need grafted experts to route to."""
+    if cfg.router.train_steps and not donors and cfg.router.train == "grafted":
+        raise PlanError("router.train_steps: no grafted experts to train router rows for (router.train: grafted); "
+                        "add a donor to experts, or use router.train: all")
+    return cfg.router.train_steps
 
 
 def _calibrated_sources(cfg: MergeConfig, sources: list[_Source], arch: Architecture) -> tuple[str, ...]:
@@ -777,7 +817,7 @@ def simplify(plan: Plan) -> Plan:
                 unmapped = tr.align in ("none", "identity") and not tr.noise_scale
                 if unmapped and (slot.scale == 1.0 or r.proj != "down") and info(slot.source, src).shape == t.shape:
                     t = t.model_copy(update={"recipe": CopyRecipe(source=slot.source, tensor=src)})
-            elif isinstance(r, RouterRecipe):
+            elif isinstance(r, RouterRecipe) and not plan.stages.train_routers:
                 le = plan.layer_experts(r.layer)
                 name = source_router(plan, le.slots[0], r.part)
                 if all(_identity_slot(r.layer, j, s) for j, s in enumerate(le.slots)) and \

@@ -45,20 +45,23 @@ def shard_name(i: int, n: int, prefix: str = "model") -> str:
     return f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
 
 
-def layout_shards(tensors: Sequence[TensorSpec], max_shard_size: int, prefix: str = "model") -> list[ShardSpec]:
+def layout_shards(tensors: Sequence[TensorSpec], max_shard_size: int, prefix: str = "model",
+                  break_before: int | None = None) -> list[ShardSpec]:
     """Pack tensors, in the given order, into shards of at most `max_shard_size` bytes of tensor data.
 
     Greedy, like transformers and mergekit: a shard is closed when the next tensor would push it
     over the limit, and a tensor larger than the limit gets a shard of its own. Keeping plan order
     keeps a layer's tensors together; the result depends only on the arguments. Shards are named
-    `model-00001-of-00003.safetensors` (always indexed, even when there is one).
+    `model-00001-of-00003.safetensors` (always indexed, even when there is one). `break_before`
+    starts a new shard at that tensor index, so the tensors from there on share no shard with the
+    ones before (router training rewrites only those).
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be a positive number of bytes, not {max_shard_size}")
     groups: list[list[TensorSpec]] = []
     size = 0
-    for t in tensors:
-        if not groups or (groups[-1] and size + t.nbytes > max_shard_size):
+    for i, t in enumerate(tensors):
+        if not groups or (groups[-1] and (size + t.nbytes > max_shard_size or i == break_before)):
             groups.append([])
             size = 0
         groups[-1].append(t)

@@ -172,3 +172,27 @@ def build_header(
     raw = json.dumps(obj, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def save_keyed(tensors: dict[str, torch.Tensor], path: Path, key: str) -> Path:
+    """Write a stage artefact atomically (temporary name, then rename) with the plan key it belongs to."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"key": key})
+    os.replace(tmp, path)
+    return path
+
+
+def saved_key(path: Path) -> str | None:
+    """The plan key a stage artefact written by `save_keyed` belongs to (None when there is no file)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("key")

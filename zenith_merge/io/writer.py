@@ -258,6 +258,7 @@ def write_checkpoint(
     backend: Literal["local", "ray"] = "local",
     progress: bool = True,
     verify_on_resume: bool = True,
+    carry: tuple[str, frozenset[str]] | None = None,
 ) -> WriteResult:
     """Write `shards` into `out_dir`, pulling each tensor from `source`, then the index.
 
@@ -266,7 +267,9 @@ def write_checkpoint(
     (and sha256, when `verify_on_resume`) are kept and the rest rewritten; a manifest from another
     plan is refused. `workers > 1` writes shards concurrently in local processes; `backend="ray"`
     runs them as Ray tasks (at most `workers` at a time) on a filesystem the cluster shares.
-    Output bytes do not depend on `workers` or `backend`.
+    Output bytes do not depend on `workers` or `backend`. `carry=(earlier_plan_id, shards)`: a
+    manifest of that earlier plan is accepted on resume, and of its finished shards those named
+    are kept (their bytes are the same under both plans; router training relies on it).
     """
     _check_layout(shards)
     if backend not in ("local", "ray"):
@@ -276,7 +279,9 @@ def write_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir) if resume else None
-    if manifest is not None and manifest.get("plan_id") != plan_id:
+    if manifest is not None and carry is not None and manifest.get("plan_id") == carry[0] != plan_id:
+        manifest = {**manifest, "shards": {k: v for k, v in manifest["shards"].items() if k in carry[1]}}
+    elif manifest is not None and manifest.get("plan_id") != plan_id:
         raise OutputError(f"{out_dir}: the output folder was written from a different plan (plan "
                           f"{str(manifest.get('plan_id'))[:12]}, now {plan_id[:12]}): the config or a source changed; "
                           f"use overwrite to start again")

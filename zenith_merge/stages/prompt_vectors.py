@@ -15,19 +15,20 @@ embeddings, the same for every layer.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .. import dense_forward
 from ..architectures import architecture_of, tensor_name
 from ..calibration import CapturePoint, capture_batch, load_for_calibration, stored_dtype
 from ..io.reader import Checkpoint
+from ..io.safetensors_format import save_keyed
+from ..io.safetensors_format import saved_key as _saved_key
 
 VECTORS_FILE = "prompt_vectors.safetensors"
 
@@ -126,21 +127,12 @@ def cheap_embed_vectors(base_path: Path, layers: Sequence[int],
 def save_vectors(vectors: dict[str, torch.Tensor], layers: Sequence[int], folder: Path, key: str) -> Path:
     """Write `<folder>/prompt_vectors.safetensors`: `<source>.<layer>` -> unit vector, with the plan key."""
     tensors = {f"{source}.{layer}": v[i].contiguous() for source, v in vectors.items() for i, layer in enumerate(layers)}
-    path = Path(folder) / VECTORS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
-    return path
+    return save_keyed(tensors, Path(folder) / VECTORS_FILE, key)
 
 
 def saved_key(folder: Path) -> str | None:
     """The plan key the saved vectors were computed for (None when there are none)."""
-    path = Path(folder) / VECTORS_FILE
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("key")
+    return _saved_key(Path(folder) / VECTORS_FILE)
 
 
 def load_vectors(folder: Path) -> dict[str, torch.Tensor]:

@@ -78,6 +78,12 @@ def _calibrated(d: dict) -> None:
     d["router"] = {"calibrate": True}
 
 
+def _trained(steps: int, calibrate: bool = False) -> Callable[[dict], None]:
+    def edit(d: dict) -> None:
+        d["router"] = {"calibrate": calibrate, "train_steps": steps, "lr": 1e-2}
+    return edit
+
+
 MERGES = [
     Merge("chimera (R1 routed experts, rest zen-tiny)", CHIMERA, "same"),
     Merge("assembly: routed experts 0.5/0.5, rest zen-tiny", CHIMERA, "same",
@@ -98,6 +104,10 @@ MERGES = [
     Merge("graft control: random router rows", ROOT / "merge" / "config.yml", "cross", _gate("random")),
     Merge("graft: transfer rows, calibrated offsets (router.calibrate)", ROOT / "merge" / "config.yml", "cross",
           _calibrated),
+    Merge("graft: transfer rows + 100 router-training steps (donor rows, lr 1e-2)", ROOT / "merge" / "config.yml",
+          "cross", _trained(100)),
+    Merge("graft: calibrated offsets + 100 router-training steps", ROOT / "merge" / "config.yml", "cross",
+          _trained(100, calibrate=True)),
 ]
 
 

@@ -178,6 +178,7 @@ def load_for_calibration(
         _remove(temp_dir)
         raise CalibrationError(f"{path}: the tokenizer is not a fast tokenizer; calibration needs character offsets")
     model.eval()
+    _own_buffers(model)
     if load_in_8bit:
         _flatten_int8_inputs(model)
         _check_forward(model, path)
@@ -195,6 +196,32 @@ def _has_experts(path: Path) -> bool:
     config = json.loads((Path(path) / "config.json").read_text())
     arch = ARCHITECTURES.get((config.get("architectures") or [None])[0])
     return arch is not None and arch.moe_layer_rule != "none"
+
+
+def _own_buffers(model) -> None:
+    """Give every CPU buffer memory of its own.
+
+    Why: transformers may load a small buffer (DeepSeek's `e_score_correction_bias`) as a view of
+    the memory-mapped checkpoint, and accelerate does not offload buffers, so the whole shard's
+    mapping stays open while the model lives, with every page read while loading counted in RSS
+    (measured: 334 MiB more on an 8-layer synthetic base than on a 2-layer one).
+    """
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type == "cpu":
+                module._buffers[name] = buf.clone()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system between calibration passes (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def stored_dtype(path: Path, *, cuda: bool) -> torch.dtype:

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration
+from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError
 from ..io.manifest import file_sha256
 from ..ridge import RidgeAccumulator, RidgeFit
@@ -223,12 +223,14 @@ def fit_alignment_groups(
     d_base, d_donor = base.config.hidden_size, donor.config.hidden_size
     try:
         for group in pair_groups(pairs, d_base, d_donor, max_accumulator_bytes):
+            release_memory()  # the previous group's statistics and activations
             yield _fit_group(base, base_tok, donor, donor_tok, group, texts, base_points=base_points,
                              donor_points=donor_points, ridge=ridge, max_tokens=max_tokens,
                              passage_chars=passage_chars, max_tokens_per_text=max_tokens_per_text,
                              progress=progress, where=(base_path, donor_path))
     finally:
         del base, donor
+        release_memory()
 
 
 def _fit_group(base, base_tok, donor, donor_tok, pairs: list[tuple[int, int]], texts: list[str], *,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import dense_forward
 from ..architectures import architecture_of, tensor_name
-from ..calibration import CapturePoint, capture_batch, load_for_calibration, stored_dtype
+from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory, stored_dtype
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import save_keyed
 from ..io.safetensors_format import saved_key as _saved_key
@@ -74,6 +74,7 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
             out[source] = _unit(torch.stack(rows))
     finally:
         del model
+        release_memory()
     return out
 
 

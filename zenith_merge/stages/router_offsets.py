@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import CapturePoint, capture_batch, load_for_calibration
+from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
 from ..routing import RoutingSpec, route
 
@@ -97,6 +97,7 @@ def prompt_states(base_path: Path, layers: Sequence[int], prompts: Mapping[str, 
                            for layer, p in points.items()}
     finally:
         del model
+        release_memory()
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
-from ..calibration import CapturePoint, capture_batch, load_for_calibration
+from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
 from ..io.reader import Checkpoint
 from ..routing import route, routing_spec
@@ -64,6 +64,7 @@ def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str]
                     picks[layer] += idx.numel()
     finally:
         del model
+        release_memory()
     out = {}
     for layer in layers:
         c = counts[layer].tolist()

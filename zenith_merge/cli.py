@@ -215,12 +215,11 @@ def cmd_align(args) -> int:
 
 def format_union(plan, token_map: dict) -> list[str]:
     """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
-    from .stages.tokenizer import row_counts
+    from .stages.tokenizer import appended_tokens, row_counts
 
     vp = plan.vocab
     rows = row_counts(token_map)
-    appended = [e for e in token_map["tokens"] if e["id"] >= token_map["base_size"]]
-    specials = [e["token"] for e in appended if e.get("special")]
+    appended, specials = appended_tokens(token_map)
     lines = [f"union tokenizer: {token_map['size']} tokens ({token_map['base_size']} base ids kept, "
              f"{len(appended)} appended from {', '.join(token_map['donors'])}), embedding rows {vp.padded_size}",
              f"  donor merges: {token_map['merges_added']} added after the base's, "

@@ -16,7 +16,6 @@ with rmsnorm(x) = x / sqrt(mean(x^2) + eps), computed in float32 as transformers
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,8 +139,7 @@ def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], 
 
 
 def bos_text(folder: str | Path) -> str:
-    """The text of the model's BOS token from tokenizer_config.json ('' when it has none)."""
-    path = Path(folder) / "tokenizer_config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    bos = cfg.get("bos_token")
-    return (bos.get("content") if isinstance(bos, dict) else bos) or ""
+    """The text of the model's BOS token from its tokenizer files ('' when it has none)."""
+    from .vocab.tokenizer_json import TokenizerFiles
+
+    return TokenizerFiles.load(folder).token_content("bos_token") or ""

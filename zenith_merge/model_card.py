@@ -18,12 +18,11 @@ from .io.manifest import temp_path
 def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
     if plan.vocab is None or token_map is None:
         return ["## Vocabulary", "", "The base model's tokenizer, unchanged: token ids are the base's.", ""]
-    from .stages.tokenizer import row_counts
+    from .stages.tokenizer import appended_tokens, row_counts
 
     vp = plan.vocab
     rows = row_counts(token_map)
-    appended = [e for e in token_map["tokens"] if e["id"] >= token_map["base_size"]]
-    specials = [e["token"] for e in appended if e.get("special")]
+    appended, specials = appended_tokens(token_map)
     names = {key: plan.sources[key].ref for key in ("base", *vp.donors)}
     how = {"base": "copied from the base", "slerp": f"SLERP of the base row and the mapped donor row, t={vp.slerp_t}"}
     lines = ["## Vocabulary", "",

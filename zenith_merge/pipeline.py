@@ -37,10 +37,10 @@ from .plan import (
     source_router,
     source_tensor,
 )
+from .stages.router_offsets import OFFSETS_FILE as ROUTER_OFFSETS
+from .stages.router_training import TRAINED_FILE as ROUTER_TRAINED
 
 log = logging.getLogger(__name__)
-ROUTER_OFFSETS = "router_offsets.json"  # the artefact names, as the stages write them
-ROUTER_TRAINED = "router_trained.safetensors"
 
 
 class PlanTensorSource:
@@ -56,6 +56,7 @@ class PlanTensorSource:
         self._vectors: dict[str, torch.Tensor] | None = None
         self._offsets: dict | None = None
         self._align_info: dict[str, dict] = {}
+        self._union: tuple[dict, dict] | None = None  # the token map and row maps, read once
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -203,18 +204,20 @@ class PlanTensorSource:
 
     def _vocab(self, r: VocabRecipe, spec: TensorSpec) -> torch.Tensor:
         """The union's embedding or lm_head, built in the output dtype from the token map."""
-        from .stages.tokenizer import _rows_tensor, load_maps, load_token_map, union_rows
+        from .stages.tokenizer import load_maps, load_token_map, rows_tensor, union_rows
 
         zdir = Path(self.plan.output_dir) / ".zenith"
-        token_map = load_token_map(zdir)
+        if self._union is None:
+            self._union = (load_token_map(zdir), load_maps(zdir))
+        token_map, maps = self._union
         base = self._checkpoint("base")
-        base_rows = base.read(_rows_tensor(base, self.plan.sources["base"].architecture, r.part))
+        base_rows = base.read(rows_tensor(base, self.plan.sources["base"].architecture, r.part))
         donors = {}
         for key in self.plan.vocab.donors:
             ckpt = self._checkpoint(key)
-            donors[key] = ckpt.read(_rows_tensor(ckpt, self.plan.sources[key].architecture, r.part))
+            donors[key] = ckpt.read(rows_tensor(ckpt, self.plan.sources[key].architecture, r.part))
         out = torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
-        return union_rows(r.part, out, base_rows, donors, token_map, load_maps(zdir))
+        return union_rows(r.part, out, base_rows, donors, token_map, maps)
 
     def _assemble(self, r: AssembleRecipe) -> torch.Tensor:
         base = self._checkpoint("base").read(r.tensor)
@@ -232,6 +235,7 @@ class PlanTensorSource:
         self._open.clear()
         self._alignments.clear()
         self._router_cache.clear()
+        self._union = None
 
 
 _PROJ_INDEX = {"gate": 0, "up": 1, "down": 2}

@@ -406,7 +406,7 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
     planned.update({s.key: _planned_source(s) for s in sources if s.key not in planned})
     side_files = {name: "base" for name in tokenizer_files(base.model.path)}
     if extra.get("vocab") is not None:
-        from .stages.tokenizer import union_file_names
+        from .vocab.output_files import union_file_names
 
         side_files = {name: UNION_SIDE_FILES for name in union_file_names(base.model.path)}
     plan = Plan(
@@ -450,7 +450,7 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
 
 def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:
     """The alignment fit's statistics at their largest: one group of layer pairs (`align.max_memory`)."""
-    from .stages.align import accumulator_bytes, pair_groups
+    from .ridge import accumulator_bytes, pair_groups
 
     d_base, d_donor = base.facts.hidden_size, donor.facts.hidden_size
     group = max(len(g) for g in pair_groups(list(pairs), d_base, d_donor, cfg.align.max_memory))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +69,21 @@ class RidgeAccumulator:
         sst = self.yy - (self.y_sum @ self.y_sum) / self.n
         r2 = 1.0 - float(sse.clamp_min(0) / sst) if float(sst) > 0 else float("nan")
         return RidgeFit(W=w.contiguous(), r2=r2, n=self.n)
+
+
+def accumulator_bytes(d_base: int, d_donor: int) -> int:
+    """Bytes of the float64 statistics one layer pair's fits hold: X^T X and Y^T X for A and for B.
+
+    8 (d_b^2 + d_d d_b) + 8 (d_d^2 + d_b d_d) = 8 (d_b + d_d)^2
+    """
+    return 8 * (d_base + d_donor) ** 2
+
+
+def pair_groups(pairs: Sequence[tuple[int, int]], d_base: int, d_donor: int,
+                max_bytes: int | None) -> list[list[tuple[int, int]]]:
+    """Layer pairs split into groups whose statistics fit in `max_bytes` (None: one group); at least one a group."""
+    pairs = list(pairs)
+    if max_bytes is None:
+        return [pairs]
+    size = max(1, max_bytes // accumulator_bytes(d_base, d_donor))
+    return [pairs[i:i + size] for i in range(0, len(pairs), size)]

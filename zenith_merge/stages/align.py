@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError
 from ..io.manifest import file_sha256
-from ..ridge import RidgeAccumulator, RidgeFit
+from ..ridge import RidgeAccumulator, RidgeFit, accumulator_bytes, pair_groups
 
 __all__ = [
     "Alignment",
@@ -154,24 +154,6 @@ def _run(model, tokenizer, passage: str, points: list[CapturePoint],
     ends = torch.cat([c.ends[1:] for c in chunks])
     states = {p: torch.cat([c.states[p][1:] for c in chunks]) for p in points}
     return ends, states
-
-
-def accumulator_bytes(d_base: int, d_donor: int) -> int:
-    """Bytes of the float64 statistics one layer pair's fits hold: X^T X and Y^T X for A and for B.
-
-    8 (d_b^2 + d_d d_b) + 8 (d_d^2 + d_b d_d) = 8 (d_b + d_d)^2
-    """
-    return 8 * (d_base + d_donor) ** 2
-
-
-def pair_groups(pairs: Sequence[tuple[int, int]], d_base: int, d_donor: int,
-                max_bytes: int | None) -> list[list[tuple[int, int]]]:
-    """Layer pairs split into groups whose statistics fit in `max_bytes` (None: one group); at least one a group."""
-    pairs = list(pairs)
-    if max_bytes is None:
-        return [pairs]
-    size = max(1, max_bytes // accumulator_bytes(d_base, d_donor))
-    return [pairs[i:i + size] for i in range(0, len(pairs), size)]
 
 
 def fit_alignment(base_path: str | Path, donor_path: str | Path, layer_pairs: Sequence[tuple[int, int]],

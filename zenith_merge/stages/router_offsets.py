@@ -19,6 +19,7 @@ found before it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -110,8 +111,6 @@ def save_offsets(offsets: dict[int, dict[str, dict[str, float]]], folder: Path, 
 
 def load_offsets(folder: Path, key: str | None = None) -> dict[int, dict[str, dict[str, float]]] | None:
     """The saved offsets (when computed for `key`, if given), else None."""
-    import json
-
     path = Path(folder) / OFFSETS_FILE
     if not path.is_file():
         return None

@@ -53,15 +53,6 @@ CHUNK_ROWS = 4096
 NORM_SAMPLE = 16384
 
 
-def union_file_names(base_folder: str | Path) -> list[str]:
-    """The tokenizer files a union output has: tokenizer.json, tokenizer_config.json, generation_config.json,
-    and special_tokens_map.json / chat_template.jinja where the base has them."""
-    base_folder = Path(base_folder)
-    names = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
-    names += [n for n in ("special_tokens_map.json", "chat_template.jinja") if (base_folder / n).is_file()]
-    return sorted(names)
-
-
 def _row_rule(token: UnionToken, donors: tuple[str, ...], forced: dict[int, str], chosen: dict[int, str]) -> str:
     """How a union token's rows are made: base (copied), slerp:<donor>, or <donor> (transferred)."""
     if token.id in forced:
@@ -85,7 +76,7 @@ def token_rules(vocab: UnionVocab, rules: dict[str, Any]) -> dict[int, str]:
     return {uid: _row_rule(t, vocab.donors, forced, chosen) for uid, t in vocab.tokens.items()}
 
 
-def _rows_tensor(ckpt: Checkpoint, arch_name: str, part: str) -> str:
+def rows_tensor(ckpt: Checkpoint, arch_name: str, part: str) -> str:
     """The name of a source's embedding (`embed`) or output rows (`head`: lm_head, or the embedding when tied)."""
     arch = ARCHITECTURES[arch_name]
     embed = tensor_name(arch, "embed")
@@ -187,13 +178,13 @@ def _fit_maps(plan, vocab: UnionVocab, rules: dict[int, str]) -> tuple[dict[str,
         if tensor_name(ARCHITECTURES[base_src.architecture], "lm_head") in base_ckpt:
             parts.append("head")
         for part in parts:
-            base_rows = base_ckpt.read(_rows_tensor(base_ckpt, base_src.architecture, part))
+            base_rows = base_ckpt.read(rows_tensor(base_ckpt, base_src.architecture, part))
             base_ids = [uid for uid in vocab.tokens if uid < base_rows.shape[0] and "base" in vocab.tokens[uid].sources]
             norms[part] = {"base": asdict(NormStats.of(_row_norms(base_rows, base_ids)))}
             for key in vocab.donors:
                 src = plan.sources[key]
                 with Checkpoint.open(Path(src.path), check_shapes=False) as ckpt:
-                    donor_rows = ckpt.read(_rows_tensor(ckpt, src.architecture, part))
+                    donor_rows = ckpt.read(rows_tensor(ckpt, src.architecture, part))
                 pairs = [(t.sources["base"], t.sources[key]) for t in vocab.tokens.values()
                          if "base" in t.sources and key in t.sources]
                 M, r2 = None, None
@@ -217,6 +208,12 @@ def row_counts(token_map: dict[str, Any]) -> dict[str, int]:
     for entry in token_map["tokens"]:
         counts[entry["row"]] = counts.get(entry["row"], 0) + 1
     return dict(sorted(counts.items()))
+
+
+def appended_tokens(token_map: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The token map's entries appended after the base's ids, and the special tokens among them."""
+    appended = [e for e in token_map["tokens"] if e["id"] >= token_map["base_size"]]
+    return appended, [e["token"] for e in appended if e.get("special")]
 
 
 def load_token_map(zdir: Path) -> dict[str, Any]:

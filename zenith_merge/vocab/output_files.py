@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 from .chat_template import union_chat_template
@@ -18,6 +19,15 @@ from .tokenizer_json import TokenizerFiles, TokenizerModel
 from .union import UnionVocab
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def union_file_names(base_folder: str | Path) -> list[str]:
+    """The tokenizer files a union output has: tokenizer.json, tokenizer_config.json, generation_config.json,
+    and special_tokens_map.json / chat_template.jinja where the base has them."""
+    base_folder = Path(base_folder)
+    names = ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    names += [n for n in ("special_tokens_map.json", "chat_template.jinja") if (base_folder / n).is_file()]
+    return sorted(names)
 
 
 def union_ids(vocab: UnionVocab, key: str) -> dict[int, int]:

@@ -5,8 +5,8 @@ Merge quality on the demo models: held-out bits per byte of each source and each
     .venv/bin/python bench/merge_quality.py                    # prints a markdown report
     .venv/bin/python bench/merge_quality.py --out /tmp/mq.md   # also writes it there
 
-Runs the same-family merges (zen-tiny + zen-r1-tiny: the Chimera assembly of
-merge/examples/chimera.yml, interpolation variants of it, and merge/examples/chimera_concat.yml;
+Runs the same-family merges (zen-tiny + zen-r1-tiny: the R1T Chimera recipe, the searched weights
+of merge/examples/chimera.yml, interpolation variants, and merge/examples/chimera_concat.yml;
 then an ablation taking one tensor class at a time from zen-r1-tiny, to see where its maths
 advantage lives, and a check that all-zen-r1-tiny weights reproduce zen-r1-tiny)
 and the cross-architecture graft of merge/config.yml (zen-tiny + 4 experts of qwen3-moe-tiny)
@@ -85,7 +85,9 @@ def _trained(steps: int, calibrate: bool = False) -> Callable[[dict], None]:
 
 
 MERGES = [
-    Merge("chimera (R1 routed experts, rest zen-tiny)", CHIMERA, "same"),
+    Merge("chimera (R1 routed experts, rest zen-tiny)", CHIMERA, "same",
+          _weights({"default": [1.0, 0.0], "routed_experts": [0.0, 1.0]})),
+    Merge("merge/examples/chimera.yml (per-class weights from zenith-merge search)", CHIMERA, "same"),
     Merge("assembly: routed experts 0.5/0.5, rest zen-tiny", CHIMERA, "same",
           _weights({"default": [1.0, 0.0], "routed_experts": [0.5, 0.5]})),
     Merge("assembly: R1 routed experts + R1 router", CHIMERA, "same",

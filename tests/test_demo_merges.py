@@ -12,7 +12,7 @@ from conftest import tensors_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from zenith_merge.cli import main
-from zenith_merge.config import load_config, parse_config
+from zenith_merge.config import load_config, parse_config, with_absolute_paths
 from zenith_merge.demo import ensure_demo, heldout_text
 from zenith_merge.pipeline import run_merge
 
@@ -104,14 +104,29 @@ def test_resumed_graft_reuses_its_stages_and_shards(flagship, tmp_path):
     assert after["token_map.json"] == before["token_map.json"]
 
 
-def test_chimera_is_r1_experts_in_the_v3_body(tmp_path):
+def test_r1t_recipe_is_r1_experts_in_the_v3_body(tmp_path):
+    data = with_absolute_paths(yaml.safe_load((ROOT / "merge/examples/chimera.yml").read_text()),
+                               ROOT / "merge" / "examples")
+    data["assembly"]["weights"] = {"default": [1.0, 0.0], "routed_experts": [0.0, 1.0]}
+    (tmp_path / "r1t.yml").write_text(yaml.safe_dump(data))
     out = tmp_path / "chimera"
-    _run("merge/examples/chimera.yml", out)
+    _run(str(tmp_path / "r1t.yml"), out)
     merged, v3, r1 = tensors_of(out), tensors_of(ensure_demo("zen-tiny")), tensors_of(ensure_demo("zen-r1-tiny"))
     assert merged.keys() == v3.keys()
     for name, t in merged.items():
         want = r1[name] if ".mlp.experts." in name else v3[name]
         assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), name
+
+
+def test_chimera_interpolates_each_class_with_its_searched_weight(tmp_path):
+    out = tmp_path / "chimera"
+    _run("merge/examples/chimera.yml", out)
+    cfg = load_config(ROOT / "merge/examples/chimera.yml")
+    merged, v3, r1 = tensors_of(out), tensors_of(ensure_demo("zen-tiny")), tensors_of(ensure_demo("zen-r1-tiny"))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    w = cfg.assembly.weights["attention"]
+    want = (w[0] * v3[name].float() + w[1] * r1[name].float()).to(merged[name].dtype)
+    assert torch.equal(merged[name], want)
 
 
 def test_three_sources_give_twenty_experts(tmp_path):

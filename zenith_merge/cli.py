@@ -213,6 +213,35 @@ def cmd_align(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import yaml
+
+    from .plan import output_path
+    from .search import check_searchable, run_search, search_table, write_search
+
+    cfg, config_dir = _load(args.config)
+    settings = check_searchable(cfg)
+    out = Path(args.out).resolve() if args.out else output_path(cfg, config_dir, args.output).with_name(
+        output_path(cfg, config_dir, args.output).name + "-search")
+    if args.dry_run:
+        n = len(set(settings.grid)) + settings.generations * settings.population
+        print(f"search: {n} candidates at most (2 parents, {len(set(settings.grid))} uniform lambdas, "
+              f"{settings.generations} rounds of {settings.population}), each scored on keep = "
+              f"{', '.join(settings.keep)} and gain = {', '.join(settings.gain)}; allowed loss "
+              f"{100 * settings.max_loss:g}%; classes: {', '.join(settings.classes or ['every class of the base'])}")
+        print(f"would write {out}/search.md, search.json, search.png, best.yml\ndry run: nothing scored")
+        return 0
+    if args.no_progress:
+        _quiet_transformers()
+    result = run_search(cfg, config_dir=config_dir, progress=not args.no_progress)
+    data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    paths = write_search(result, data, Path(args.config).resolve(), out)
+    print(search_table(result))
+    print(f"\nwritten: {paths['md']} (with {paths['png'].name}), {paths['json'].name}; the config with the chosen "
+          f"weights: {paths['config']}")
+    return 0
+
+
 def format_union(plan, token_map: dict) -> list[str]:
     """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
     from .stages.tokenizer import appended_tokens, row_counts
@@ -339,6 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sp)
     sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     sp.set_defaults(fn=cmd_tokenizer)
+
+    sp = sub.add_parser("search", help="search per-class assembly weights of two parents on calibration text",
+                        description="For a merge_method: assembly config with two experts[] entries: sweep one "
+                                    "lambda (the second parent's share) over every tensor class, then refine a "
+                                    "lambda per class by a small seeded evolutionary search. Each candidate is "
+                                    "assembled in memory by the merge's own code and scored in bits per byte on "
+                                    "search.keep text (may lose at most search.max_loss) and search.gain text "
+                                    "(gap closed toward the second parent). Writes search.md, search.json, "
+                                    "search.png and best.yml (the config with the chosen weights). Small models "
+                                    "only: every candidate is held in memory.")
+    _config_args(sp)
+    sp.add_argument("--out", metavar="DIR", help="where the results go (default: the output folder's name + -search)")
+    sp.add_argument("--dry-run", action="store_true", help="say what would be searched, score nothing")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.set_defaults(fn=cmd_search)
 
     sp = sub.add_parser("demo", help="build the embedded demo models (cached; trained on first use)",
                         description="Build the small trained demo models (zen-tiny, zen-r1-tiny, qwen3-moe-tiny) "

@@ -197,6 +197,45 @@ class RouterSettings(_Strict):
                                                               "and every expert's prompts")
 
 
+class SearchSettings(_Strict):
+    """`search:` how `zenith-merge search` looks for assembly weights (two parents, one lambda per class).
+
+    A candidate gives each searched tensor class the weights [1 - lambda, lambda] over the two
+    `experts[]` entries. It is scored by bits per byte on `keep` text (where the first entry is
+    good and must stay so) and `gain` text (where the second is better): the best candidate
+    closes the most of the `gain` gap while losing at most `max_loss` on `keep`.
+    """
+
+    keep: list[str] = Field(default_factory=list, description="text the merge must stay good at (the first "
+                                                              "entry's domain): files or demo:code / demo:maths")
+    gain: list[str] = Field(default_factory=list, description="text the merge should get better at (the second "
+                                                              "entry's domain): files or demo:code / demo:maths")
+    max_loss: float = Field(0.03, ge=0.0, description="relative bits-per-byte loss allowed on `keep` (0.03: 3%)")
+    classes: list[str] | None = Field(None, description="tensor classes searched, each with its own lambda; "
+                                                        "default: every class the base has")
+    grid: list[float] = Field([round(0.05 * i, 2) for i in range(21)],
+                              description="the uniform sweep: every searched class at each of these lambdas")
+    generations: int = Field(6, ge=0, description="evolutionary refinement rounds after the sweep")
+    population: int = Field(6, ge=1, description="candidates kept and children bred per round")
+    sigma: float = Field(0.08, gt=0.0, description="standard deviation of a child's per-class mutation")
+    max_chars: int = Field(40_000, ge=100, description="characters of each text scored per candidate")
+
+    @field_validator("grid")
+    @classmethod
+    def _lambdas(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError(f"lambdas must lie in [0, 1], at least one, got {v}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        for key in v or ():
+            if key not in TENSOR_CLASSES:
+                raise ValueError(f"unknown tensor class {key!r}; classes: {', '.join(TENSOR_CLASSES)}")
+        return v
+
+
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 OutputDtype = Literal["float32", "float16", "bfloat16"]
@@ -220,6 +259,7 @@ class MergeConfig(_Strict):
     align: AlignSettings = Field(default_factory=AlignSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     assembly: AssemblySettings | None = None
+    search: SearchSettings | None = Field(None, description="zenith-merge search: per-class assembly weights")
     output_dir: str = "./merged_model"
     max_shard_size: ByteSize = Field(5 * 10**9, description="largest output shard in bytes (5GB, 500MB, 4GiB, ...)")
     load_in_8bit: bool = Field(False, description="calibration forward passes in bitsandbytes 8-bit")
@@ -329,6 +369,42 @@ def load_config(path: str | Path) -> MergeConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_config(data, where=str(path))
+
+
+# Config entries that name files or models, relative to the config's folder: (path of keys, is a list).
+_PATH_KEYS = ((("base_model",), False), (("output_dir",), False), (("align", "calibration"), True),
+              (("router", "data"), True), (("tokenizer", "protect"), True), (("search", "keep"), True),
+              (("search", "gain"), True))
+
+
+def with_absolute_paths(data: dict, config_dir: Path) -> dict:
+    """A copy of raw config `data` whose relative file and model paths are absolute (demo references kept),
+    so that it means the same thing when written into another folder."""
+    import copy
+
+    out = copy.deepcopy(data)
+
+    def fix(v):
+        if not isinstance(v, str) or v.startswith(("demo:", "/", "~")):
+            return v
+        return str((config_dir / v).resolve())
+
+    for keys, is_list in _PATH_KEYS:
+        parent = out
+        for k in keys[:-1]:
+            parent = parent.get(k) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or keys[-1] not in parent:
+            continue
+        v = parent[keys[-1]]
+        parent[keys[-1]] = [fix(x) for x in v] if is_list and isinstance(v, list) else fix(v)
+    for group in ("experts", "shared_experts"):
+        for e in out.get(group) or []:
+            if isinstance(e, dict) and "source_model" in e:
+                e["source_model"] = fix(e["source_model"])
+    for rule in ((out.get("tokenizer") or {}).get("tokens") or {}).values():
+        if isinstance(rule, dict) and "source" in rule:
+            rule["source"] = fix(rule["source"])
+    return out
 
 
 def resolve_path(ref: str, config_dir: Path | None) -> Path:

@@ -95,15 +95,21 @@ class PlanTensorSource:
 
     def produce(self, spec: TensorSpec):
         """The bytes (same dtype: raw copy) or tensor (converted) for one output tensor."""
-        if self._recipes is None:
-            self._recipes = {t.name: t.recipe for t in self.plan.tensors}
-        recipe = self._recipes[spec.name]
+        recipe = self._recipe(spec.name)
         if isinstance(recipe, CopyRecipe):
             ckpt = self._checkpoint(recipe.source)
-            info = ckpt.info(recipe.tensor)
-            if info.dtype == spec.dtype and not recipe.pad:
+            if ckpt.info(recipe.tensor).dtype == spec.dtype and not recipe.pad:
                 return ckpt.byte_range(recipe.tensor) or ckpt.read_bytes(recipe.tensor)
-            out = ckpt.read(recipe.tensor)
+        return self.tensor(spec)
+
+    def tensor(self, spec: TensorSpec) -> torch.Tensor:
+        """One output tensor, always as a tensor of its planned dtype and shape (what `produce` writes).
+
+        The search scores candidate merges in memory from these, so it scores exactly what a merge writes.
+        """
+        recipe = self._recipe(spec.name)
+        if isinstance(recipe, CopyRecipe):
+            out = self._checkpoint(recipe.source).read(recipe.tensor)
         elif isinstance(recipe, ExpertRecipe):
             out = self._expert(recipe)
         elif isinstance(recipe, RouterRecipe):
@@ -113,6 +119,11 @@ class PlanTensorSource:
         else:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
+
+    def _recipe(self, name: str):
+        if self._recipes is None:
+            self._recipes = {t.name: t.recipe for t in self.plan.tensors}
+        return self._recipes[name]
 
     def _expert(self, r: ExpertRecipe) -> torch.Tensor:
         slot = self.plan.slot(r.layer, r.slot)

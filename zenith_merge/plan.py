@@ -368,7 +368,7 @@ def _target_dtype_keys(config: dict[str, Any], want: str | None) -> dict[str, An
     return out
 
 
-def _output_path(cfg: MergeConfig, config_dir: Path | None, override: str | Path | None) -> Path:
+def output_path(cfg: MergeConfig, config_dir: Path | None, override: str | Path | None) -> Path:
     """`--output` is taken from the working directory, the config's `output_dir` from the config's folder."""
     if override is not None:
         return Path(override).expanduser().resolve()
@@ -410,7 +410,7 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
 
         side_files = {name: UNION_SIDE_FILES for name in union_file_names(base.model.path)}
     plan = Plan(
-        method=method, config=cfg.model_dump(mode="json"), output_dir=str(_output_path(cfg, config_dir, output_dir)),
+        method=method, config=cfg.model_dump(mode="json"), output_dir=str(output_path(cfg, config_dir, output_dir)),
         sources=planned, target_config=target, side_files=side_files,
         tensors=tuple(tensors),
         shards=tuple(PlannedShard(filename=s.filename, tensors=tuple(t.name for t in s.tensors), nbytes=s.nbytes)

@@ -1,0 +1,50 @@
+"""Figures the reports embed, drawn with matplotlib's object API (no pyplot state) and written atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def lambda_sweep_plot(path: Path, *, sweep: Sequence[tuple[float, float, float]],
+                      refined: Sequence[tuple[float, float]], best: tuple[float, float], max_loss: float,
+                      keep_name: str = "keep", gain_name: str = "gain",
+                      labels: tuple[str, str] = ("per-class lambdas (refinement)", "chosen"),
+                      marked: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Gap closed against loss on the kept domain (both in %): the uniform sweep as a labelled line,
+    refined per-class candidates as points, the chosen one as a star, and the allowed loss as a line.
+
+    `sweep` holds (lambda, loss %, gap %); `refined`, `best` and the `marked` points (named) hold
+    (loss %, gap %); `labels` names the refined points and the star.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    if sweep:
+        ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "o-", color="tab:blue", ms=4,
+                label="uniform lambda (every class)")
+        for lam, loss, gap in sweep:
+            ax.annotate(f"{lam:g}", (loss, gap), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                        color="tab:blue")
+    if refined:
+        ax.scatter([r[0] for r in refined], [r[1] for r in refined], s=14, color="tab:gray", alpha=0.7,
+                   label=labels[0])
+    ax.scatter([best[0]], [best[1]], marker="*", s=180, color="tab:red", zorder=5, label=labels[1])
+    for name, (loss, gap) in (marked or {}).items():
+        ax.scatter([loss], [gap], marker="D", s=30, color="tab:green", zorder=4)
+        ax.annotate(name, (loss, gap), textcoords="offset points", xytext=(6, 2), fontsize=8, color="tab:green")
+    ax.axvline(max_loss, color="tab:red", ls="--", lw=1, label=f"allowed loss ({max_loss:g}%)")
+    ax.set_xlabel(f"{keep_name}: bits per byte vs the first parent (%)")
+    ax.set_ylabel(f"{gain_name}: gap closed (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from zenith_merge.vocab.rows import NormStats, match_norms, slerp
@@ -54,6 +54,7 @@ def test_slerp_interpolates_unequal_norms_linearly(seed, d, t):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=seeds, d=dims)
+@example(seed=715, d=2)  # nearly antiparallel rows: the endpoint must still be b itself
 def test_slerp_endpoints_are_the_rows_themselves(seed, d):
     a, b = _rows(seed, 3, d), _rows(seed + 1, 3, d)
     torch.testing.assert_close(slerp(a, b, 0.0), a, rtol=1e-12, atol=1e-12)

@@ -242,6 +242,35 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_routing(args) -> int:
+    from .plan import Plan
+    from .routing_report import routing_table, routing_usage, save_routing
+
+    out = Path(args.output_dir)
+    plan = Plan.load(out)
+    domains = {f"{key} prompts": list(t.prompts) for key, t in plan.transforms.items() if t.prompts}
+    for item in args.text or []:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise ZenithError(f"--text {item!r}: give NAME=FILE")
+        try:
+            domains[name] = [Path(file).read_text(encoding="utf-8")]
+        except OSError as err:
+            raise ZenithError(f"--text {name}: cannot read {file} ({err.strerror})") from None
+    if not domains:
+        raise ZenithError(f"{out}: the plan has no prompts to route; give texts with --text NAME=FILE")
+    if args.no_progress:
+        _quiet_transformers()
+    report = routing_usage(out, domains, max_tokens=args.max_tokens, progress=not args.no_progress)
+    if not report:
+        print(f"{out}: no MoE layer, nothing to report")
+        return 0
+    json_path, png = save_routing(report, out)
+    print("\n".join(routing_table(report)))
+    print(f"written: {json_path}, {png}")
+    return 0
+
+
 def format_union(plan, token_map: dict) -> list[str]:
     """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
     from .stages.tokenizer import appended_tokens, row_counts
@@ -383,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="say what would be searched, score nothing")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_search)
+
+    sp = sub.add_parser("routing", help="how a merged folder routes: each source's share of top-k picks per layer",
+                        description="Run the merged model in OUTPUT_DIR on texts (each source's prompts from the "
+                                    "plan, plus --text NAME=FILE) and report, per MoE layer and text, the share "
+                                    "of top-k picks and of routing weight that lands on each source's experts. "
+                                    "Writes .zenith/routing.json and .zenith/routing.png (a heatmap). `merge` "
+                                    "writes this report too, over the prompts and the calibration text.")
+    sp.add_argument("output_dir", help="a zenith-merge output folder")
+    sp.add_argument("--text", action="append", metavar="NAME=FILE", help="one more text to route (repeatable)")
+    sp.add_argument("--max-tokens", type=int, default=2048, metavar="N", help="tokens routed per text (2048)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sp.set_defaults(fn=cmd_routing)
 
     sp = sub.add_parser("demo", help="build the embedded demo models (cached; trained on first use)",
                         description="Build the small trained demo models (zen-tiny, zen-r1-tiny, qwen3-moe-tiny) "

@@ -268,6 +268,9 @@ class MergeConfig(_Strict):
     calibration_max_memory: ByteSize | None = Field(
         None, description="CPU bytes the stages' forward passes may hold for weights; the rest is read from "
                           "disk layer by layer (accelerate offload). None: the whole model in memory")
+    routing_report: bool = Field(True, description="after writing, run the merged model on each source's prompts "
+                                                   "and the calibration text and save how its routers split "
+                                                   "the top-k picks between the sources (.zenith/routing.json, .png)")
     workers: int = Field(1, ge=1, description="shards written in parallel")
     backend: Literal["local", "ray"] = "local"
     allow_pickle: bool = Field(False, description="read .bin pickles (weights_only) when a source has no safetensors")

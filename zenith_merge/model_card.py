@@ -43,7 +43,18 @@ def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def model_card(plan, token_map: dict[str, Any] | None = None) -> str:
+def _routing(routing: dict[str, Any] | None) -> list[str]:
+    if not routing:
+        return []
+    from .routing_report import ROUTING_PNG, routing_table
+
+    return ["## Routing", "",
+            f"How the merged routers split the top-{routing['top_k']} picks between the sources, per MoE layer and "
+            "text (`.zenith/routing.json`); \"slots\" is each source's share of the experts, what uniform "
+            "routing would give.", "", *routing_table(routing), "", f"![routing](.zenith/{ROUTING_PNG})", ""]
+
+
+def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str, Any] | None = None) -> str:
     """The README.md text of a merged folder."""
     base = plan.sources["base"]
     front = {"base_model": base.ref, "tags": ["merge", "zenith-merge", "moe"], "library_name": "transformers"}
@@ -53,15 +64,16 @@ def model_card(plan, token_map: dict[str, Any] | None = None) -> str:
              f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method}`, plan `{plan.plan_id[:12]}`).",
              "", "## Sources", "", "| key | model | architecture | fingerprint |", "|---|---|---|---|"]
     lines += [f"| {key} | {s.ref} | {s.architecture} | `{s.fingerprint[:16]}` |" for key, s in plan.sources.items()]
-    lines += ["", *_vocabulary(plan, token_map), "## Configuration", "", "```yaml",
+    lines += ["", *_vocabulary(plan, token_map), *_routing(routing), "## Configuration", "", "```yaml",
               yaml.safe_dump(plan.config, sort_keys=False, allow_unicode=True).strip(), "```", ""]
     return "\n".join(lines)
 
 
-def write_model_card(plan, out_dir: Path, token_map: dict[str, Any] | None = None) -> Path:
+def write_model_card(plan, out_dir: Path, token_map: dict[str, Any] | None = None,
+                     routing: dict[str, Any] | None = None) -> Path:
     """Write `<out>/README.md` atomically."""
     path = Path(out_dir) / "README.md"
     tmp = temp_path(path)
-    tmp.write_text(model_card(plan, token_map), encoding="utf-8")
+    tmp.write_text(model_card(plan, token_map, routing), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -510,6 +510,33 @@ def _write(plan: Plan, out: Path, **kwargs) -> WriteResult:
         source.close()
 
 
+def routing_domains(cfg: MergeConfig, plan: Plan, config_dir: Path | None) -> dict[str, list[str]]:
+    """The texts the routing report runs: each source's positive prompts, and each calibration text."""
+    domains = {f"{key} prompts": list(t.prompts) for key, t in plan.transforms.items() if t.prompts}
+    if not plan.transforms:  # assembly and passthrough plans: the experts' prompts, by entry
+        domains = {f"experts.{i} prompts": list(e.positive_prompts) for i, e in enumerate(cfg.experts)
+                   if e.positive_prompts}
+    for item, text in zip(cfg.align.calibration, read_texts(cfg.align.calibration, "align.calibration", config_dir)):
+        domains[item] = [text]
+    return domains
+
+
+def write_routing_report(cfg: MergeConfig, plan: Plan, out: Path, *, config_dir: Path | None,
+                         progress: bool) -> None:
+    """The routing report of a written MoE merge, unless one for the same bytes is there already."""
+    from .routing_report import load_routing, routing_usage, save_routing
+
+    if load_routing(out) is not None:
+        return
+    domains = routing_domains(cfg, plan, config_dir)
+    if not domains:
+        log.info("no routing report: no prompts or calibration text to route")
+        return
+    report = routing_usage(out, domains, load=calibration_load(cfg), progress=progress)
+    if report:
+        save_routing(report, out)
+
+
 def run_merge(
     cfg: MergeConfig,
     *,
@@ -551,6 +578,8 @@ def run_merge(
         result = _write(plan, out, resume=resume, **write)
     write_side_files(plan, out)
     patch_output(out)
+    if cfg.routing_report:
+        write_routing_report(cfg, plan, out, config_dir=config_dir, progress=progress)
     from .model_card import write_model_card
 
     token_map = None
@@ -558,6 +587,8 @@ def run_merge(
         from .stages.tokenizer import load_token_map
 
         token_map = load_token_map(out / ".zenith")
-    write_model_card(plan, out, token_map)
+    from .routing_report import load_routing
+
+    write_model_card(plan, out, token_map, load_routing(out))
     log.info("merged %d tensors into %s", len(plan.tensors), out)
     return MergeResult(plan=plan, output_dir=out, write=result)

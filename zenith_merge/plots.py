@@ -48,3 +48,39 @@ def lambda_sweep_plot(path: Path, *, sweep: Sequence[tuple[float, float, float]]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
+
+
+def routing_heatmap(path: Path, report: dict) -> Path:
+    """One heatmap per source and measure (share of top-k picks, share of routing weight): domains x
+    MoE layers, each cell in %, with a last row giving the source's share of the slots (what uniform
+    routing would give)."""
+    from matplotlib.figure import Figure
+
+    sources, layers = report["sources"], list(report["layers"])
+    domains = list(report["domains"])
+    rows = [*domains, "(share of slots)"]
+    fig = Figure(figsize=(max(4.0, 1.2 + 0.55 * len(layers)) * len(sources), 1.2 + 0.45 * len(rows) * 2),
+                 layout="constrained")
+    axes = fig.subplots(2, len(sources), squeeze=False)
+    for col, source in enumerate(sources):
+        slots = [report["slots"][layer][source] / sum(report["slots"][layer].values()) for layer in layers]
+        for row, measure in enumerate(("picks", "weight")):
+            grid = [[_nan(report["layers"][layer][d][source][measure]) for layer in layers] for d in domains]
+            grid.append(slots)
+            ax = axes[row][col]
+            ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            for i, values in enumerate(grid):
+                for j, v in enumerate(values):
+                    if v == v:  # not NaN
+                        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                                color="white" if v < 0.6 else "black")
+            ax.set_xticks(range(len(layers)), [f"L{layer}" for layer in layers], fontsize=7)
+            ax.set_yticks(range(len(rows)), rows if col == 0 else [""] * len(rows), fontsize=7)
+            ax.set_title(f"{source}: share of {'top-k picks' if measure == 'picks' else 'routing weight'} (%)",
+                         fontsize=8)
+    fig.suptitle(f"routing of the merged model (top-{report['top_k']})", fontsize=9)
+    return _save(fig, path)
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x

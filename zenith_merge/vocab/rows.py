@@ -53,8 +53,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     sin = torch.sin(omega)
     general = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.where(sin == 0, 1.0, sin)
     near = _unit((1 - t) * ua + t * ub)[0]
-    w = t * math.pi
-    opposite = math.cos(w) * ua + math.sin(w) * _orthogonal(ua)
+    # near-antiparallel: dir = cos(t W) â + sin(t W) ô, with ô the unit part of b̂ orthogonal to â
+    # (sin W is too small to divide by); exactly antiparallel rows take a fixed orthogonal ô
+    perp = ub - (ua * ub).sum(-1, keepdim=True) * ua
+    perp_norm = torch.linalg.vector_norm(perp, dim=-1, keepdim=True)
+    o = torch.where(perp_norm > 1e-12, perp / perp_norm.clamp_min(1e-300), _orthogonal(ua))
+    opposite = torch.cos(t * omega) * ua + torch.sin(t * omega) * o
     direction = torch.where(omega < _EPS_ANGLE, near, torch.where(omega > math.pi - _EPS_ANGLE, opposite, general))
     return direction * ((1 - t) * na + t * nb)
 

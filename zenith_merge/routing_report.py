@@ -1,0 +1,148 @@
+"""How the written merge routes: per layer, per domain, the share of top-k picks and of routing
+weight that lands on each source's experts.
+
+The merged model's own routers are applied, from its written tensors, to the MoE inputs the
+merged model computes on each domain's text (with `routing.route`, the rule the model's forward
+pass follows). For a token t with picks P_t and weights w_t,e, a source s gets
+
+    pick share(s)   = sum_t |P_t ∩ slots(s)| / sum_t |P_t|
+    weight share(s) = sum_t sum_{e in P_t ∩ slots(s)} w_t,e / sum_t sum_{e in P_t} w_t,e
+
+Saved as `.zenith/routing.json` and drawn as `.zenith/routing.png` (one heatmap per source:
+domains x layers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import architecture_of, tensor_name
+from .calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
+from .io.manifest import read_manifest, write_json_atomic
+from .io.reader import Checkpoint
+from .plan import Plan
+from .routing import route, routing_spec
+
+ROUTING_FILE = "routing.json"
+ROUTING_PNG = "routing.png"
+
+
+def slot_owners(plan: Plan, layer: int, n_experts: int) -> list[str]:
+    """The source each output expert of `layer` comes from (every expert the base's when the plan has no table)."""
+    try:
+        slots = plan.layer_experts(layer).slots
+    except KeyError:
+        return ["base"] * n_experts
+    if len(slots) != n_experts:
+        raise ValueError(f"layer {layer}: the plan has {len(slots)} expert slots, the output {n_experts} experts")
+    return [s.source for s in slots]
+
+
+def output_key(out_dir: Path) -> str:
+    """What identifies the written bytes: the manifest's shard sha256s (a report is kept only for the same bytes)."""
+    manifest = read_manifest(out_dir) or {}
+    shards = {name: s.get("sha256") for name, s in (manifest.get("shards") or {}).items()}
+    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+
+
+def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: Mapping | None = None,
+                  max_tokens: int = 2048, progress: bool = True) -> dict:
+    """Pick and weight shares per MoE layer, domain and source, plus each expert's pick counts."""
+    out_dir = Path(out_dir)
+    plan = Plan.load(out_dir)
+    with Checkpoint.open(out_dir, check_shapes=False) as ckpt:
+        config = ckpt.config
+        arch = architecture_of(config, where=str(out_dir / "config.json"))
+        spec = routing_spec(config, where=str(out_dir / "config.json"))
+        routers = {}
+        for layer in range(int(config.get("num_hidden_layers", 0))):
+            name = tensor_name(arch, "router", layer)
+            if name not in ckpt:
+                continue
+            bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
+            bias = ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None
+            routers[layer] = (ckpt.read(name).float(), bias)
+    if not routers:
+        return {}
+    owners = {layer: slot_owners(plan, layer, routers[layer][0].shape[0]) for layer in routers}
+    sources = list(dict.fromkeys(s for per in owners.values() for s in per))
+    points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in routers}
+    counts = {d: {layer: torch.zeros(spec.n_experts, dtype=torch.long) for layer in routers} for d in domains}
+    weights = {d: {layer: torch.zeros(spec.n_experts, dtype=torch.float64) for layer in routers} for d in domains}
+    tokens = dict.fromkeys(domains, 0)
+    model, tokenizer = load_for_calibration(out_dir, **(load or {}))
+    try:
+        for domain, texts in tqdm(list(domains.items()), desc="routing report", disable=not progress, leave=False):
+            for chunk in capture_hidden(model, tokenizer, texts, list(points.values()), max_total_tokens=max_tokens,
+                                        progress=False):
+                tokens[domain] += len(chunk.ends)
+                for layer, point in points.items():
+                    w, bias = routers[layer]
+                    idx, gate = route(chunk.states[point] @ w.T, spec, bias)
+                    counts[domain][layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
+                    weights[domain][layer].index_add_(0, idx.reshape(-1), gate.reshape(-1).double())
+    finally:
+        del model
+        release_memory()
+    layers = {}
+    for layer in routers:
+        per_domain = {}
+        for d in domains:
+            c, w = counts[d][layer], weights[d][layer]
+            total_c, total_w = int(c.sum()), float(w.sum())
+            per_domain[d] = {
+                s: {"picks": _share(sum(int(c[e]) for e, o in enumerate(owners[layer]) if o == s), total_c),
+                    "weight": _share(sum(float(w[e]) for e, o in enumerate(owners[layer]) if o == s), total_w)}
+                for s in sources}
+            per_domain[d]["experts"] = c.tolist()
+        layers[str(layer)] = per_domain
+    return {"key": output_key(out_dir), "top_k": spec.top_k, "sources": sources, "domains": tokens,
+            "slots": {str(layer): {s: owners[layer].count(s) for s in sources} for layer in routers},
+            "layers": layers}
+
+
+def _share(part: float, total: float) -> float | None:
+    return part / total if total else None
+
+
+def save_routing(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """`.zenith/routing.json` and its heatmap `.zenith/routing.png`."""
+    from .plots import routing_heatmap
+
+    zdir = Path(out_dir) / ".zenith"
+    write_json_atomic(zdir / ROUTING_FILE, report)
+    return zdir / ROUTING_FILE, routing_heatmap(zdir / ROUTING_PNG, report)
+
+
+def load_routing(out_dir: Path) -> dict | None:
+    """The saved routing report, when it belongs to the bytes now in `out_dir`; else None."""
+    path = Path(out_dir) / ".zenith" / ROUTING_FILE
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("key") == output_key(Path(out_dir)) else None
+
+
+def routing_table(report: dict) -> list[str]:
+    """Markdown: per layer and domain, each source's share of picks (and of weight)."""
+    sources = report["sources"]
+    lines = ["| layer | domain | " + " | ".join(f"{s} picks (weight)" for s in sources) + " |",
+             "| ---: | --- | " + " | ".join("---:" for _ in sources) + " |"]
+    for layer, per in report["layers"].items():
+        slots = report["slots"][layer]
+        for d, shares in per.items():
+            cells = [f"{_pct(shares[s]['picks'])} ({_pct(shares[s]['weight'])})" for s in sources]
+            lines.append(f"| {layer} | {d} | " + " | ".join(cells) + " |")
+        lines.append(f"| {layer} | slots | " + " | ".join(f"{_pct(slots[s] / sum(slots.values()))}"
+                                                         for s in sources) + " |")
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"

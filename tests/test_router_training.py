@@ -73,7 +73,7 @@ def test_router_training_changes_only_the_grafted_router_rows(trained):
 
 def test_router_training_is_deterministic_and_rewrites_only_the_router_shard(trained):
     a, b = trained["trained"], trained["again"]
-    assert a.write.written == b.write.written == list(a.plan.router_shards)
+    assert a.write.written == b.write.written == list(a.plan.retrained_shards)
     ta, tb = tensors_of(a.output_dir), tensors_of(b.output_dir)
     assert all(torch.equal(ta[n].view(torch.uint8), tb[n].view(torch.uint8)) for n in ta)
 
@@ -82,10 +82,10 @@ def test_a_trained_merge_resumes_without_training_again(trained, tmp_path):
     out = trained["again"].output_dir
     cfg = out.parent / "merge.yml"
     before = tensors_of(out)
-    (out / trained["again"].plan.router_shards[0]).unlink()  # as if cut short while rewriting the routers
+    (out / trained["again"].plan.retrained_shards[0]).unlink()  # as if cut short while rewriting the routers
     log = (out / ".zenith" / "router_training.json").stat().st_mtime_ns
     result = run_merge(load_config(cfg), config_dir=cfg.parent, resume=True, progress=False)
-    assert result.write.written == list(result.plan.router_shards)
+    assert result.write.written == list(result.plan.retrained_shards)
     assert (out / ".zenith" / "router_training.json").stat().st_mtime_ns == log  # not trained again
     after = tensors_of(out)
     assert all(torch.equal(after[n].view(torch.uint8), before[n].view(torch.uint8)) for n in before)

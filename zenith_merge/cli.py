@@ -120,7 +120,12 @@ def format_expert_table(plan) -> list[str]:
     if stages.train_routers:
         r = plan.config["router"]
         lines.append(f"  router training after writing: {stages.train_routers} steps, {r['train']} rows, lr {r['lr']}, "
-                     f"rewrites {', '.join(plan.router_shards)}")
+                     f"rewrites {', '.join(plan.retrained_shards)}")
+        if stages.train_maps:
+            a = plan.config["align"]
+            lines.append(f"  maps A, B of {', '.join(stages.train_maps)} train with the routers, lr {a['lr']}"
+                         + (f"; the donor teaches on {', '.join(a['teacher_data'])} (weight {a['teacher_weight']})"
+                            if a["teacher_data"] else ""))
     return lines
 
 

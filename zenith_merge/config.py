@@ -90,6 +90,8 @@ class ExpertSource(SharedExpertSource):
     keep: int | Literal["all"] = Field("all", description="experts kept per layer from this source, most used first")
     shared_expert: Literal["drop", "routed"] = Field(
         "drop", description="a donor's shared expert: dropped, or grafted as one more routed expert")
+    random_experts: bool = Field(False, description="a control: this source's experts replaced by seeded random "
+                                                    "weights of the same Frobenius norm, tensor by tensor")
 
     @field_validator("keep")
     @classmethod
@@ -151,6 +153,15 @@ class AlignSettings(_Strict):
         None, description="bytes the fit's float64 statistics may hold (8 (d_base + d_donor)^2 per layer pair); "
                           "beyond it the pairs are fitted in groups, one pass over the calibration text each, and "
                           "each group's maps are written before the next starts. None: all pairs in one pass")
+    train_steps: int = Field(0, ge=0, description="after the first write, train the fitted maps A and B together "
+                                                  "with the router rows (router.train) for this many steps, then "
+                                                  "fold them into the donor's expert weights (0: none)")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate of the maps")
+    teacher_data: list[str] = Field(
+        default_factory=list, description="donor-domain text (files or demo:code / demo:maths) on which the merge "
+                                          "also learns the donor's next-token distribution (soft cross-entropy "
+                                          "through the union vocabulary); empty: no teacher")
+    teacher_weight: float = Field(1.0, ge=0.0, description="weight of the teacher loss against next-token loss")
 
 
 class AssemblySettings(_Strict):

@@ -38,6 +38,7 @@ from .plan import (
     source_tensor,
 )
 from .stages.router_offsets import OFFSETS_FILE as ROUTER_OFFSETS
+from .stages.router_training import MAPS_FILE as ALIGN_TRAINED
 from .stages.router_training import TRAINED_FILE as ROUTER_TRAINED
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class PlanTensorSource:
             self._open[key] = Checkpoint.open(Path(src.path), allow_pickle=self.plan.config.get("allow_pickle", False))
         return self._open[key]
 
-    def _maps(self, source: str, layer: int, source_layer: int):
+    def maps(self, source: str, layer: int, source_layer: int):
         """(A, B) of a source's layer pair, or (None, None) where the source needs no map.
 
         Read one pair at a time (a pair of a large model is hundreds of MB) and kept while
@@ -79,6 +80,12 @@ class PlanTensorSource:
         if self.plan.transforms[source].align != "fit":
             return None, None
         key = (source, layer, source_layer)
+        if key not in self._alignments and ALIGN_TRAINED in self.plan.artefacts:  # trained maps replace the fit
+            from .stages.router_training import read_trained_maps
+
+            self._alignments.clear()
+            self._alignments[key] = read_trained_maps(Path(self.plan.output_dir) / ".zenith", source, layer,
+                                                      source_layer)
         if key not in self._alignments:
             from .stages.align import read_info, read_maps
 
@@ -127,13 +134,23 @@ class PlanTensorSource:
 
     def _expert(self, r: ExpertRecipe) -> torch.Tensor:
         slot = self.plan.slot(r.layer, r.slot)
-        w = self._checkpoint(slot.source).read(source_tensor(self.plan, slot, r.proj))
-        noise = self.plan.transforms[slot.source].noise_scale
-        if noise:  # mergekit's noise_scale: W + noise_scale * N(0, 1), seeded per tensor
-            gen = _generator(self.plan.config.get("seed", 0), r.layer, r.slot * 7 + _PROJ_INDEX[r.proj])
-            w = w.float() + noise * torch.randn(w.shape, generator=gen)
-        A, B = self._maps(slot.source, r.layer, slot.source_layer)
-        return fold_projection(w, r.proj, A=A, B=B, scale=slot.scale)
+        A, B = self.maps(slot.source, r.layer, slot.source_layer)
+        return fold_projection(self.source_weight(r.layer, r.slot, r.proj), r.proj, A=A, B=B, scale=slot.scale)
+
+    def source_weight(self, layer: int, slot_index: int, proj: str) -> torch.Tensor:
+        """An output expert slot's projection as its source holds it, before folding: with mergekit's
+        noise, or replaced by random weights of the same norm (`random_experts`, a control), seeded."""
+        slot = self.plan.slot(layer, slot_index)
+        w = self._checkpoint(slot.source).read(source_tensor(self.plan, slot, proj))
+        transform = self.plan.transforms[slot.source]
+        if transform.noise_scale or transform.random_experts:
+            gen = _generator(self.plan.config.get("seed", 0), layer, slot_index * 7 + _PROJ_INDEX[proj])
+            noise = torch.randn(w.shape, generator=gen)
+            if transform.random_experts:  # N(0, 1) rescaled to ||W||_F: no trace of W but its size
+                w = noise * (torch.linalg.vector_norm(w.float()) / torch.linalg.vector_norm(noise).clamp_min(1e-30))
+            if transform.noise_scale:  # mergekit's noise_scale: W + noise_scale * N(0, 1)
+                w = w.float() + transform.noise_scale * noise
+        return w
 
     def _rows(self, source: str, name: str) -> torch.Tensor:
         """A router tensor of a source (float32), read once per output layer."""
@@ -203,7 +220,7 @@ class PlanTensorSource:
     def _mapped_row(self, slot, layer: int) -> torch.Tensor:
         """The source's own router row of the slot's expert, mapped into the base's space: row . A."""
         donor = self._rows(slot.source, source_router(self.plan, slot, "weight"))
-        A, _ = self._maps(slot.source, layer, slot.source_layer)
+        A, _ = self.maps(slot.source, layer, slot.source_layer)
         return fold_projection(donor[slot.expert:slot.expert + 1], "gate", A=A)[0]
 
     def _prompt_vector(self, source: str, layer: int) -> torch.Tensor:
@@ -549,8 +566,8 @@ def run_merge(
 ) -> MergeResult:
     """Plan, run the stages, and write a merge; on resume, finished shards are kept and the rest rewritten.
 
-    With router training, the merge is written first (the model trains from it), then the shards
-    holding the routers are written again with the trained rows; a resumed run picks up at
+    With router or alignment training, the merge is written first (the model trains from it), then
+    the shards holding the routers (and the experts whose maps train) are written again; a resumed run picks up at
     whichever of those steps was cut short.
     """
     plan = prepare_stages(cfg, config_dir=config_dir, output_dir=output_dir, resume=resume, overwrite=overwrite,
@@ -565,14 +582,19 @@ def run_merge(
             _write(plan, out, resume=resume, **write)
             write_side_files(plan, out)  # the model trains from the folder: it needs config and tokenizer
             patch_output(out)
-            log.info("training the router rows for %d steps", plan.stages.train_routers)
+            log.info("training the router rows%s for %d steps", " and maps" if plan.stages.train_maps else "",
+                     plan.stages.train_routers)
             texts = read_texts(cfg.router.data, "router.data", config_dir) or [
                 *read_texts(cfg.align.calibration, "align.calibration", config_dir),
                 *(p for e in cfg.experts for p in e.positive_prompts)]
-            train_routers(out, plan, texts, key=untrained_id, progress=progress)
-        plan = plan.model_copy(update={"artefacts": {**plan.artefacts, TRAINED_FILE: _sha(zdir / TRAINED_FILE)}})
+            teacher = read_texts(cfg.align.teacher_data, "align.teacher_data", config_dir)
+            train_routers(out, plan, texts, key=untrained_id, teacher_texts=teacher, progress=progress)
+        trained = {TRAINED_FILE: _sha(zdir / TRAINED_FILE)}
+        if plan.stages.train_maps:
+            trained[ALIGN_TRAINED] = _sha(zdir / ALIGN_TRAINED)
+        plan = plan.model_copy(update={"artefacts": {**plan.artefacts, **trained}})
         plan.save(out)
-        keep = frozenset(s.filename for s in plan.shards) - set(plan.router_shards)
+        keep = frozenset(s.filename for s in plan.shards) - set(plan.retrained_shards)
         result = _write(plan, out, resume=True, carry=(untrained_id, keep), **write)
     else:
         result = _write(plan, out, resume=resume, **write)

@@ -142,6 +142,8 @@ class SourceTransform(_Frozen):
     routing: dict[str, Any] = Field(description="the source's RoutingSpec (scoring, top_k, normalisation, ...)")
     prompts: tuple[str, ...] = Field((), description="the source's positive prompts (expert usage, router rows)")
     negative_prompts: tuple[str, ...] = Field((), description="the source's negative prompts (router rows)")
+    random_experts: bool = Field(False, description="a control: the source's experts replaced by random weights of "
+                                                    "the same norm")
     noise_scale: float | None = Field(None, description="mergekit's noise_scale: std of Gaussian noise added to "
                                                         "the source's expert weights (seeded)")
 
@@ -157,7 +159,9 @@ class StagePlan(_Frozen):
                                                             "direction in the base's MoE input (gate_mode hidden...)")
     router_offsets: tuple[str, ...] = Field((), description="sources whose selection bias is calibrated on the "
                                                             "sources' prompts (router.calibrate)")
-    train_routers: int = Field(0, description="router training steps once the merge is written (router.train_steps)")
+    train_routers: int = Field(0, description="training steps once the merge is written: router.train_steps, or "
+                                              "align.train_steps when maps train (the routers train with them)")
+    train_maps: tuple[str, ...] = Field((), description="sources whose maps A and B train (align.train_steps)")
 
 class PlannedTensor(_Frozen):
     """One output tensor: what it is and how to make it."""
@@ -249,12 +253,13 @@ class Plan(_Frozen):
         return self.layer_experts(layer).slots[slot]
 
     @property
-    def router_shards(self) -> tuple[str, ...]:
-        """The shards router training rewrites: those holding the router tensors (after all others)."""
+    def retrained_shards(self) -> tuple[str, ...]:
+        """The shards training rewrites: those holding the routers and the experts whose maps train (last)."""
         if not self.stages.train_routers:
             return ()
         arch = ARCHITECTURES[self.target_config["architectures"][0]]
-        return tuple(s.filename for s in self.shards if any(is_router(arch, n) for n in s.tensors))
+        changed = {t.name for t in self.tensors if retrained(arch, self.stages, self.expert_table, t)}
+        return tuple(s.filename for s in self.shards if changed.intersection(s.tensors))
 
     @property
     def plan_id(self) -> str:
@@ -283,6 +288,17 @@ class Plan(_Frozen):
         if not path.is_file():
             raise PlanError(f"{path}: no plan here; is {out_dir} a zenith-merge output folder?")
         return cls.model_validate_json(path.read_text())
+
+
+def retrained(arch: Architecture, stages: StagePlan, table, t: PlannedTensor) -> bool:
+    """True for a tensor that training after the first write changes: a router tensor, or an expert
+    tensor of a source whose maps train (`table`: the plan's expert table)."""
+    if is_router(arch, t.name):
+        return True
+    r = t.recipe
+    if stages.train_maps and isinstance(r, ExpertRecipe):
+        return next(le for le in table if le.layer == r.layer).slots[r.slot].source in stages.train_maps
+    return False
 
 
 def is_router(arch: Architecture, name: str) -> bool:
@@ -396,11 +412,12 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
     specs, break_before = [t.spec for t in tensors], None
     stages = extra.get("stages")
     if stages is not None and stages.train_routers:
-        # the routers in shards of their own, after the rest: training rewrites only those
+        # what training changes in shards of their own, after the rest: training rewrites only those
         arch = ARCHITECTURES[target["architectures"][0]]
-        routers = [t.spec for t in tensors if is_router(arch, t.name)]
-        specs = [t.spec for t in tensors if not is_router(arch, t.name)] + routers
-        break_before = len(specs) - len(routers)
+        table = extra.get("expert_table", ())
+        trained = [t.spec for t in tensors if retrained(arch, stages, table, t)]
+        specs = [t.spec for t in tensors if not retrained(arch, stages, table, t)] + trained
+        break_before = len(specs) - len(trained)
     shards = layout_shards(specs, cfg.max_shard_size, break_before=break_before)
     planned = {"base": _planned_source(base)}
     planned.update({s.key: _planned_source(s) for s in sources if s.key not in planned})
@@ -619,7 +636,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         transforms[s.key] = SourceTransform(align=_align_mode(cfg, s, base), routing=asdict(spec),
                                             prompts=tuple(s.entry.positive_prompts),
                                             negative_prompts=tuple(s.entry.negative_prompts),
-                                            noise_scale=s.entry.noise_scale or None)
+                                            noise_scale=s.entry.noise_scale or None,
+                                            random_experts=s.entry.random_experts)
         needs_measure = (sl.routed and s.key != "base" and not spec.norm_topk_prob) or \
             (s.key != "base" and not out_routing.norm_topk_prob)
         if s.entry.keep != "all" or needs_measure:
@@ -667,7 +685,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
                    layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
                    transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors,
                                                            router_offsets=offsets,
-                                                           train_routers=_router_training(cfg, donors)))
+                                                           train_routers=_training_steps(cfg, donors, align),
+                                                           train_maps=tuple(align) if cfg.align.train_steps else ()))
 
 
 def _vocab_plan(cfg: MergeConfig, config_dir: Path | None, base: _Source, sources: list[_Source]) -> VocabPlan | None:
@@ -693,12 +712,19 @@ def _vocab_input_bytes(name: str, shape: tuple[int, ...], base: _Source, sources
 VOCAB_CHUNK_ROWS = 4096
 
 
-def _router_training(cfg: MergeConfig, donors: list[_Source]) -> int:
-    """Router training steps, checked: they need grafted experts to route to."""
+def _training_steps(cfg: MergeConfig, donors: list[_Source], fitted: dict) -> int:
+    """Steps of training after the first write, checked: router rows need grafted experts, maps need a fit."""
     if cfg.router.train_steps and not donors and cfg.router.train == "grafted":
         raise PlanError("router.train_steps: no grafted experts to train router rows for (router.train: grafted); "
                         "add a donor to experts, or use router.train: all")
-    return cfg.router.train_steps
+    if cfg.align.train_steps and not fitted:
+        raise PlanError("align.train_steps: no fitted maps to train (they exist only where a donor's width differs "
+                        "from the base's, with align.mode auto or fit)")
+    if cfg.align.teacher_data and not cfg.align.train_steps:
+        raise PlanError("align.teacher_data: the teacher loss is part of alignment training; set align.train_steps")
+    if cfg.align.teacher_data and len(fitted) > 1:
+        raise PlanError(f"align.teacher_data: one donor can teach; this merge fits maps for {', '.join(fitted)}")
+    return max(cfg.router.train_steps, cfg.align.train_steps)
 
 
 def _calibrated_sources(cfg: MergeConfig, sources: list[_Source], arch: Architecture) -> tuple[str, ...]:
@@ -814,7 +840,7 @@ def simplify(plan: Plan) -> Plan:
                 slot = plan.slot(r.layer, r.slot)
                 src = source_tensor(plan, slot, r.proj)
                 tr = plan.transforms[slot.source]
-                unmapped = tr.align in ("none", "identity") and not tr.noise_scale
+                unmapped = tr.align in ("none", "identity") and not tr.noise_scale and not tr.random_experts
                 if unmapped and (slot.scale == 1.0 or r.proj != "down") and info(slot.source, src).shape == t.shape:
                     t = t.model_copy(update={"recipe": CopyRecipe(source=slot.source, tensor=src)})
             elif isinstance(r, RouterRecipe) and not plan.stages.train_routers:

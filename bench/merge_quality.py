@@ -17,9 +17,9 @@ and scored on the held-out code, maths and Qwen-chat maths text (DESIGN.md "Qual
     code vs base = merged_code / base_code - 1
 
 The donor is zen-r1-tiny for same-family merges and qwen3-moe-tiny for the graft. The base is
-zen-tiny throughout. A control with the donor's experts replaced by random ones is not run: no
-config key makes random experts (`noise_scale` is accepted but unused), so it would need a
-hand-made donor checkpoint.
+zen-tiny throughout. The controls (the donor's experts replaced by random ones of equal norm,
+`experts[].random_experts`; a base-only adapter) and the full method table are in
+bench/method_table.py.
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ def _gate(mode: str) -> Callable[[dict], None]:
 
 
 CHIMERA = ROOT / "merge" / "examples" / "chimera.yml"
+def _then(*edits: Callable[[dict], None]) -> Callable[[dict], None]:
+    def edit(d: dict) -> None:
+        for e in edits:
+            e(d)
+    return edit
+
+
 def _calibrated(d: dict) -> None:
     d["router"] = {"calibrate": True}
 
@@ -102,14 +109,15 @@ MERGES = [
     Merge("ablation: all but routed experts from zen-r1-tiny", CHIMERA, "same",
           _weights({"default": [0.0, 1.0], "routed_experts": [1.0, 0.0]})),
     Merge("check: all tensors from zen-r1-tiny (should equal it)", CHIMERA, "same", _weights({"default": [0.0, 1.0]})),
-    Merge("graft: merge/config.yml (transfer router rows)", ROOT / "merge" / "config.yml", "cross"),
+    Merge("graft: merge/config.yml (uniform_random router rows)", ROOT / "merge" / "config.yml", "cross"),
+    Merge("graft: transfer router rows", ROOT / "merge" / "config.yml", "cross", _gate("transfer")),
     Merge("graft control: random router rows", ROOT / "merge" / "config.yml", "cross", _gate("random")),
     Merge("graft: transfer rows, calibrated offsets (router.calibrate)", ROOT / "merge" / "config.yml", "cross",
-          _calibrated),
+          _then(_gate("transfer"), _calibrated)),
     Merge("graft: transfer rows + 100 router-training steps (donor rows, lr 1e-2)", ROOT / "merge" / "config.yml",
-          "cross", _trained(100)),
+          "cross", _then(_gate("transfer"), _trained(100))),
     Merge("graft: calibrated offsets + 100 router-training steps", ROOT / "merge" / "config.yml", "cross",
-          _trained(100, calibrate=True)),
+          _then(_gate("transfer"), _trained(100, calibrate=True))),
 ]
 
 
@@ -202,7 +210,7 @@ def verdicts(rows: list[Row]) -> str:
                 out.append(f"- {r.label}: code {code:+.2f}% (target <= +{CROSS_TARGET_CODE:.0f}%: "
                            f"{'met' if ok_c else 'MISSED'}); maths gap closed {g:.1f}% plain, {gc:.1f}% Qwen chat "
                            f"(no target without training)")
-    out.append("- random-experts control: not run (no config key makes random experts; `noise_scale` is unused)")
+    out.append("- controls (random donor experts, a base-only adapter) and alignment training: bench/method_table.py")
     return "\n".join(out)
 
 

@@ -143,3 +143,14 @@ def test_the_donor_teaches_through_the_union_vocabulary(tmp_path):
     teacher = [s["teacher"] for s in steps]
     assert len(teacher) == 20 and all(t > 0 for t in teacher)
     assert sum(teacher[-4:]) < sum(teacher[:4])  # the merge moves toward the donor's predictions
+
+
+def test_random_experts_on_the_base_alone_are_not_a_bit_identical_copy(tmp_path, tiny_deepseek):
+    cfg = write_config(tmp_path, base_model=str(tiny_deepseek), gate_mode="random", output_dir=str(tmp_path / "out"),
+                       experts=[{"source_model": str(tiny_deepseek), "random_experts": True}])
+    result = run_merge(load_config(cfg), config_dir=tmp_path, progress=False)
+    assert result.plan.method == "concat"  # not the passthrough, which would ignore the control
+    out, base = tensors_of(result.output_dir), tensors_of(tiny_deepseek)
+    experts = [n for n in base if ".mlp.experts." in n]
+    assert experts and all(not torch.equal(out[n], base[n]) for n in experts)
+    assert all(torch.equal(out[n].view(torch.uint8), base[n].view(torch.uint8)) for n in base if n not in experts)

@@ -584,7 +584,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     if donors and not bf.is_moe and not converting:  # a dense base with an MoE twin is converted (see above)
         raise PlanError(f"base_model: {cfg.base_model} is dense ({base.arch.name}); an MoE base is needed")
     top_k = cfg.experts_per_token or bf.experts_per_token or 2
-    if not donors and not selecting and not converting:  # the base alone: a bit-identical rewrite
+    perturbing = base_entry is not None and bool(base_entry.entry.random_experts or base_entry.entry.noise_scale)
+    if not donors and not selecting and not converting and not perturbing:  # the base alone: a bit-identical rewrite
         target = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
         if cfg.experts_per_token is not None and bf.is_moe:
             if top_k > bf.n_routed_experts:

@@ -84,7 +84,7 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
                 tokens[domain] += len(chunk.ends)
                 for layer, point in points.items():
                     w, bias = routers[layer]
-                    idx, gate = route(chunk.states[point] @ w.T, spec, bias)
+                    idx, gate = route(torch.nn.functional.linear(chunk.states[point], w), spec, bias)
                     counts[domain][layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
                     weights[domain][layer].index_add_(0, idx.reshape(-1), gate.reshape(-1).double())
     finally:

@@ -139,3 +139,21 @@ def test_three_sources_give_twenty_experts(tmp_path):
                                                                       "donor2": "fit"}
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_chimera_from_fp8_parents_equals_the_chimera_of_their_bf16_casts(tmp_path):
+    from zenith_merge.fp8_cast import fp8_cast
+
+    fp8 = tmp_path / "fp8"
+    _run("merge/examples/chimera_fp8.yml", fp8)
+    data = with_absolute_paths(yaml.safe_load((ROOT / "merge/examples/chimera_fp8.yml").read_text()),
+                               ROOT / "merge" / "examples")
+    for name in ("zen-tiny-fp8", "zen-r1-tiny-fp8"):
+        fp8_cast(ensure_demo(name), tmp_path / name.replace("fp8", "bf16"), progress=False)
+    text = yaml.safe_dump(data).replace("demo://zen-tiny-fp8", str(tmp_path / "zen-tiny-bf16"))
+    (tmp_path / "bf16.yml").write_text(text.replace("demo://zen-r1-tiny-fp8", str(tmp_path / "zen-r1-tiny-bf16")))
+    _run(str(tmp_path / "bf16.yml"), tmp_path / "bf16")
+    a, b = tensors_of(fp8), tensors_of(tmp_path / "bf16")
+    assert a.keys() == b.keys() and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+    assert not any(n.endswith("_scale_inv") for n in a)
+    assert "quantization_config" not in json.loads((fp8 / "config.json").read_text())

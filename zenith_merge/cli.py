@@ -276,6 +276,17 @@ def cmd_routing(args) -> int:
     return 0
 
 
+def cmd_fp8_cast(args) -> int:
+    from .fp8_cast import fp8_cast
+
+    block = tuple(args.block) if args.block else None
+    result = fp8_cast(args.input, args.output, to=args.to, block=block, resume=args.resume, overwrite=args.overwrite,
+                      workers=args.workers, progress=not args.no_progress)
+    print(f"cast {args.input} to {args.to} in {args.output}: {len(result.written)} shards written, "
+          f"{len(result.skipped)} kept from an earlier run, {_human(result.total_bytes)} of tensors")
+    return 0
+
+
 def format_union(plan, token_map: dict) -> list[str]:
     """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
     from .stages.tokenizer import appended_tokens, row_counts
@@ -313,12 +324,12 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEMO_NAMES, ensure_demo
+    from .demo import ALL_DEMO_NAMES, ensure_demo
 
     if args.print_path:
         print(ensure_demo(args.print_path, progress=not args.no_progress))
         return 0
-    for name in args.names or DEMO_NAMES:
+    for name in args.names or ALL_DEMO_NAMES:
         print(f"{name}: {ensure_demo(name, progress=not args.no_progress)}")
     return 0
 
@@ -430,9 +441,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_routing)
 
+    sp = sub.add_parser("fp8-cast", help="convert a checkpoint between block FP8 and BF16, one tensor at a time",
+                        description="Dequantise a block-FP8 checkpoint (DeepSeek-V3's float8_e4m3fn weights with a "
+                                    "weight_scale_inv per 128x128 block) to BF16, or quantise a BF16 one to block "
+                                    "FP8 (--to fp8: attention, MLP and expert projections; norms, routers, "
+                                    "embeddings and head unchanged). Memory stays at about one tensor; shards are "
+                                    "written atomically and --resume continues an interrupted cast. The config's "
+                                    "quantization_config is dropped (bf16) or set (fp8); tokenizer and generation "
+                                    "files are copied. The input is never modified.")
+    sp.add_argument("input", help="the checkpoint folder to convert")
+    sp.add_argument("output", help="the new folder")
+    sp.add_argument("--to", choices=("bf16", "fp8"), default="bf16", help="target format (default bf16)")
+    sp.add_argument("--block", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                    help="FP8 block size for --to fp8 (default 128 128, DeepSeek-V3's)")
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="keep shards an interrupted cast finished")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier output in that folder")
+    sp.add_argument("--workers", type=int, default=1, metavar="N", help="shards written in parallel")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=cmd_fp8_cast)
+
     sp = sub.add_parser("demo", help="build the embedded demo models (cached; trained on first use)",
                         description="Build the small trained demo models (zen-tiny, zen-r1-tiny, qwen3-moe-tiny) "
-                                    "deterministically into the cache ($ZENITH_CACHE or ~/.cache/zenith-merge).")
+                                    "deterministically into the cache ($ZENITH_CACHE or ~/.cache/zenith-merge), "
+                                    "and the Zen children in block FP8 (zen-tiny-fp8, zen-r1-tiny-fp8).")
     sp.add_argument("names", nargs="*", help="demo models to build (default: all)")
     sp.add_argument("--print-path", metavar="NAME", help="print NAME's cached folder, building it first if needed")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -58,11 +58,11 @@ def _check_model_ref(value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a model reference must be a local folder or demo://<name>")
     if value.startswith(DEMO_SCHEME):
-        from .demo import DEMO_NAMES
+        from .demo import ALL_DEMO_NAMES
 
         name = value[len(DEMO_SCHEME):]
-        if name not in DEMO_NAMES:
-            raise ValueError(f"unknown demo model {name!r}; demo models: {', '.join(DEMO_NAMES)}")
+        if name not in ALL_DEMO_NAMES:
+            raise ValueError(f"unknown demo model {name!r}; demo models: {', '.join(ALL_DEMO_NAMES)}")
     elif "://" in value:
         raise ValueError(f"{value!r}: only local folders and demo://<name> are supported (nothing is downloaded)")
     return value

@@ -376,6 +376,9 @@ def _output_dtype(code: str, role: str | None, keep_fp32_roles: tuple[str, ...],
 
 
 def _target_dtype_keys(config: dict[str, Any], want: str | None) -> dict[str, Any]:
+    """The output config's dtype keys; a block-FP8 source's `quantization_config` is dropped (its weights are
+    read dequantised, and a leftover one makes transformers load the output as FP8)."""
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
     if want is None:
         return config
     out = dict(config, dtype=want)

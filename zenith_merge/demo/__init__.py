@@ -12,6 +12,9 @@ lazily, so reading `DEMO_NAMES` (config validation) does not import torch.
 import importlib
 
 DEMO_NAMES = ("zen-tiny", "zen-r1-tiny", "qwen3-moe-tiny")
+# the two Zen children in block FP8 (as DeepSeek-V3 and R1 ship), cast from the trained ones
+FP8_DEMO_NAMES = ("zen-tiny-fp8", "zen-r1-tiny-fp8")
+ALL_DEMO_NAMES = DEMO_NAMES + FP8_DEMO_NAMES
 
 _LAZY = {
     "cache_root": "cache", "demo_dir": "cache", "demo_path": "cache", "ensure_demo": "cache", "ensure_all": "cache",
@@ -20,7 +23,7 @@ _LAZY = {
     "bits_per_byte": "evaluate",
 }
 
-__all__ = ["DEMO_NAMES", *_LAZY]
+__all__ = ["DEMO_NAMES", "FP8_DEMO_NAMES", "ALL_DEMO_NAMES", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ZenithError
-from . import DEMO_NAMES
+from . import DEMO_NAMES, FP8_DEMO_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +75,31 @@ def demo_dir() -> Path:
 
 
 def _targets() -> dict[str, tuple[str, ...]]:
-    """Every buildable target and what it needs first: tokenizers, the parent, the demo models."""
+    """Every buildable target and what it needs first: tokenizers, the parent, the demo models, their FP8 forms."""
     from .models import RECIPES
 
     deps: dict[str, tuple[str, ...]] = {"tokenizer-zen": (), "tokenizer-qwen": ()}
     for name, recipe in RECIPES.items():
         deps[name] = (f"tokenizer-{recipe.tokenizer}",) + ((recipe.train.init_from,) if recipe.train.init_from else ())
+    for name in FP8_DEMO_NAMES:
+        deps[name] = (name.removesuffix("-fp8"),)
     return deps
+
+
+def _fp8_fingerprint() -> str:
+    """The code that makes the FP8 forms (they are cast, not trained: a change to it rebuilds only them)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in ("kernels/fp8.py", "fp8_cast.py"):
+        h.update(_code_fingerprint((root / rel).read_text()).encode())
+    return h.hexdigest()[:12]
 
 
 def valid_names() -> tuple[str, ...]:
     """Names `ensure_demo` accepts: the demo models and their shared parent."""
     from .models import PARENT_NAME
 
-    return (*DEMO_NAMES, PARENT_NAME)
+    return (*DEMO_NAMES, *FP8_DEMO_NAMES, PARENT_NAME)
 
 
 def demo_path(name: str) -> Path:
@@ -103,8 +114,15 @@ def _check_name(name: str) -> None:
                           f"(and their parent, {valid_names()[-1]})")
 
 
+FP8_STAMP = "zenith_fp8.txt"
+
+
 def _complete(folder: Path) -> bool:
-    """A finished target: renamed into place only when complete, so its last-written file is present."""
+    """A finished target: renamed into place only when complete, so its last-written file is present
+    (for an FP8 form, a stamp of the code that cast it)."""
+    if folder.name in FP8_DEMO_NAMES:
+        stamp = folder / FP8_STAMP
+        return stamp.is_file() and stamp.read_text() == _fp8_fingerprint()
     last = "tokenizer.json" if folder.name.startswith("tokenizer-") else "zenith_demo.json"
     return (folder / last).is_file()
 
@@ -144,6 +162,11 @@ def _ensure(target: str, progress: bool) -> Path:
                 from .tokenizers import build_tokenizer
 
                 build_tokenizer(target.removeprefix("tokenizer-"), tmp)
+            elif target in FP8_DEMO_NAMES:
+                from ..fp8_cast import fp8_cast
+
+                fp8_cast(needs[target.removesuffix("-fp8")], tmp, to="fp8", progress=False)
+                (tmp / FP8_STAMP).write_text(_fp8_fingerprint())
             else:
                 from .build import build_model
 
@@ -168,7 +191,7 @@ def ensure_demo(name: str, *, progress: bool = True) -> Path:
     from several processes at once: one builds, the others wait and reuse its result.
     """
     _check_name(name)
-    if not _complete(demo_dir() / name):
+    if name not in FP8_DEMO_NAMES and not _complete(demo_dir() / name):
         ensure_all(progress=progress)
     return _ensure(name, progress)
 

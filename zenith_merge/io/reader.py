@@ -34,6 +34,7 @@ import torch
 
 from ..architectures import expected_shape
 from ..errors import CheckpointError
+from ..kernels.fp8 import scale_shape
 from .byte_range import ByteRange, pread_into
 from .safetensors_format import CODES, FLOAT_CODES, FP8_CODES, read_header, torch_dtype
 
@@ -149,6 +150,23 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def block_fp8_scheme(config: dict, where: str) -> tuple[int, int] | None:
+    """The weight block of a config's block-FP8 `quantization_config` (DeepSeek-V3's: fp8, e4m3, [128, 128]),
+    None when it declares none; an FP8 scheme we cannot read is refused, naming the key."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "fp8":
+        return None
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise CheckpointError(f"{where}: quantization_config.fmt is {fmt!r}; only e4m3 block FP8 (DeepSeek-V3's) "
+                              f"is supported")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{where}: quantization_config.weight_block_size is {block!r}; expected two positive "
+                              f"integers such as [128, 128] (per-tensor FP8 is not supported)")
+    return int(block[0]), int(block[1])
+
+
 class Checkpoint:
     """A lazy view over a local Hugging Face model folder.
 
@@ -163,6 +181,8 @@ class Checkpoint:
         self._pickled = pickled
         self._handles: dict[Path, object] = {}  # shard -> raw file object (safetensors) or state dict (.bin)
         self._lock = threading.Lock()
+        self._fp8: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # block-FP8 weight -> (stored weight, scale_inv)
+        self._block: tuple[int, int] | None = None
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -190,6 +210,7 @@ class Checkpoint:
             hint = f"; found {', '.join(found[:5])} but no index saying what they hold" if found else ""
             raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
                                   f"{PICKLE_INDEX}, {PICKLE_SINGLE}){hint}")
+        ckpt._resolve_fp8()
         ckpt._validate(check_shapes)
         return ckpt
 
@@ -233,14 +254,45 @@ class Checkpoint:
             ckpt._handles[file] = state
         return ckpt
 
+    def _resolve_fp8(self) -> None:
+        """Block-FP8 weights become logical BF16 tensors (dequantised on read); their scales leave the view."""
+        stored = [i for i in self._infos.values() if i.dtype in FP8_CODES]
+        if not stored:
+            return
+        where = self.path / "config.json"
+        self._block = block_fp8_scheme(self.config, str(where))
+        for info in stored:
+            at = f"{info.file}: tensor {info.name!r}"
+            if self._block is None:
+                raise CheckpointError(
+                    f"{at} is {info.dtype} but config.json has no quantization_config (quant_method fp8 with "
+                    f"weight_block_size), so its scales cannot be interpreted")
+            if info.dtype != "F8_E4M3":
+                raise CheckpointError(f"{at} is {info.dtype}, but quantization_config says e4m3 (F8_E4M3)")
+            if len(info.shape) != 2:
+                raise CheckpointError(f"{at} is FP8 with shape {info.shape}; block FP8 weights are 2-D")
+            scale_name = info.name + "_scale_inv"
+            scale = self._infos.get(scale_name)
+            if scale is None:
+                raise CheckpointError(f"{at} is FP8 but its scale tensor {scale_name!r} is missing")
+            want = scale_shape(info.shape, self._block)
+            if tuple(scale.shape) != want or scale.dtype not in ("F32", "BF16"):
+                raise CheckpointError(f"{scale.file}: tensor {scale_name!r} is {scale.dtype}{list(scale.shape)}; the "
+                                      f"scales of {info.name!r} {list(info.shape)} in {self._block[0]}x"
+                                      f"{self._block[1]} blocks must be F32{list(want)}")
+            self._fp8[info.name] = (info, scale)
+        for name, (info, scale) in self._fp8.items():
+            del self._infos[scale.name]
+            n = info.shape[0] * info.shape[1]
+            self._infos[name] = TensorInfo(name, "BF16", info.shape, info.file, info.offset, 2 * n)
+
     def _validate(self, check_shapes: bool) -> None:
-        quantized = bool(self.config.get("quantization_config"))
         for info in self._infos.values():
             where = f"{info.file}: tensor {info.name!r}"
-            if info.dtype in FP8_CODES and not quantized:
+            if info.dtype in FP8_CODES:  # not block FP8 (those were resolved): a format we cannot read
                 raise CheckpointError(
-                    f"{where} is {info.dtype} but config.json has no quantization_config, so its scales cannot be "
-                    f"interpreted (FP8 checkpoints without one are not supported yet)")
+                    f"{where} is {info.dtype} without a {info.name}_scale_inv block scale; only DeepSeek-style "
+                    f"block FP8 is supported")
             want = expected_shape(self.config, info.name) if check_shapes else None
             if want is None:
                 continue
@@ -248,6 +300,15 @@ class Checkpoint:
                 raise CheckpointError(f"{where} has shape {tuple(info.shape)} but config.json implies {tuple(want)}")
             if info.dtype not in FLOAT_CODES:
                 raise CheckpointError(f"{where} has dtype {info.dtype}; a floating-point weight was expected")
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The block of this checkpoint's FP8 weights ((128, 128) for DeepSeek-V3), None when it has none."""
+        return self._block
+
+    def is_fp8(self, name: str) -> bool:
+        """True for a weight stored as block FP8 (read dequantised)."""
+        return name in self._fp8
 
     # -- access --------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -281,7 +342,12 @@ class Checkpoint:
 
     def read_bytes(self, name: str) -> bytearray:
         """A tensor's raw little-endian bytes in a buffer of their own: the fast path for same-dtype copies."""
-        info = self.info(name)
+        if name in self._fp8:  # the logical (dequantised) tensor's bytes
+            return bytearray(self.read(name).reshape(-1).view(torch.uint8).numpy())
+        return self._stored_bytes(self.info(name))
+
+    def _stored_bytes(self, info: TensorInfo) -> bytearray:
+        name = info.name
         if self._pickled:
             t = self._handle(info.file)[name]
             return bytearray(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else bytearray()
@@ -296,17 +362,35 @@ class Checkpoint:
         The fastest same-dtype copy: nothing is read until the writer streams it, and never all at once.
         """
         info = self.info(name)
-        return None if self._pickled else ByteRange(info.file, info.offset, info.nbytes)
+        return None if self._pickled or name in self._fp8 else ByteRange(info.file, info.offset, info.nbytes)
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, in memory of its own (not a view of a mapped file)."""
-        info = self.info(name)
+        """One tensor, in memory of its own (not a view of a mapped file); block-FP8 weights dequantised to BF16."""
+        if name in self._fp8:
+            from ..kernels.fp8 import dequantize
+
+            q_info, s_info = self._fp8[name]
+            return dequantize(self._stored(q_info), self._stored(s_info), self._block)
+        return self._stored(self.info(name))
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """A tensor as stored: for a block-FP8 weight, its float8 values (its scales: `read_scale`)."""
+        return self._stored(self._fp8[name][0] if name in self._fp8 else self.info(name))
+
+    def read_scale(self, name: str) -> torch.Tensor:
+        """The block scales (`weight_scale_inv`) of a block-FP8 weight."""
+        if name not in self._fp8:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not block FP8")
+        return self._stored(self._fp8[name][1])
+
+    def _stored(self, info: TensorInfo) -> torch.Tensor:
+        name = info.name
         if self._pickled:
             return self._handle(info.file)[name].clone(memory_format=torch.contiguous_format)
         dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(self.read_bytes(name), dtype=torch.uint8).view(dtype).reshape(info.shape)
+        return torch.frombuffer(self._stored_bytes(info), dtype=torch.uint8).view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         """Release the cached file handles (and memory-mapped .bin state dicts); reads reopen them."""

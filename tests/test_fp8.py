@@ -78,10 +78,14 @@ def test_dequantised_weights_are_within_e4m3_rounding_of_the_originals(rows, col
     assert float((w.abs() / per).max()) <= E4M3_MAX * (1 + 1e-6)
 
 
-def test_chunked_cpu_dequantisation_equals_one_pass():
+@pytest.mark.parametrize("shape", [(2500, 40), (2304, 256), (2304, 200), (100, 384)])
+def test_slab_by_slab_cpu_dequantisation_equals_one_pass(shape):
+    """Whole blocks (scales broadcast) and ragged ones (scales expanded), over several slabs of rows."""
     g = torch.Generator().manual_seed(0)
-    q, s = quantize(torch.randn(2500, 40, generator=g), (128, 128))
-    assert torch.equal(dequantize(q, s, (128, 128), torch.float32), dequantize_torch(q, s, (128, 128)))
+    q, s = quantize(torch.randn(shape, generator=g), (128, 128))
+    want = dequantize_torch(q, s, (128, 128))
+    assert torch.equal(dequantize(q, s, (128, 128), torch.float32), want)
+    assert torch.equal(dequantize(q, s, (128, 128)), want.to(torch.bfloat16))
 
 
 def test_reader_dequantises_block_fp8_and_hides_the_scales(fp8_model, bf16_model):
@@ -210,3 +214,37 @@ def test_bad_fp8_inputs_are_refused_naming_the_tensor(tmp_path, fp8_model):
         folder = _broken(tmp_path / str(i), fp8_model, edit)
         with pytest.raises(CheckpointError, match=message):
             Checkpoint.open(folder)
+
+
+def test_fp8_output_equals_fp8_cast_of_the_bf16_merge_and_passes_the_smoke_test(tmp_path, bf16_model):
+    from zenith_merge.smoke import run_smoke_test
+
+    sibling = make_tiny_deepseek(tmp_path / "sib", seed=5)
+    outs = {}
+    for fp8 in (False, True):
+        folder = tmp_path / ("fp8" if fp8 else "bf16")
+        folder.mkdir()
+        cfg = write_config(folder, base_model=str(bf16_model), gate_mode="random", merge_method="assembly",
+                           output_dir=str(folder / "out"), routing_report=False, fp8_output=fp8,
+                           experts=[{"source_model": str(bf16_model)}, {"source_model": str(sibling)}],
+                           assembly={"weights": {"default": [0.6, 0.4]}})
+        outs[fp8] = run_merge(load_config(cfg), config_dir=folder, progress=False).output_dir
+    fp8_cast(outs[False], tmp_path / "cast", to="fp8", progress=False)
+    a, b = tensors_of(outs[True]), tensors_of(tmp_path / "cast")
+    assert a.keys() == b.keys() and any(n.endswith("_scale_inv") for n in a)
+    assert all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+    config = json.loads((outs[True] / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    report = run_smoke_test(outs[True])
+    assert report.ok, report.failed
+
+
+def test_fp8_output_refuses_training_it_cannot_follow(tmp_path, bf16_model, tiny_qwen_moe):
+    from zenith_merge.errors import PlanError
+    from zenith_merge.plan import build_plan
+
+    cfg = write_config(tmp_path, base_model=str(bf16_model), gate_mode="random", fp8_output=True,
+                       experts=[{"source_model": str(bf16_model)}, {"source_model": str(tiny_qwen_moe)}],
+                       router={"train_steps": 2})
+    with pytest.raises(PlanError, match="fp8_output: not with router.train_steps"):
+        build_plan(load_config(cfg), config_dir=tmp_path)

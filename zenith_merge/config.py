@@ -279,6 +279,9 @@ class MergeConfig(_Strict):
     calibration_max_memory: ByteSize | None = Field(
         None, description="CPU bytes the stages' forward passes may hold for weights; the rest is read from "
                           "disk layer by layer (accelerate offload). None: the whole model in memory")
+    fp8_output: bool = Field(False, description="write the merge as block FP8, as DeepSeek-V3 ships: attention, "
+                                                "MLP and expert projections float8_e4m3fn with a float32 "
+                                                "weight_scale_inv per 128x128 block; the rest as planned")
     routing_report: bool = Field(True, description="after writing, run the merged model on each source's prompts "
                                                    "and the calibration text and save how its routers split "
                                                    "the top-k picks between the sources (.zenith/routing.json, .png)")

@@ -29,6 +29,7 @@ from .plan import (
     AssembleRecipe,
     CopyRecipe,
     ExpertRecipe,
+    Fp8ScaleRecipe,
     Plan,
     RouterRecipe,
     VocabRecipe,
@@ -52,6 +53,7 @@ class PlanTensorSource:
         self.plan = plan
         self._recipes = None
         self._open: dict[str, Checkpoint] = {}
+        self._fp8_last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._alignments: dict[str, object] = {}
         self._router_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._vectors: dict[str, torch.Tensor] | None = None
@@ -103,6 +105,10 @@ class PlanTensorSource:
     def produce(self, spec: TensorSpec):
         """The bytes (same dtype: raw copy) or tensor (converted) for one output tensor."""
         recipe = self._recipe(spec.name)
+        if isinstance(recipe, Fp8ScaleRecipe):
+            return self._fp8(recipe.tensor)[1]
+        if spec.dtype == "F8_E4M3":
+            return self._fp8(spec.name)[0]
         if isinstance(recipe, CopyRecipe):
             ckpt = self._checkpoint(recipe.source)
             if ckpt.info(recipe.tensor).dtype == spec.dtype and not recipe.pad:
@@ -127,9 +133,21 @@ class PlanTensorSource:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
 
+    def _fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale_inv) of an output weight written as block FP8; computed once for the weight and its scales."""
+        if self._fp8_last is None or self._fp8_last[0] != name:
+            from .kernels.fp8 import DEFAULT_BLOCK, quantize
+
+            scale = self._recipe(f"{name}_scale_inv")
+            self._recipe(name)
+            w = self.tensor(TensorSpec(name, scale.via, self._shapes[name]))
+            self._fp8_last = (name, quantize(w, DEFAULT_BLOCK))
+        return self._fp8_last[1]
+
     def _recipe(self, name: str):
         if self._recipes is None:
             self._recipes = {t.name: t.recipe for t in self.plan.tensors}
+            self._shapes = {t.name: t.shape for t in self.plan.tensors}
         return self._recipes[name]
 
     def _expert(self, r: ExpertRecipe) -> torch.Tensor:
@@ -264,6 +282,7 @@ class PlanTensorSource:
         self._alignments.clear()
         self._router_cache.clear()
         self._union = None
+        self._fp8_last = None
 
 
 _PROJ_INDEX = {"gate": 0, "up": 1, "down": 2}

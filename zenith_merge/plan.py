@@ -113,7 +113,17 @@ class VocabRecipe(_Frozen):
     part: Literal["embed", "head"]
 
 
-Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | VocabRecipe,
+class Fp8ScaleRecipe(_Frozen):
+    """The block scales (`weight_scale_inv`) of output weight `tensor`, written as block FP8 (fp8_output):
+    amax / 448 per block of the tensor its own recipe makes."""
+
+    kind: Literal["fp8_scale"] = "fp8_scale"
+    tensor: str
+    via: str = Field(description="the dtype the tensor would have had, rounded to before quantising (so the "
+                                 "output equals `fp8-cast --to fp8` of the merge written without fp8_output)")
+
+
+Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | VocabRecipe | Fp8ScaleRecipe,
                    Field(discriminator="kind")]
 
 
@@ -375,6 +385,30 @@ def _output_dtype(code: str, role: str | None, keep_fp32_roles: tuple[str, ...],
     return DTYPE_CODES[want]
 
 
+def _as_fp8(cfg: MergeConfig, stages: StagePlan | None, tensors: list[PlannedTensor], input_bytes: dict[str, int],
+            target: dict[str, Any]) -> tuple[list[PlannedTensor], dict[str, int], dict[str, Any]]:
+    """fp8_output: the projection weights DeepSeek-V3 stores as block FP8 become F8_E4M3, each followed by
+    its float32 `weight_scale_inv`; the output config gets DeepSeek-V3's `quantization_config`."""
+    from .fp8_cast import quantizable, quantization_config
+    from .kernels.fp8 import DEFAULT_BLOCK, scale_shape
+
+    if stages is not None and stages.train_routers:
+        raise PlanError("fp8_output: not with router.train_steps or align.train_steps yet (training reads the "
+                        "written merge back); write BF16, then `zenith-merge fp8-cast OUT OUT-fp8 --to fp8`")
+    arch = ARCHITECTURES[target["architectures"][0]]
+    out, sizes = [], dict(input_bytes)
+    for t in tensors:
+        if not quantizable(arch, t.name, t.shape):
+            out.append(t)
+            continue
+        scale = f"{t.name}_scale_inv"
+        out.append(t.model_copy(update={"dtype": "F8_E4M3"}))
+        out.append(PlannedTensor(name=scale, dtype="F32", shape=scale_shape(t.shape, DEFAULT_BLOCK),
+                                 recipe=Fp8ScaleRecipe(tensor=t.name, via=t.dtype)))
+        sizes[scale] = input_bytes.get(t.name, 0)
+    return out, sizes, {**target, "quantization_config": quantization_config(DEFAULT_BLOCK)}
+
+
 def _target_dtype_keys(config: dict[str, Any], want: str | None) -> dict[str, Any]:
     """The output config's dtype keys; a block-FP8 source's `quantization_config` is dropped (its weights are
     read dequantised, and a leftover one makes transformers load the output as FP8)."""
@@ -412,8 +446,10 @@ def _estimates(tensors: list[PlannedTensor], input_bytes: dict[str, int], stage_
 def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: str, base: _Source,
             sources: list[_Source], target: dict[str, Any], tensors: list[PlannedTensor],
             input_bytes: dict[str, int], **extra) -> Plan:
-    specs, break_before = [t.spec for t in tensors], None
     stages = extra.get("stages")
+    if cfg.fp8_output:
+        tensors, input_bytes, target = _as_fp8(cfg, stages, tensors, input_bytes, target)
+    specs, break_before = [t.spec for t in tensors], None
     if stages is not None and stages.train_routers:
         # what training changes in shards of their own, after the rest: training rewrites only those
         arch = ARCHITECTURES[target["architectures"][0]]

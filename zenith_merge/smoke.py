@@ -94,11 +94,12 @@ def check_planned_tensors(folder: Path) -> str:
     plan = Plan.load(folder)
     with Checkpoint.open(folder) as ckpt:
         names = set(ckpt.names())
+        names |= {f"{n}_scale_inv" for n in names if ckpt.is_fp8(n)}  # block-FP8 scales, as written
         planned = {t.name: t for t in plan.tensors}
         if names != set(planned):
             raise ZenithError(f"missing {sorted(set(planned) - names)[:3]}, unplanned {sorted(names - set(planned))[:3]}")
         for name, t in planned.items():
-            info = ckpt.info(name)
+            info = ckpt.stored_info(name)
             if (info.dtype, tuple(info.shape)) != (t.dtype, tuple(t.shape)):
                 raise ZenithError(f"{name}: {info.dtype}{list(info.shape)}, planned {t.dtype}{list(t.shape)}")
     return f"{len(planned)} tensors as planned"
@@ -146,7 +147,9 @@ def check_generation(folder: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    fp8 = bool(json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"))
+    # without a GPU, transformers dequantises block FP8 to bfloat16: the rest of the model must match it
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if fp8 else torch.float32)
     model.eval()
     samples = {}
     with torch.no_grad():

@@ -310,6 +310,15 @@ class Checkpoint:
         """True for a weight stored as block FP8 (read dequantised)."""
         return name in self._fp8
 
+    def stored_info(self, name: str) -> TensorInfo:
+        """A tensor as stored: for a block-FP8 weight its F8_E4M3 entry, for `<weight>_scale_inv` the scales'."""
+        if name in self._fp8:
+            return self._fp8[name][0]
+        weight = name.removesuffix("_scale_inv")
+        if weight != name and weight in self._fp8:
+            return self._fp8[weight][1]
+        return self.info(name)
+
     # -- access --------------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Tensor names in file order: shard by shard (by file name), by offset within a shard."""

@@ -49,12 +49,19 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] 
         from .fp8_triton import dequantize_triton
 
         return dequantize_triton(q, scale_inv, block).to(dtype)
-    # in slabs of whole block rows: the float32 intermediate stays small whatever the weight's size
+    # in slabs of whole block rows, so the float32 work stays small whatever the weight's size. Each
+    # product is computed in float32 (e4m3 -> bfloat16 is exact) and rounded once, on store into `out`.
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    step = block[0] * max(1, SLAB_ROWS // block[0])
-    for r in range(0, q.shape[0], step):
-        s = scale_inv[r // block[0]:(r + step) // block[0] + 1]
-        out[r:r + step] = dequantize_torch(q[r:r + step], s, block).to(dtype)
+    (rows, cols), (b0, b1) = q.shape, block
+    step = b0 * max(1, SLAB_ROWS // b0)
+    for r in range(0, rows, step):
+        qs, o = q[r:r + step].to(torch.bfloat16), out[r:r + step]
+        n = qs.shape[0]
+        ss = scale_inv[r // b0:-(-(r + n) // b0)].to(torch.float32)
+        if n % b0 == 0 and cols % b1 == 0:  # whole blocks: the scales broadcast, nothing expanded
+            torch.mul(qs.view(n // b0, b0, cols // b1, b1), ss[:, None, :, None], out=o.view(n // b0, b0, cols // b1, b1))
+        else:
+            torch.mul(qs, _expand(ss, (n, cols), block), out=o)
     return out
 
 

@@ -157,3 +157,31 @@ def test_chimera_from_fp8_parents_equals_the_chimera_of_their_bf16_casts(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
     assert not any(n.endswith("_scale_inv") for n in a)
     assert "quantization_config" not in json.loads((fp8 / "config.json").read_text())
+
+
+def test_smoke_report_renders_with_the_routing_heatmap(flagship, tmp_path):
+    import shutil
+    import struct
+
+    out = tmp_path / "copy"
+    shutil.copytree(flagship, out)
+    assert main(["smoke-test", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "**ok**" in md and "| loading | pass |" in md and "![routing](.zenith/routing.png)" in md
+    png = (out / ".zenith" / "routing.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000 and struct.unpack(">II", png[16:24])[0] > 300
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "## Smoke test" in card and "| generate | pass |" in card
+
+
+def test_interactive_chat_through_the_template_with_think(flagship):
+    import io
+
+    from zenith_merge.chat import chat
+
+    out = io.StringIO()
+    n = chat(flagship, stdin=io.StringIO("/think What is 12 + 30?\n\n"), stdout=out, max_new_tokens=8,
+             show_prompt=True)
+    text = out.getvalue()
+    assert n == 1 and "model> " in text
+    assert "<think>\\n'" in text.splitlines()[0]  # /think: the template opens the thinking block

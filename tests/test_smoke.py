@@ -31,7 +31,8 @@ def broken(tmp_path, good):
 def test_good_merge_passes_and_generates(good):
     report = run_smoke_test(good)
     assert report.ok, report.checks
-    assert [c.name for c in report.checks] == ["index", "manifest", "planned-tensors", "finite", "config-tokenizer", "generate"]
+    assert [c.name for c in report.checks] == ["index", "manifest", "planned-tensors", "finite", "config-tokenizer",
+                                               "special-tokens", "loading", "generate"]
     assert report.samples
 
 
@@ -89,3 +90,55 @@ def test_wrong_dtype_fails_planned_tensors(broken):
     tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float16)
     save_file(tensors, file, metadata={"format": "pt"})
     assert "planned-tensors" in run_smoke_test(broken, generate=False).failed
+
+
+def _rewrite(folder, name, edit):
+    from safetensors.torch import save_file
+
+    file = folder / read_index(folder)["weight_map"][name]
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_wrong_shape_fails_planned_tensors(broken):
+    _rewrite(broken, "model.norm.weight", lambda t: t[:-1].clone())
+    report = run_smoke_test(broken, generate=False)
+    assert "planned-tensors" in report.failed
+    assert "model.norm.weight" in {c.name: c.detail for c in report.checks}["planned-tensors"]
+
+
+def test_missing_special_token_fails_special_tokens(broken):
+    data = json.loads((broken / "tokenizer.json").read_text())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] != "</s>"]
+    data["model"]["vocab"].pop("</s>", None)
+    (broken / "tokenizer.json").write_text(json.dumps(data))
+    report = run_smoke_test(broken, generate=False)
+    assert "special-tokens" in report.failed
+    assert "'</s>'" in {c.name: c.detail for c in report.checks}["special-tokens"]
+
+
+def test_an_extra_weight_fails_loading(broken):
+    """A tensor the model does not use: transformers' loading report names it."""
+    from safetensors.torch import save_file
+
+    extra = broken / "extra.safetensors"
+    save_file({"model.layers.0.mlp.surplus.weight": torch.ones(2)}, str(extra), metadata={"format": "pt"})
+    index = read_index(broken)
+    index["weight_map"]["model.layers.0.mlp.surplus.weight"] = "extra.safetensors"
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    report = run_smoke_test(broken)
+    assert "loading" in report.failed
+    assert "surplus" in {c.name: c.detail for c in report.checks}["loading"]
+
+
+def test_cli_writes_report_json_and_md(good, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(good, out)
+    assert main(["smoke-test", str(out), "--no-generate"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    assert data["ok"] and [c["name"] for c in data["checks"]][:2] == ["index", "manifest"]
+    md = (out / "report.md").read_text()
+    assert "| special-tokens | pass |" in md
+    assert "## Smoke test" in (out / "README.md").read_text()

@@ -353,7 +353,19 @@ def cmd_smoke_test(args) -> int:
     report = run_smoke_test(args.output_dir, generate=not args.no_generate,
                             progress=lambda name: print(f"[smoke] {name} ...", file=sys.stderr))
     print(format_report(report))
+    if not args.no_report:
+        from .smoke import write_reports
+
+        json_path, md_path = write_reports(report)
+        print(f"  report: {md_path} ({json_path.name})")
     return 0 if report.ok else 1
+
+
+def cmd_chat(args) -> int:
+    from .chat import chat
+
+    chat(args.output_dir, max_new_tokens=args.max_new_tokens, show_prompt=args.show_prompt)
+    return 0
 
 
 def _config_args(sp: argparse.ArgumentParser) -> None:
@@ -484,7 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "transformers and generates. Exits 1 naming the failed check.")
     sp.add_argument("output_dir", help="a zenith-merge output folder")
     sp.add_argument("--no-generate", action="store_true", help="skip loading the model and generating")
+    sp.add_argument("--no-report", action="store_true", help="write no report.json / report.md (nor the model card's "
+                                                             "smoke-test table)")
     sp.set_defaults(fn=cmd_smoke_test)
+
+    sp = sub.add_parser("chat", help="talk to a merged model through its chat template (/think, /no_think work)",
+                        description="A chat loop with the model in OUTPUT_DIR: each line is a user message, "
+                                    "rendered with the chat template (a /think or /no_think in it switches the "
+                                    "thinking block); greedy replies. An empty line or end of input ends it.")
+    sp.add_argument("output_dir", help="a merged model folder")
+    sp.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="reply length limit (128)")
+    sp.add_argument("--show-prompt", action="store_true", help="print each rendered prompt")
+    sp.set_defaults(fn=cmd_chat)
     return p
 
 

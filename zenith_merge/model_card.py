@@ -54,7 +54,8 @@ def _routing(routing: dict[str, Any] | None) -> list[str]:
             "routing would give.", "", *routing_table(routing), "", f"![routing](.zenith/{ROUTING_PNG})", ""]
 
 
-def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str, Any] | None = None) -> str:
+def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str, Any] | None = None,
+               smoke: list[str] | None = None) -> str:
     """The README.md text of a merged folder."""
     base = plan.sources["base"]
     front = {"base_model": base.ref, "tags": ["merge", "zenith-merge", "moe"], "library_name": "transformers"}
@@ -64,16 +65,18 @@ def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str,
              f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method}`, plan `{plan.plan_id[:12]}`).",
              "", "## Sources", "", "| key | model | architecture | fingerprint |", "|---|---|---|---|"]
     lines += [f"| {key} | {s.ref} | {s.architecture} | `{s.fingerprint[:16]}` |" for key, s in plan.sources.items()]
-    lines += ["", *_vocabulary(plan, token_map), *_routing(routing), "## Configuration", "", "```yaml",
+    smoke_lines = ["## Smoke test", "", "`zenith-merge smoke-test` on this folder (report.md has the samples):", "",
+                   *smoke, ""] if smoke else []
+    lines += ["", *_vocabulary(plan, token_map), *_routing(routing), *smoke_lines, "## Configuration", "", "```yaml",
               yaml.safe_dump(plan.config, sort_keys=False, allow_unicode=True).strip(), "```", ""]
     return "\n".join(lines)
 
 
 def write_model_card(plan, out_dir: Path, token_map: dict[str, Any] | None = None,
-                     routing: dict[str, Any] | None = None) -> Path:
+                     routing: dict[str, Any] | None = None, smoke: list[str] | None = None) -> Path:
     """Write `<out>/README.md` atomically."""
     path = Path(out_dir) / "README.md"
     tmp = temp_path(path)
-    tmp.write_text(model_card(plan, token_map, routing), encoding="utf-8")
+    tmp.write_text(model_card(plan, token_map, routing, smoke), encoding="utf-8")
     tmp.replace(path)
     return path

@@ -141,16 +141,63 @@ def check_config_tokenizer(folder: Path) -> str:
     return f"vocab {config.vocab_size}, tokenizer {len(tok)}"
 
 
-def check_generation(folder: Path, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16) -> tuple[str, dict[str, str]]:
-    """The folder loads with AutoModelForCausalLM (no custom code) and generates greedily with finite logits."""
+def check_special_tokens(folder: Path) -> str:
+    """Every special token the tokenizer files name (bos, eos, pad, unk, extra) is a token of tokenizer.json."""
+    files = [f for f in ("tokenizer_config.json", "special_tokens_map.json") if (folder / f).is_file()]
+    if not (folder / "tokenizer.json").is_file():
+        raise ZenithError("tokenizer.json is missing")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    known = set((data.get("model") or {}).get("vocab") or {}) | {a["content"] for a in data.get("added_tokens", [])}
+    named: dict[str, str] = {}
+    for f in files:
+        config = json.loads((folder / f).read_text())
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                named[value] = f"{f} {key}"
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            for value in config.get(key) or []:
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str):
+                    named[value] = f"{f} {key}"
+    missing = [f"{tok!r} ({where})" for tok, where in named.items() if tok not in known]
+    if missing:
+        raise ZenithError(f"special token {missing[0]} is not in tokenizer.json"
+                          + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return f"{len(named)} special tokens present"
+
+
+def load_model(folder: Path):
+    """The merged model and tokenizer as a user loads them (AutoModelForCausalLM, no custom code), with
+    transformers' own account of missing, unexpected and mis-shaped weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
     fp8 = bool(json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"))
     # without a GPU, transformers dequantises block FP8 to bfloat16: the rest of the model must match it
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if fp8 else torch.float32)
-    model.eval()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if fp8 else torch.float32,
+                                                       output_loading_info=True)
+    return model.eval(), AutoTokenizer.from_pretrained(folder), info
+
+
+def check_loading(folder: Path, loaded: dict) -> str:
+    """transformers builds the model the config describes and finds each of its weights, with its shape."""
+    model, _, info = loaded.setdefault("model", load_model(folder))
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "not used by the model"),
+                      ("mismatched_keys", "of the wrong shape")):
+        bad = sorted(str(k) for k in info.get(key) or [])
+        if bad:
+            raise ZenithError(f"{len(bad)} weights {what}: {', '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""))
+    n = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}, {n / 1e6:.1f}M parameters, every weight found"
+
+
+def check_generation(folder: Path, loaded: dict, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16) -> tuple[str, dict[str, str]]:
+    """The loaded model generates greedily with finite logits for each prompt."""
+    import torch
+
+    model, tok, _ = loaded.setdefault("model", load_model(folder))
     samples = {}
     with torch.no_grad():
         for prompt in prompts:
@@ -171,15 +218,18 @@ def run_smoke_test(folder: str | Path, *, generate: bool = True, progress: Calla
     """Run every check on `folder`; each failure is recorded under its check's name rather than raised."""
     folder = Path(folder).resolve()
     report = SmokeReport(folder)
+    loaded: dict = {}  # the model, loaded once by the first check that needs it
     checks: list[tuple[str, Callable[[Path], object]]] = [
         ("index", check_index),
         ("manifest", check_manifest),
         ("planned-tensors", check_planned_tensors),
         ("finite", check_finite),
         ("config-tokenizer", check_config_tokenizer),
+        ("special-tokens", check_special_tokens),
     ]
     if generate:
-        checks.append(("generate", check_generation))
+        checks.append(("loading", lambda f: check_loading(f, loaded)))
+        checks.append(("generate", lambda f: check_generation(f, loaded)))
     for name, fn in checks:
         if progress:
             progress(name)
@@ -206,3 +256,63 @@ def format_report(report: SmokeReport) -> str:
     return "\n".join(lines)
 
 
+
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def report_table(report: SmokeReport) -> list[str]:
+    """Markdown: one row per check."""
+    lines = ["| check | result | detail |", "| --- | --- | --- |"]
+    lines += [f"| {c.name} | {'pass' if c.ok else '**FAIL**'} | {c.detail.replace('|', '/')} |" for c in report.checks]
+    return lines
+
+
+def write_reports(report: SmokeReport) -> tuple[Path, Path]:
+    """`report.json` and `report.md` in the checked folder (the checks, the samples, the routing report with its
+    heatmap), and the smoke-test table in the model card (README.md) when the folder holds a zenith-merge plan."""
+    from .io.manifest import write_json_atomic
+
+    folder = report.folder
+    routing = _routing(folder)
+    data = {"folder": str(folder), "ok": report.ok, "failed": report.failed,
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks],
+            "samples": report.samples, "routing": routing}
+    write_json_atomic(folder / REPORT_JSON, data)
+    md = [f"# Smoke test of {folder.name}", "", f"**{'ok' if report.ok else 'FAILED: ' + ', '.join(report.failed)}**",
+          "", *report_table(report), ""]
+    if report.samples:
+        md += ["## Greedy samples", "", *[f"- `{p!r}` -> `{t!r}`" for p, t in report.samples.items()], ""]
+    if routing:
+        from .routing_report import ROUTING_PNG, routing_table
+
+        md += ["## Routing", "", *routing_table(routing), "", f"![routing](.zenith/{ROUTING_PNG})", ""]
+    tmp = folder / f".{REPORT_MD}.tmp"
+    tmp.write_text("\n".join(md), encoding="utf-8")
+    tmp.replace(folder / REPORT_MD)
+    _update_model_card(folder, report, routing)
+    return folder / REPORT_JSON, folder / REPORT_MD
+
+
+def _routing(folder: Path) -> dict | None:
+    from .routing_report import load_routing
+
+    try:
+        return load_routing(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def _update_model_card(folder: Path, report: SmokeReport, routing: dict | None) -> None:
+    from .model_card import write_model_card
+    from .plan import PLAN_FILE, Plan
+
+    if not (folder / PLAN_FILE).is_file():
+        return
+    plan = Plan.load(folder)
+    token_map = None
+    if plan.vocab is not None and (folder / ".zenith" / "token_map.json").is_file():
+        from .stages.tokenizer import load_token_map
+
+        token_map = load_token_map(folder / ".zenith")
+    write_model_card(plan, folder, token_map, routing, smoke=report_table(report))

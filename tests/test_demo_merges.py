@@ -172,6 +172,10 @@ def test_smoke_report_renders_with_the_routing_heatmap(flagship, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000 and struct.unpack(">II", png[16:24])[0] > 300
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "## Smoke test" in card and "| generate | pass |" in card
+    assert "base_model: demo://zen-tiny" in card and "library_name: transformers" in card and "## Plan" in card
+    plan = json.loads((out / ".zenith" / "plan.json").read_text())
+    assert all(f"`{s['fingerprint']}`" in card for s in plan["sources"].values())  # full sha256s
+    assert "| merge |" in md and "maths (demo held-out)" in md  # quality of the merge and its sources
 
 
 def test_interactive_chat_through_the_template_with_think(flagship):
@@ -185,3 +189,18 @@ def test_interactive_chat_through_the_template_with_think(flagship):
     text = out.getvalue()
     assert n == 1 and "model> " in text
     assert "<think>\\n'" in text.splitlines()[0]  # /think: the template opens the thinking block
+
+
+def test_thinking_check_fails_when_the_merge_no_longer_opens_think(flagship, tmp_path):
+    import shutil
+
+    from zenith_merge.smoke import run_smoke_test
+
+    out = tmp_path / "copy"
+    shutil.copytree(flagship, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    report = run_smoke_test(out)
+    assert report.failed == ["thinking"]
+    assert "not in the merge" in {c.name: c.detail for c in report.checks}["thinking"]

@@ -32,7 +32,7 @@ def test_good_merge_passes_and_generates(good):
     report = run_smoke_test(good)
     assert report.ok, report.checks
     assert [c.name for c in report.checks] == ["index", "manifest", "planned-tensors", "finite", "config-tokenizer",
-                                               "special-tokens", "loading", "generate"]
+                                               "special-tokens", "loading", "generate", "thinking", "quality"]
     assert report.samples
 
 
@@ -142,3 +142,11 @@ def test_cli_writes_report_json_and_md(good, tmp_path):
     md = (out / "report.md").read_text()
     assert "| special-tokens | pass |" in md
     assert "## Smoke test" in (out / "README.md").read_text()
+
+
+def test_quality_is_measured_on_given_text_for_the_merge_and_its_sources(good, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 10)
+    report = run_smoke_test(good, texts={"code": text.read_text()})
+    assert set(report.quality) == {"merge", "base"} and report.quality["merge"]["code"] > 0
+    assert report.quality["merge"]["code"] == report.quality["base"]["code"]  # a passthrough: the base itself

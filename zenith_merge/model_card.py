@@ -43,6 +43,16 @@ def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _plan_summary(plan) -> list[str]:
+    from .plan_summary import format_expert_table, human
+
+    e = plan.estimates
+    lines = ["## Plan", "", f"Method `{plan.method}`: {e.tensor_count} tensors, {human(e.total_bytes)} in "
+             f"{len(plan.shards)} shards (`.zenith/plan.json` has every tensor's recipe).", ""]
+    table = format_expert_table(plan)
+    return lines + (["```", *table, "```", ""] if table else [])
+
+
 def _routing(routing: dict[str, Any] | None) -> list[str]:
     if not routing:
         return []
@@ -63,11 +73,15 @@ def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str,
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(plan.output_dir).name}", "",
              f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method}`, plan `{plan.plan_id[:12]}`).",
-             "", "## Sources", "", "| key | model | architecture | fingerprint |", "|---|---|---|---|"]
-    lines += [f"| {key} | {s.ref} | {s.architecture} | `{s.fingerprint[:16]}` |" for key, s in plan.sources.items()]
+             "", "## Sources", "",
+             "Fingerprint: sha256 over each source's config, index, safetensors headers and file sizes (what the "
+             "plan was made from; `zenith-merge merge --resume` refuses a changed source).", "",
+             "| key | model | architecture | fingerprint (sha256) |", "|---|---|---|---|"]
+    lines += [f"| {key} | {s.ref} | {s.architecture} | `{s.fingerprint}` |" for key, s in plan.sources.items()]
     smoke_lines = ["## Smoke test", "", "`zenith-merge smoke-test` on this folder (report.md has the samples):", "",
                    *smoke, ""] if smoke else []
-    lines += ["", *_vocabulary(plan, token_map), *_routing(routing), *smoke_lines, "## Configuration", "", "```yaml",
+    lines += ["", *_plan_summary(plan), *_vocabulary(plan, token_map), *_routing(routing), *smoke_lines,
+              "## Configuration", "", "```yaml",
               yaml.safe_dump(plan.config, sort_keys=False, allow_unicode=True).strip(), "```", ""]
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ class SmokeReport:
     folder: Path
     checks: list[CheckResult] = field(default_factory=list)
     samples: dict[str, str] = field(default_factory=dict)
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> text -> bits per byte
 
     @property
     def ok(self) -> bool:
@@ -183,7 +184,7 @@ def load_model(folder: Path):
 
 def check_loading(folder: Path, loaded: dict) -> str:
     """transformers builds the model the config describes and finds each of its weights, with its shape."""
-    model, _, info = loaded.setdefault("model", load_model(folder))
+    model, _, info = _model(folder, loaded)
     for key, what in (("missing_keys", "missing"), ("unexpected_keys", "not used by the model"),
                       ("mismatched_keys", "of the wrong shape")):
         bad = sorted(str(k) for k in info.get(key) or [])
@@ -193,29 +194,136 @@ def check_loading(folder: Path, loaded: dict) -> str:
     return f"{type(model).__name__}, {n / 1e6:.1f}M parameters, every weight found"
 
 
-def check_generation(folder: Path, loaded: dict, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16) -> tuple[str, dict[str, str]]:
-    """The loaded model generates greedily with finite logits for each prompt."""
+CHAT_PROMPTS = ("/think What is 17 + 25?", "/no_think What is 17 + 25?")
+SOURCE_LIMIT = 2 * 2**30  # sources up to this size on disk are loaded for comparison (thinking, quality)
+
+
+def _model(folder: Path, loaded: dict):
+    if "model" not in loaded:
+        loaded["model"] = load_model(folder)
+    return loaded["model"]
+
+
+def chat_prompt(tok, message: str) -> str | None:
+    """`message` as one user turn through the tokenizer's chat template, ready for the reply (None: no template)."""
+    if not tok.chat_template:
+        return None
+    return tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True)
+
+
+def greedy(model, tok, text: str, max_new_tokens: int, *, special: bool) -> list[int]:
+    """The ids `model` generates greedily after `text` (its logits checked finite first)."""
     import torch
 
-    model, tok, _ = loaded.setdefault("model", load_model(folder))
-    samples = {}
+    ids = tok(text, return_tensors="pt", add_special_tokens=special)
     with torch.no_grad():
-        for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt")
-            logits = model(**ids).logits
-            if not bool(torch.isfinite(logits).all()):
-                raise ZenithError(f"non-finite logits for prompt {prompt!r}")
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-            new = out[0, ids["input_ids"].shape[1]:]
-            if new.numel() == 0:
-                raise ZenithError(f"generated nothing for prompt {prompt!r}")
-            samples[prompt] = tok.decode(new, skip_special_tokens=False)
-    return f"{len(prompts)} prompts, {sum(map(len, samples.values()))} characters generated", samples
+        logits = model(**ids).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise ZenithError(f"non-finite logits for prompt {text!r}")
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
 
 
-def run_smoke_test(folder: str | Path, *, generate: bool = True, progress: Callable[[str], None] | None = None) -> SmokeReport:
-    """Run every check on `folder`; each failure is recorded under its check's name rather than raised."""
+def check_generation(folder: Path, loaded: dict, prompts=DEFAULT_PROMPTS, max_new_tokens: int = 16) -> tuple[str, dict[str, str]]:
+    """The loaded model generates greedily with finite logits, on plain prompts (code, maths) and, through
+    the chat template, on a /think and a /no_think prompt; no output is one token repeated."""
+    model, tok, _ = _model(folder, loaded)
+    runs = [(p, p, True) for p in prompts]
+    runs += [(f"chat: {m}", text, False) for m in CHAT_PROMPTS if (text := chat_prompt(tok, m)) is not None]
+    samples = {}
+    for label, text, special in runs:
+        new = greedy(model, tok, text, max_new_tokens, special=special)
+        if not new:
+            raise ZenithError(f"generated nothing for prompt {label!r}")
+        if len(new) >= 4 and len(set(new)) == 1:
+            raise ZenithError(f"degenerate output for prompt {label!r}: token {new[0]} "
+                              f"({tok.decode(new[:1])!r}) {len(new)} times")
+        samples[label] = tok.decode(new, skip_special_tokens=False)
+    return f"{len(runs)} prompts, {sum(map(len, samples.values()))} characters generated", samples
+
+
+def opens_thinking(model, tok, message: str = CHAT_PROMPTS[0]) -> bool | None:
+    """Whether a reply to `message` opens a <think> block: in the rendered prompt or as its first
+    generated text (None: no chat template)."""
+    text = chat_prompt(tok, message)
+    if text is None:
+        return None
+    if text.rstrip().endswith("<think>"):
+        return True
+    return tok.decode(greedy(model, tok, text, 8, special=False), skip_special_tokens=False).lstrip().startswith("<think>")
+
+
+def check_thinking(folder: Path, loaded: dict) -> str:
+    """Where a source opens <think> for a /think prompt, the merge does too (sources up to SOURCE_LIMIT)."""
+    model, tok, _ = _model(folder, loaded)
+    merged = opens_thinking(model, tok)
+    if merged is None:
+        return "no chat template: nothing to check"
+    seen = {"merge": merged}
+    for key, path in _small_sources(folder).items():
+        source_model, source_tok, _ = load_model(path)
+        seen[key] = opens_thinking(source_model, source_tok)
+        del source_model
+    missing = [k for k, v in seen.items() if v and not merged]
+    summary = ", ".join(f"{k} {'yes' if v else 'no' if v is not None else 'no template'}" for k, v in seen.items())
+    if missing:
+        raise ZenithError(f"/think opens <think> in {', '.join(missing)} but not in the merge ({summary})")
+    return f"/think opens <think>: {summary}"
+
+
+def quality_texts(folder: Path, texts: dict[str, str] | None) -> dict[str, str]:
+    """The texts quality is measured on: those given, else the demo's held-out code and maths when every
+    source is a demo model (their held-out split: never trained or calibrated on)."""
+    from .plan import PLAN_FILE, Plan
+
+    if texts:
+        return dict(texts)
+    if not (folder / PLAN_FILE).is_file():
+        return {}
+    if not all(s.ref.startswith("demo://") for s in Plan.load(folder).sources.values()):
+        return {}
+    from .demo import heldout_text
+
+    return {"code (demo held-out)": heldout_text("code"), "maths (demo held-out)": heldout_text("maths")}
+
+
+def check_quality(folder: Path, loaded: dict, texts: dict[str, str] | None, report: SmokeReport) -> str:
+    """Bits per byte of the merge and of each source small enough to load, on each text (measured, not judged)."""
+    from .demo import bits_per_byte
+
+    texts = quality_texts(folder, texts)
+    if not texts:
+        return "no text to measure on (give --text NAME=FILE)"
+    model, tok, _ = _model(folder, loaded)
+    report.quality["merge"] = {name: bits_per_byte(model, tok, t) for name, t in texts.items()}
+    for key, path in _small_sources(folder).items():
+        source_model, source_tok, _ = load_model(path)
+        report.quality[key] = {name: bits_per_byte(source_model, source_tok, t) for name, t in texts.items()}
+        del source_model
+    return "; ".join(f"{m}: " + ", ".join(f"{n.split(' ')[0]} {v:.3f}" for n, v in q.items())
+                     for m, q in report.quality.items()) + " bits per byte"
+
+
+def _small_sources(folder: Path) -> dict[str, Path]:
+    """The plan's sources small enough to load beside the merge, by key."""
+    from .plan import PLAN_FILE, Plan
+
+    if not (folder / PLAN_FILE).is_file():
+        return {}
+    out = {}
+    for key, src in Plan.load(folder).sources.items():
+        path = Path(src.path)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else SOURCE_LIMIT + 1
+        if size <= SOURCE_LIMIT:
+            out[key] = path
+    return out
+
+
+def run_smoke_test(folder: str | Path, *, generate: bool = True, progress: Callable[[str], None] | None = None,
+                   texts: dict[str, str] | None = None) -> SmokeReport:
+    """Run every check on `folder`; each failure is recorded under its check's name rather than raised.
+    `texts` (name -> text) are what quality is measured on (default: see `quality_texts`)."""
     folder = Path(folder).resolve()
     report = SmokeReport(folder)
     loaded: dict = {}  # the model, loaded once by the first check that needs it
@@ -230,6 +338,8 @@ def run_smoke_test(folder: str | Path, *, generate: bool = True, progress: Calla
     if generate:
         checks.append(("loading", lambda f: check_loading(f, loaded)))
         checks.append(("generate", lambda f: check_generation(f, loaded)))
+        checks.append(("thinking", lambda f: check_thinking(f, loaded)))
+        checks.append(("quality", lambda f: check_quality(f, loaded, texts, report)))
     for name, fn in checks:
         if progress:
             progress(name)
@@ -277,12 +387,17 @@ def write_reports(report: SmokeReport) -> tuple[Path, Path]:
     routing = _routing(folder)
     data = {"folder": str(folder), "ok": report.ok, "failed": report.failed,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks],
-            "samples": report.samples, "routing": routing}
+            "samples": report.samples, "quality_bits_per_byte": report.quality, "routing": routing}
     write_json_atomic(folder / REPORT_JSON, data)
     md = [f"# Smoke test of {folder.name}", "", f"**{'ok' if report.ok else 'FAILED: ' + ', '.join(report.failed)}**",
           "", *report_table(report), ""]
     if report.samples:
         md += ["## Greedy samples", "", *[f"- `{p!r}` -> `{t!r}`" for p, t in report.samples.items()], ""]
+    if report.quality:
+        names = list(next(iter(report.quality.values())))
+        md += ["## Quality (bits per byte, lower is better)", "", "| model | " + " | ".join(names) + " |",
+               "| --- | " + " | ".join("---:" for _ in names) + " |",
+               *[f"| {m} | " + " | ".join(f"{q[n]:.4f}" for n in names) + " |" for m, q in report.quality.items()], ""]
     if routing:
         from .routing_report import ROUTING_PNG, routing_table
 

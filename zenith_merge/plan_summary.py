@@ -1,0 +1,136 @@
+"""Readable summaries of a plan: sources, output layout, expert table, union vocabulary.
+
+The command line prints them; the model card quotes them.
+"""
+
+from __future__ import annotations
+
+
+def human(n: int) -> str:
+    """A byte count in binary units (1.5 MiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n}"
+
+
+def format_plan(plan) -> str:
+    """A readable summary of a plan: sources, output, shards and estimates."""
+    e = plan.estimates
+    lines = [f"plan {plan.plan_id[:12]}  method: {plan.method}", "sources:"]
+    lines += [f"  {key:<8} {s.architecture:<24} {s.ref}  ({s.path})" for key, s in plan.sources.items()]
+    t = plan.target_config
+    lines += [
+        f"output: {plan.output_dir}",
+        f"  architecture {t.get('architectures', ['?'])[0]}, dtype {t.get('dtype') or t.get('torch_dtype')}, "
+        f"vocab {t.get('vocab_size')}, layers {t.get('num_hidden_layers')}",
+        f"  tensors {e.tensor_count}, {human(e.total_bytes)} in {len(plan.shards)} shards:",
+    ]
+    lines += [f"    {s.filename}  {len(s.tensors):>6} tensors  {human(s.nbytes):>11}" for s in plan.shards[:8]]
+    if len(plan.shards) > 8:
+        lines.append(f"    ... {len(plan.shards) - 8} more")
+    lines += [
+        f"  largest tensor {e.largest_tensor} ({human(e.largest_tensor_bytes)})",
+        f"  estimated peak memory {human(e.peak_memory_bytes)}, disk {human(e.total_bytes)}",
+    ]
+    if e.stage_memory_bytes:
+        lines.append(f"  stages (forward passes) hold about {human(e.stage_memory_bytes)}; "
+                     f"calibration_max_memory caps it")
+    if plan.vocab is not None:
+        v = plan.vocab
+        lines.append(f"tokenizer: union of base + {', '.join(v.donors)}: {v.size} tokens ({v.appended} appended), "
+                     f"embedding rows {v.padded_size}; shared tokens SLERPed at t={v.slerp_t}; donor rows "
+                     + ", ".join(f"{k} {m}" for k, m in v.maps.items())
+                     + (f"; forced: {', '.join(t for t, r in v.tokens.items() if r.force)}"
+                        if any(r.force for r in v.tokens.values()) else ""))
+    lines += format_expert_table(plan)
+    if plan.method == "assembly":
+        lines.append("assembly (tensors per recipe):")
+        counts: dict[str, int] = {}
+        for t in plan.tensors:
+            r = t.recipe
+            what = (f"copied from {r.source}" if r.kind == "copy" else
+                    f"{r.tensor_class}: " + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
+            counts[what] = counts.get(what, 0) + 1
+        lines += [f"  {n:>6}  {what}" for what, n in sorted(counts.items())]
+    return "\n".join(lines)
+
+
+def _slot_range(slots) -> str:
+    """A run of slots from one source as `donor1 L2 e0-e5` (or `top 4 by usage`, `MLP`)."""
+    s = slots[0]
+    where = f"{s.source} L{s.source_layer}"
+    if s.kind != "routed":
+        return f"{where} {'MLP' if s.kind == 'dense_mlp' else 'shared expert'}"
+    if s.expert is None:
+        return f"{where} top {len(slots)} by usage"
+    ids = [x.expert for x in slots]
+    if ids == list(range(ids[0], ids[0] + len(ids))):
+        return f"{where} e{ids[0]}-e{ids[-1]}" if len(ids) > 1 else f"{where} e{ids[0]}"
+    return f"{where} e" + ",".join(map(str, ids))
+
+
+def format_expert_table(plan) -> list[str]:
+    """The plan's layer map and expert table: for each output MoE layer, which source fills which slots."""
+    if not plan.expert_table:
+        return []
+    t = plan.target_config
+    lines = ["experts:"]
+    for key, tr in plan.transforms.items():
+        how = {"none": "the base's own", "identity": "same width, copied", "fit": "mapped by fitted A/B"}[tr.align]
+        lines.append(f"  {key:<8} {how}; routing {tr.routing['scoring']} top-{tr.routing['top_k']}"
+                     f"{' normalised' if tr.routing['norm_topk_prob'] else ''}")
+    groups = f", {t['n_group']} groups, top-{t['topk_group']} groups" if "n_group" in t else ""
+    lines.append(f"  per MoE layer: {len(plan.expert_table[0].slots)} experts, top-k "
+                 f"{t.get('num_experts_per_tok')}{groups}")
+    for le in plan.expert_table:
+        runs, start = [], 0
+        for j in range(1, len(le.slots) + 1):
+            if j == len(le.slots) or (le.slots[j].source, le.slots[j].kind) != (le.slots[start].source,
+                                                                                le.slots[start].kind):
+                scale = le.slots[start].scale
+                runs.append(f"[{start}-{j - 1}] {_slot_range(le.slots[start:j])}"
+                            + (f" x{scale:.3g}" if scale not in (None, 1.0) else ""))
+                start = j
+        lines.append(f"  layer {le.layer:>3}: " + "  ".join(runs))
+    stages = plan.stages
+    if stages.usage:
+        lines.append("  stage usage: " + ", ".join(f"{k} layers {list(v)}" for k, v in stages.usage.items()))
+    if stages.align:
+        lines.append("  stage align: " + ", ".join(f"{k} pairs {list(v)}" for k, v in stages.align.items()))
+    if stages.router_offsets:
+        lines.append("  stage router offsets: " + ", ".join(stages.router_offsets))
+    if stages.train_routers:
+        r = plan.config["router"]
+        lines.append(f"  router training after writing: {stages.train_routers} steps, {r['train']} rows, lr {r['lr']}, "
+                     f"rewrites {', '.join(plan.retrained_shards)}")
+        if stages.train_maps:
+            a = plan.config["align"]
+            lines.append(f"  maps A, B of {', '.join(stages.train_maps)} train with the routers, lr {a['lr']}"
+                         + (f"; the donor teaches on {', '.join(a['teacher_data'])} (weight {a['teacher_weight']})"
+                            if a["teacher_data"] else ""))
+    return lines
+
+
+def format_union(plan, token_map: dict) -> list[str]:
+    """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
+    from .stages.tokenizer import appended_tokens, row_counts
+
+    vp = plan.vocab
+    rows = row_counts(token_map)
+    appended, specials = appended_tokens(token_map)
+    lines = [f"union tokenizer: {token_map['size']} tokens ({token_map['base_size']} base ids kept, "
+             f"{len(appended)} appended from {', '.join(token_map['donors'])}), embedding rows {vp.padded_size}",
+             f"  donor merges: {token_map['merges_added']} added after the base's, "
+             f"{len(token_map['merges_dropped'])} left out to keep protected text exact"
+             + (f" ({', '.join(map(repr, token_map['merges_dropped'][:8]))}"
+                f"{' ...' if len(token_map['merges_dropped']) > 8 else ''})" if token_map["merges_dropped"] else ""),
+             f"  special tokens added: {', '.join(specials) or 'none'}",
+             "  rows: " + ", ".join(f"{n} {rule}" for rule, n in rows.items()) + f" (slerp_t {vp.slerp_t})"]
+    lines += [f"  forced: {tok!r} from {rule.source}" for tok, rule in vp.tokens.items() if rule.force]
+    for donor, parts in token_map["maps"].items():
+        lines.append(f"  {donor} rows into the base's space: " + ", ".join(
+            f"{part} {m['mode']}" + (f" (R^2 {m['r2']:.3f} over {m['shared_tokens']} shared tokens)"
+                                     if m["r2"] is not None else "") for part, m in parts.items()))
+    return lines

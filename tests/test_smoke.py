@@ -150,3 +150,11 @@ def test_quality_is_measured_on_given_text_for_the_merge_and_its_sources(good, t
     report = run_smoke_test(good, texts={"code": text.read_text()})
     assert set(report.quality) == {"merge", "base"} and report.quality["merge"]["code"] > 0
     assert report.quality["merge"]["code"] == report.quality["base"]["code"]  # a passthrough: the base itself
+
+
+def test_a_model_larger_than_memory_loads_offloaded_and_generates(good):
+    from zenith_merge.smoke import greedy, load_model
+
+    model, tok, info = load_model(good, max_memory=20_000)  # far less than the weights: accelerate offloads
+    assert "disk" in set(getattr(model, "hf_device_map", {}).values())
+    assert not info["missing_keys"] and greedy(model, tok, "def add(a, b):", 4, special=True)

@@ -169,16 +169,37 @@ def check_special_tokens(folder: Path) -> str:
     return f"{len(named)} special tokens present"
 
 
-def load_model(folder: Path):
+def load_model(folder: Path, *, max_memory: int | None = None):
     """The merged model and tokenizer as a user loads them (AutoModelForCausalLM, no custom code), with
-    transformers' own account of missing, unexpected and mis-shaped weights."""
+    transformers' own account of missing, unexpected and mis-shaped weights.
+
+    Small models load on the CPU. With a GPU, or when the weights exceed `max_memory` (default: half
+    this machine's RAM), accelerate places them (`device_map="auto"`) and offloads what does not fit
+    to a temporary folder, removed with the model.
+    """
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    fp8 = bool(json.loads((Path(folder) / "config.json").read_text()).get("quantization_config"))
+    from .search import physical_memory
+
+    folder = Path(folder)
+    fp8 = bool(json.loads((folder / "config.json").read_text()).get("quantization_config"))
     # without a GPU, transformers dequantises block FP8 to bfloat16: the rest of the model must match it
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if fp8 else torch.float32,
-                                                       output_loading_info=True)
+    kwargs = {"dtype": torch.bfloat16 if fp8 else torch.float32, "output_loading_info": True}
+    # bytes once loaded, about: float32 doubles bfloat16 weights (FP8 ones become bfloat16)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * 2
+    cap = max_memory if max_memory is not None else (physical_memory() or 2**62) // 2
+    if torch.cuda.is_available() or size > cap:
+        offload = tempfile.TemporaryDirectory(prefix="zenith-smoke-offload-")
+        kwargs.update(device_map="auto", offload_folder=offload.name,
+                      max_memory=None if torch.cuda.is_available() and max_memory is None else {"cpu": cap})
+    else:
+        offload = None
+    model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if offload is not None:
+        model._zenith_offload = offload  # the folder lives as long as the model
     return model.eval(), AutoTokenizer.from_pretrained(folder), info
 
 

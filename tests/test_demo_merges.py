@@ -204,3 +204,14 @@ def test_thinking_check_fails_when_the_merge_no_longer_opens_think(flagship, tmp
     report = run_smoke_test(out)
     assert report.failed == ["thinking"]
     assert "not in the merge" in {c.name: c.detail for c in report.checks}["thinking"]
+
+
+def test_test_merged_model_sh_interactive_takes_one_exchange_on_stdin(flagship):
+    import subprocess
+
+    res = subprocess.run(["bash", str(ROOT / "merge" / "test_merged_model.sh"), str(flagship), "--interactive",
+                          "--max-new-tokens", "6", "--show-prompt"], input="/think What is 2 + 3?\n",
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith(("prompt> ", "model> "))]
+    assert len(lines) == 2 and "<think>" in lines[0] and lines[1].startswith("model> ")

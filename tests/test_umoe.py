@@ -94,3 +94,17 @@ def test_gradients_reach_both_routers_and_the_pool():
 def test_the_papers_1b_configuration_is_expressible():
     cfg = UMoEConfig.paper_1b()
     assert (cfg.n_experts, cfg.expert_inter, cfg.attn_top_k, cfg.ffn_top_k) == (64, 512, 3, 10)
+
+
+@pytest.mark.demo
+def test_umoe_demo_trains_both_models_with_matched_parameters(capsys):
+    from zenith_merge.cli import main
+
+    assert main(["umoe-demo", "--steps", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| umoe", "| standard_moe"))]
+    assert len(rows) == 2
+    params = [int(r.split("|")[2].replace(",", "")) for r in rows]
+    per_expert_pair = 2 * (2 * 96 * 192 + 96)  # one expert per layer, both layers
+    assert abs(params[0] - params[1]) < per_expert_pair  # matched to within one expert per layer
+    assert all(0 < float(r.split("|")[5]) < 20 for r in rows)  # finite held-out bits per byte

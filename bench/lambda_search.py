@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
-from merge_quality import emit, machine
+from merge_quality import emit, report_head
 
 from zenith_merge.config import parse_config
 from zenith_merge.demo import heldout_text
@@ -81,8 +81,7 @@ def main() -> None:
                       labels=("search's choice at max_loss " + ", ".join(f"{100 * m:g}%" for m, _ in chosen[1:]),
                               f"search's choice at max_loss {100 * chosen[0][0]:g}% (chimera.yml)"))
     report = "\n".join([
-        f"machine: {machine()}",
-        f"command: `.venv/bin/python bench/lambda_search.py`, total wall {time.perf_counter() - t_start:.0f} s",
+        *report_head(".venv/bin/python bench/lambda_search.py", t_start),
         "",
         "| candidate | search text: code vs zen-tiny | search text: gap closed | held-out: code vs zen-tiny | "
         "held-out: gap closed |",

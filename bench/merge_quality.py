@@ -235,6 +235,11 @@ def text_sizes(texts: dict[str, str]) -> str:
             f"maths, {len(texts['maths_chat'].encode())} bytes of maths as Qwen chat.")
 
 
+def report_head(command: str, t_start: float) -> list[str]:
+    """The machine and the command (with its total wall time since `t_start`) that open a report."""
+    return [f"machine: {machine()}", f"command: `{command}`, total wall {time.perf_counter() - t_start:.0f} s"]
+
+
 def emit(report: str, out: Path | None) -> None:
     """Print a report, and write it to `out` when given."""
     print(report)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from common import timed
-from merge_quality import emit, heldout_texts, machine, score
+from merge_quality import emit, heldout_texts, report_head, score
 
 from zenith_merge.config import with_absolute_paths
 from zenith_merge.demo import ensure_demo
@@ -159,9 +159,7 @@ def main() -> None:
                     f"{cells(adapter, wall, rss)}")
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     report = "\n".join([
-        f"machine: {machine()}",
-        f"command: `.venv/bin/python bench/method_table.py{' --quick' if args.quick else ''}`, total wall "
-        f"{time.perf_counter() - t_start:.0f} s",
+        *report_head(f".venv/bin/python bench/method_table.py{' --quick' if args.quick else ''}", t_start),
         "",
         "| gate mode | lever | slerp_t | code bpb | maths bpb | code vs base | maths gap closed | "
         "maths (chat) gap closed | merge s | peak RSS MiB |",

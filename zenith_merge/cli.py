@@ -144,11 +144,10 @@ def cmd_search(args) -> int:
 
 def cmd_routing(args) -> int:
     from .plan import Plan
-    from .routing_report import routing_table, routing_usage, save_routing
+    from .routing_report import prompt_domains, routing_table, routing_usage, save_routing
 
     out = Path(args.output_dir)
-    plan = Plan.load(out)
-    domains = {f"{key} prompts": list(t.prompts) for key, t in plan.transforms.items() if t.prompts}
+    domains = prompt_domains(Plan.load(out))
     domains.update({name: [text] for name, text in _named_texts(args.text).items()})
     if not domains:
         raise ZenithError(f"{out}: the plan has no prompts to route; give texts with --text NAME=FILE")

@@ -112,8 +112,8 @@ def cast_plan(ckpt: Checkpoint, to: Literal["bf16", "fp8"], block: tuple[int, in
 
 def _cast_id(ckpt: Checkpoint, to: str, block: tuple[int, int]) -> str:
     """What identifies a cast's output bytes: the input's headers (names, dtypes, shapes, sizes), direction, block."""
-    payload = [to, list(block)] + [[n, ckpt.info(n).dtype, list(ckpt.info(n).shape), ckpt.info(n).file.name,
-                                    ckpt.info(n).file.stat().st_size] for n in ckpt.names()]
+    infos = [ckpt.info(n) for n in ckpt.names()]
+    payload = [to, list(block)] + [[i.name, i.dtype, list(i.shape), i.file.name, i.file.stat().st_size] for i in infos]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .io.manifest import temp_path
+from .io.manifest import write_text_atomic
 
 
 def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
@@ -90,7 +90,5 @@ def write_model_card(plan, out_dir: Path, token_map: dict[str, Any] | None = Non
                      routing: dict[str, Any] | None = None, smoke: list[str] | None = None) -> Path:
     """Write `<out>/README.md` atomically."""
     path = Path(out_dir) / "README.md"
-    tmp = temp_path(path)
-    tmp.write_text(model_card(plan, token_map, routing, smoke), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, model_card(plan, token_map, routing, smoke))
     return path

@@ -548,10 +548,9 @@ def _write(plan: Plan, out: Path, **kwargs) -> WriteResult:
 
 def routing_domains(cfg: MergeConfig, plan: Plan, config_dir: Path | None) -> dict[str, list[str]]:
     """The texts the routing report runs: each source's positive prompts, and each calibration text."""
-    domains = {f"{key} prompts": list(t.prompts) for key, t in plan.transforms.items() if t.prompts}
-    if not plan.transforms:  # assembly and passthrough plans: the experts' prompts, by entry
-        domains = {f"experts.{i} prompts": list(e.positive_prompts) for i, e in enumerate(cfg.experts)
-                   if e.positive_prompts}
+    from .routing_report import prompt_domains
+
+    domains = prompt_domains(plan)
     for item, text in zip(cfg.align.calibration, read_texts(cfg.align.calibration, "align.calibration", config_dir)):
         domains[item] = [text]
     return domains

@@ -33,6 +33,14 @@ ROUTING_FILE = "routing.json"
 ROUTING_PNG = "routing.png"
 
 
+def prompt_domains(plan: Plan) -> dict[str, list[str]]:
+    """Each source's positive prompts, as routing-report texts (assembly plans: each experts[] entry's)."""
+    if plan.transforms:
+        return {f"{key} prompts": list(t.prompts) for key, t in plan.transforms.items() if t.prompts}
+    return {f"experts.{i} prompts": list(e.get("positive_prompts") or [])
+            for i, e in enumerate(plan.config.get("experts") or []) if e.get("positive_prompts")}
+
+
 def slot_owners(plan: Plan, layer: int, n_experts: int) -> list[str]:
     """The source each output expert of `layer` comes from (every expert the base's when the plan has no table)."""
     try:

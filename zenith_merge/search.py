@@ -17,7 +17,6 @@ among those within `max_loss`; with none within it, the one that loses least.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,14 +128,6 @@ def breed(parents: Sequence[Candidate], rng: random.Random, sigma: float, origin
     return Candidate(tuple(lambdas), origin)
 
 
-def physical_memory() -> int | None:
-    """This machine's RAM in bytes, where the OS says."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 class CandidateScorer:
     """Plans a candidate, produces its tensors in memory with the merge's own code, and scores it."""
 
@@ -152,6 +143,8 @@ class CandidateScorer:
             raise PlanError("search scores assembly merges without stages (no union tokenizer or computed router "
                             "rows); drop tokenizer.source: union for the search")
         need = 3 * 4 * sum(_numel(t.shape) for t in plan.tensors)  # float32: the parents' reads, tensors, model
+        from .system import physical_memory
+
         ram = physical_memory()
         if ram is not None and need > ram // 2:
             raise PlanError(f"search assembles every candidate in memory; this model needs about {need / 2**30:.1f} "
@@ -307,7 +300,7 @@ def write_search(result: SearchResult, cfg_data: dict, config_path: Path, out_di
     import yaml
 
     from .config import with_absolute_paths
-    from .io.manifest import write_json_atomic
+    from .io.manifest import write_json_atomic, write_text_atomic
     from .plots import lambda_sweep_plot
 
     out_dir = Path(out_dir)
@@ -325,12 +318,12 @@ def write_search(result: SearchResult, cfg_data: dict, config_path: Path, out_di
     lambda_sweep_plot(paths["png"], sweep=sweep, refined=refined, best=(100 * best.loss, 100 * best.gap),
                       max_loss=100 * result.settings.max_loss)
     md = f"# Assembly weight search: {config_path.name}\n\n{search_table(result)}\n\n![lambda sweep]({SEARCH_FILES['png']})\n"
-    _write_text(paths["md"], md)
+    write_text_atomic(paths["md"], md)
     data = with_absolute_paths(cfg_data, config_path.parent)
     data.setdefault("assembly", {})["weights"] = best.candidate.weights(result.given)
     header = (f"# {config_path.name} with the weights `zenith-merge search` chose: keep {_pct(best.loss)}, "
               f"gap closed {100 * best.gap:.1f}%\n# on the search text (not held-out text). Paths are absolute.\n")
-    _write_text(paths["config"], header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    write_text_atomic(paths["config"], header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return paths
 
 
@@ -338,8 +331,3 @@ def _score_json(x: Score) -> dict:
     return {"origin": x.candidate.origin, "lambdas": dict(x.candidate.lambdas), "keep_bpb": x.keep_bpb,
             "gain_bpb": x.gain_bpb, "loss": x.loss, "gap": x.gap, "within_max_loss": x.feasible}
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -182,7 +182,7 @@ def load_model(folder: Path, *, max_memory: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .search import physical_memory
+    from .system import physical_memory
 
     folder = Path(folder)
     fp8 = bool(json.loads((folder / "config.json").read_text()).get("quantization_config"))
@@ -402,7 +402,7 @@ def report_table(report: SmokeReport) -> list[str]:
 def write_reports(report: SmokeReport) -> tuple[Path, Path]:
     """`report.json` and `report.md` in the checked folder (the checks, the samples, the routing report with its
     heatmap), and the smoke-test table in the model card (README.md) when the folder holds a zenith-merge plan."""
-    from .io.manifest import write_json_atomic
+    from .io.manifest import write_json_atomic, write_text_atomic
 
     folder = report.folder
     routing = _routing(folder)
@@ -423,9 +423,7 @@ def write_reports(report: SmokeReport) -> tuple[Path, Path]:
         from .routing_report import ROUTING_PNG, routing_table
 
         md += ["## Routing", "", *routing_table(routing), "", f"![routing](.zenith/{ROUTING_PNG})", ""]
-    tmp = folder / f".{REPORT_MD}.tmp"
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    tmp.replace(folder / REPORT_MD)
+    write_text_atomic(folder / REPORT_MD, "\n".join(md))
     _update_model_card(folder, report, routing)
     return folder / REPORT_JSON, folder / REPORT_MD
 

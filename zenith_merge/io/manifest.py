@@ -38,6 +38,13 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole under a temporary name, then rename it into place."""
+    tmp = temp_path(Path(path))
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_json_atomic(path: Path, data) -> None:
     """Write JSON so that readers see the old file or the new one, never a partial one, even after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)

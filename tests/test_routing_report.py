@@ -66,11 +66,14 @@ def test_report_counts_match_the_models_own_router_picks(flagship):
     for h in handles:
         h.remove()
     # the first MoE layer sees identical inputs: identical picks. Deeper layers' inputs pass through
-    # bf16 expert kernels, which the two loaders may run differently, so a near-tie can flip a pick.
+    # bf16 expert kernels, which the two loaders (and CPUs) may run differently, so a near-tie can flip
+    # a pick; a flipped pick moves one count from one expert to another.
     assert report["layers"]["1"]["donor1 prompts"]["experts"] == counts[1].tolist()
     for layer, c in counts.items():
         mine = torch.tensor(report["layers"][str(layer)]["donor1 prompts"]["experts"])
-        assert int((mine - c).abs().sum()) <= 0.02 * int(c.sum()), layer
+        assert int(mine.sum()) == int(c.sum()), layer
+        flipped = int((mine - c).abs().sum()) // 2
+        assert flipped <= max(2, 0.02 * int(c.sum())), layer
 
 
 def test_heatmap_is_a_png_and_the_model_card_links_it(flagship):

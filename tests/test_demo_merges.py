@@ -14,7 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from zenith_merge.cli import main
 from zenith_merge.config import load_config, parse_config, with_absolute_paths
 from zenith_merge.demo import ensure_demo, heldout_text
+from zenith_merge.graft_math import interpolate
 from zenith_merge.pipeline import run_merge
+from zenith_merge.regmean_math import regmean_merge
+from zenith_merge.stages.regmean import grams_file, read_gram
 
 pytestmark = pytest.mark.demo
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,15 +121,19 @@ def test_r1t_recipe_is_r1_experts_in_the_v3_body(tmp_path):
         assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), name
 
 
-def test_chimera_interpolates_each_class_with_its_searched_weight(tmp_path):
+def test_chimera_merges_linear_weights_by_regmean_and_interpolates_the_rest(tmp_path):
     out = tmp_path / "chimera"
     _run("merge/examples/chimera.yml", out)
     cfg = load_config(ROOT / "merge/examples/chimera.yml")
     merged, v3, r1 = tensors_of(out), tensors_of(ensure_demo("zen-tiny")), tensors_of(ensure_demo("zen-r1-tiny"))
-    name = "model.layers.1.self_attn.o_proj.weight"
-    w = cfg.assembly.weights["attention"]
-    want = (w[0] * v3[name].float() + w[1] * r1[name].float()).to(merged[name].dtype)
-    assert torch.equal(merged[name], want)
+    weights = cfg.assembly.weights
+    linear, norm = "model.layers.1.self_attn.o_proj.weight", "model.layers.1.input_layernorm.weight"
+    grams = [read_gram(grams_file(out / ".zenith", key), linear) for key in ("base", "donor1")]
+    want = regmean_merge([v3[linear], r1[linear]], grams, weights.get("attention", weights["default"]))
+    assert torch.equal(merged[linear], want.to(merged[linear].dtype))
+    # the same float32 arithmetic as the writer's (how add-with-alpha rounds differs between CPUs)
+    want = interpolate([v3[norm], r1[norm]], weights.get("norms", weights["default"])).to(merged[norm].dtype)
+    assert torch.equal(merged[norm], want)
 
 
 def test_three_sources_give_twenty_experts(tmp_path):

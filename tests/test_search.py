@@ -29,14 +29,15 @@ def _small_search(**search) -> dict:
     data = yaml.safe_load(CHIMERA.read_text())
     data["search"] = {"keep": ["demo:code"], "gain": ["demo:maths"], "grid": [0.0, 0.4, 1.0], "generations": 1,
                       "population": 2, "max_chars": 6000, **search}
+    data["assembly"]["regmean"]["max_tokens"] = 2048
     return data
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     data = _small_search()
-    result = run_search(parse_config(data), config_dir=CHIMERA.parent, progress=False)
     out = tmp_path_factory.mktemp("search")
+    result = run_search(parse_config(data), config_dir=CHIMERA.parent, progress=False, work_dir=out)
     return result, write_search(result, data, CHIMERA, out)
 
 
@@ -85,7 +86,7 @@ def test_search_report_has_tables_a_valid_png_and_every_candidate(searched):
 def test_search_refuses_text_where_the_second_parent_is_no_better(tmp_path):
     data = _small_search(gain=["demo:code"], keep=["demo:maths"], max_chars=2000)
     with pytest.raises(ConfigError, match="search.gain: experts.1. is not better"):
-        run_search(parse_config(data), config_dir=CHIMERA.parent, progress=False)
+        run_search(parse_config(data), config_dir=CHIMERA.parent, progress=False, work_dir=tmp_path)
 
 
 def test_search_needs_assembly_two_parents_and_text():

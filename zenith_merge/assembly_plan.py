@@ -22,6 +22,8 @@ from .plan import (
     CopyRecipe,
     Plan,
     PlannedTensor,
+    RegMeanStage,
+    StagePlan,
     _finish,
     _output_dtype,
     _Source,
@@ -68,6 +70,8 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
     target: dict[str, Any] = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
     if cfg.experts_per_token is not None:
         set_dim(target, base.arch, "top_k", cfg.experts_per_token)
+    regmean = settings.regmean
+    needs_grams: dict[str, list[str]] = {}
     tensors, input_bytes = [], {}
     for name in base.ckpt.names():
         info = base.ckpt.info(name)
@@ -84,11 +88,22 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
         if len(used) == 1 and (settings.threshold == 0 or keys[0] == "base"):
             recipe = CopyRecipe(source=keys[0], tensor=name)
         else:
+            solve = (regmean is not None and tclass in regmean.classes and len(used) > 1 and len(info.shape) == 2
+                     and name.endswith(".weight"))
             recipe = AssembleRecipe(tensor=name, tensor_class=tclass, sources=keys,
-                                    weights=tuple(w for _, w in used), threshold=settings.threshold)
+                                    weights=tuple(w for _, w in used), threshold=settings.threshold, regmean=solve,
+                                    off_diagonal=regmean.off_diagonal if solve else 1.0,
+                                    ridge=regmean.ridge if solve else 0.0)
+            for key in keys if solve else ():
+                needs_grams.setdefault(key, []).append(name)
         dtype = _output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
         tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
         reads = len(set(keys) | {"base"}) if isinstance(recipe, AssembleRecipe) else 1
         input_bytes[name] = reads * info.nbytes + (8 * math.prod(info.shape) if reads > 1 else 0)
+    stages = StagePlan(regmean={
+        s.key: RegMeanStage(tensors=tuple(needs_grams[s.key]), data=tuple(regmean.data[s.index]),
+                            max_tokens=regmean.max_tokens)
+        for s in sources if s.key in needs_grams}) if needs_grams else None
+    extra = {"stages": stages} if stages is not None else {}
     return _finish(cfg, config_dir, output_dir, method="assembly", base=base, sources=sources, target=target,
-                   tensors=tensors, input_bytes=input_bytes)
+                   tensors=tensors, input_bytes=input_bytes, **extra)

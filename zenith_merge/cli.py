@@ -107,7 +107,16 @@ def cmd_align(args) -> int:
             print(f"  L{layer:<3} " + "  ".join(
                 f"{s} {v['offset']:+.3f}: hit {v['hit_before']:.2f} -> {v['hit']:.2f}, "
                 f"leak {v['leak_before']:.2f} -> {v['leak']:.2f}" for s, v in per.items()))
-    if not plan.stages.usage and not plan.stages.align and plan.vocab is None and not plan.stages.router_offsets:
+    for source in plan.stages.regmean:
+        from safetensors import safe_open
+
+        from .stages.regmean import grams_file
+
+        with safe_open(str(grams_file(out, source)), framework="pt") as f:
+            print(f"RegMean statistics of {source}: {len(f.keys())} Gram matrices from "
+                  f"{(f.metadata() or {}).get('tokens')} tokens")
+    if not (plan.stages.usage or plan.stages.align or plan.vocab is not None or plan.stages.router_offsets
+            or plan.stages.regmean):
         print("nothing to compute: no expert selection, alignment fit or union vocabulary in this plan")
     print(f"artefacts in {out}; `zenith-merge merge CONFIG --resume` reuses them")
     return 0
@@ -133,7 +142,7 @@ def cmd_search(args) -> int:
         return 0
     if args.no_progress:
         _quiet_transformers()
-    result = run_search(cfg, config_dir=config_dir, progress=not args.no_progress)
+    result = run_search(cfg, config_dir=config_dir, progress=not args.no_progress, work_dir=out)
     data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
     paths = write_search(result, data, Path(args.config).resolve(), out)
     print(search_table(result))
@@ -299,11 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_merge)
 
-    sp = sub.add_parser("align", help="run the merge's stages only: expert usage, A/B alignment fits, tokenizer",
+    sp = sub.add_parser("align", help="run the merge's stages only: expert usage, A/B alignment fits, tokenizer, "
+                                      "RegMean statistics",
                         description="Compute what the merge needs before writing: expert usage on each source's "
-                                    "prompts (for experts[].keep) and the hidden-space maps A and B (ridge least "
-                                    "squares on calibration text, where widths differ) and the union tokenizer "
-                                    "(tokenizer.source: union), into <output>/.zenith/. "
+                                    "prompts (for experts[].keep), the hidden-space maps A and B (ridge least "
+                                    "squares on calibration text, where widths differ), the union tokenizer "
+                                    "(tokenizer.source: union) and each parent's input Gram matrices "
+                                    "(assembly.regmean), into <output>/.zenith/. "
                                     "Prints the expert table and each fit's R^2. A later `merge --resume` reuses them.")
     _config_args(sp)
     sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")

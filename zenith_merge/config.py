@@ -164,17 +164,49 @@ class AlignSettings(_Strict):
     teacher_weight: float = Field(1.0, ge=0.0, description="weight of the teacher loss against next-token loss")
 
 
+REGMEAN_CLASSES = ("attention", "lm_head", "routed_experts", "shared_experts", "dense_mlp")
+
+
+class RegMeanSettings(_Strict):
+    """`assembly.regmean:` linear weights merged by RegMean (Jin et al., arXiv 2212.09849) instead of averaged.
+
+    For a linear weight W_i (out x in) of parent i, with G_i = the mean of x x^T over the inputs x
+    the layer sees when parent i reads its own domain's text, the merged weight minimises
+    sum_i w_i E_i ||x W^T - x W_i^T||^2: W^T = (sum_i w_i G_i)^-1 sum_i w_i G_i W_i^T, so each
+    parent keeps its outputs on its own inputs. `w_i` are the tensor class's assembly weights.
+    """
+
+    data: list[list[str]] = Field(description="per experts[] entry, that parent's own domain text: files "
+                                              "(relative to the config) or demo:code / demo:maths")
+    classes: list[str] = Field(list(REGMEAN_CLASSES), description="tensor classes whose 2-D linear weights are "
+                                                                  "merged by RegMean (the rest are interpolated)")
+    off_diagonal: float = Field(1.0, ge=0.0, le=1.0, description="scale of each Gram matrix's off-diagonal entries "
+                                                                 "(RegMean's alpha; 0: a per-input-feature weighted mean)")
+    ridge: float = Field(1e-4, ge=0.0, description="added to the summed Gram's diagonal, relative to its mean")
+    max_tokens: int = Field(32768, ge=16, description="calibration tokens per parent")
+
+    @field_validator("classes")
+    @classmethod
+    def _regmean_classes(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(REGMEAN_CLASSES))
+        if unknown:
+            raise ValueError(f"unknown or non-linear tensor classes {unknown}; RegMean merges {', '.join(REGMEAN_CLASSES)}")
+        return v
+
+
 class AssemblySettings(_Strict):
     """`assembly:` tensor-by-tensor interpolation of same-family parents (Assembly of Experts).
 
     W = sum_i weights[class][i] * W_i over the `experts[]` entries, where `class` is the
     tensor's class (missing classes use `default`). A tensor is interpolated only where some
     parent differs from the base by more than `threshold` in normalised Frobenius norm
-    (||W_i - W_base|| / ||W_base||); elsewhere the base's tensor is kept.
+    (||W_i - W_base|| / ||W_base||); elsewhere the base's tensor is kept. With `regmean`, the
+    linear weights of its classes are merged by RegMean with the same class weights.
     """
 
     weights: dict[str, list[float]]
     threshold: float = Field(0.0, ge=0.0)
+    regmean: RegMeanSettings | None = None
 
     @field_validator("weights")
     @classmethod
@@ -311,6 +343,10 @@ class MergeConfig(_Strict):
                 if len(ws) != len(self.experts):
                     raise ValueError(f"assembly.weights.{key}: {len(ws)} weights for {len(self.experts)} experts[] "
                                      f"entries; give one weight per entry")
+            regmean = self.assembly.regmean
+            if regmean is not None and len(regmean.data) != len(self.experts):
+                raise ValueError(f"assembly.regmean.data: {len(regmean.data)} text lists for {len(self.experts)} "
+                                 f"experts[] entries (one per entry: that parent's own domain)")
         elif self.assembly is not None:
             raise ValueError("assembly: only used with merge_method: assembly")
         return self
@@ -421,6 +457,9 @@ def with_absolute_paths(data: dict, config_dir: Path) -> dict:
     for rule in ((out.get("tokenizer") or {}).get("tokens") or {}).values():
         if isinstance(rule, dict) and "source" in rule:
             rule["source"] = fix(rule["source"])
+    regmean = (out.get("assembly") or {}).get("regmean")
+    if isinstance(regmean, dict) and isinstance(regmean.get("data"), list):
+        regmean["data"] = [[fix(x) for x in v] if isinstance(v, list) else v for v in regmean["data"]]
     return out
 
 

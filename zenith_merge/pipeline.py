@@ -273,6 +273,14 @@ class PlanTensorSource:
             return base
         if len(parents) == 1:
             return next(iter(parents.values()))
+        if r.regmean:
+            from .regmean_math import regmean_merge
+            from .stages.regmean import grams_file, read_gram
+
+            zdir = Path(self.plan.output_dir) / ".zenith"
+            grams = [read_gram(grams_file(zdir, key), r.tensor) for key in parents]
+            return regmean_merge(list(parents.values()), grams, list(r.weights), off_diagonal=r.off_diagonal,
+                                 ridge=r.ridge)
         return interpolate(list(parents.values()), list(r.weights))
 
     def close(self) -> None:
@@ -477,11 +485,31 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
             folder = alignment_dir(out, source)
             _align(plan, source, pairs, texts, folder, key=key, cfg=cfg, progress=progress)
             artefacts[f"align-{source}"] = _sha(folder / "align.json")  # which holds each map file's sha256
+    for source, stage in plan.stages.regmean.items():
+        artefacts[f"regmean-{source}"] = _regmean_grams(plan, source, stage, zdir, cfg=cfg, config_dir=config_dir,
+                                                        progress=progress)
     plan = resolve(plan, usage, artefacts)
     if plan.stages.router_offsets:
         artefacts[ROUTER_OFFSETS] = _router_offsets(plan, cfg, zdir, key=key)
         plan = plan.model_copy(update={"artefacts": dict(artefacts)})
     return plan
+
+
+def _regmean_grams(plan: Plan, source: str, stage, zdir: Path, *, cfg: MergeConfig, config_dir: Path | None,
+                   progress: bool) -> str:
+    """Compute (or reuse, when computed from the same inputs) one parent's RegMean Gram matrices; their sha256."""
+    from .stages import regmean as rm
+
+    texts = read_texts(stage.data, f"assembly.regmean.data.{plan.sources[source].ref}", config_dir)
+    load = calibration_load(cfg)
+    key = rm.grams_key(plan.sources[source].fingerprint, stage.tensors, texts, stage.max_tokens, load)
+    path = rm.grams_file(zdir, source)
+    if rm.saved_key(path) != key:
+        log.info("RegMean statistics of %s: %d weights on %s", source, len(stage.tensors), ", ".join(stage.data))
+        grams, tokens = rm.input_grams(Path(plan.sources[source].path), stage.tensors, texts,
+                                       max_tokens=stage.max_tokens, load=load, progress=progress)
+        rm.save_grams(grams, path, key=key, tokens=tokens)
+    return _sha(path)
 
 
 def _router_offsets(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str) -> str:

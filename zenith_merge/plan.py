@@ -103,6 +103,10 @@ class AssembleRecipe(_Frozen):
     sources: tuple[str, ...]
     weights: tuple[float, ...]
     threshold: float
+    regmean: bool = Field(False, description="a linear weight merged by RegMean from the sources' saved Gram "
+                                             "matrices (assembly.regmean) instead of interpolated")
+    off_diagonal: float = 1.0
+    ridge: float = 0.0
 
 
 class VocabRecipe(_Frozen):
@@ -158,6 +162,14 @@ class SourceTransform(_Frozen):
                                                         "the source's expert weights (seeded)")
 
 
+class RegMeanStage(_Frozen):
+    """One parent's RegMean statistics: which weights, on which text (config items), with how many tokens."""
+
+    tensors: tuple[str, ...]
+    data: tuple[str, ...]
+    max_tokens: int
+
+
 class StagePlan(_Frozen):
     """The small computations a merge needs before writing, with their inputs."""
 
@@ -172,6 +184,8 @@ class StagePlan(_Frozen):
     train_routers: int = Field(0, description="training steps once the merge is written: router.train_steps, or "
                                               "align.train_steps when maps train (the routers train with them)")
     train_maps: tuple[str, ...] = Field((), description="sources whose maps A and B train (align.train_steps)")
+    regmean: dict[str, RegMeanStage] = Field(default_factory=dict, description="source -> the linear weights whose "
+                                                                                "input Gram matrices it computes")
 
 class PlannedTensor(_Frozen):
     """One output tensor: what it is and how to make it."""
@@ -249,7 +263,7 @@ class Plan(_Frozen):
         """True when stages must run (or their saved artefacts be checked) before writing."""
         st = self.stages
         return (not self.resolved or bool(st.align) or bool(st.prompt_vectors) or bool(st.router_offsets)
-                or self.vocab is not None)
+                or bool(st.regmean) or self.vocab is not None)
 
     def layer_experts(self, layer: int) -> LayerExperts:
         """The expert table's row of output `layer`."""
@@ -501,6 +515,9 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
     loads += [loaded("base") + loaded(k) + _fit_bytes(stages.align[k], sources["base"], sources[k], cfg)
               for k in stages.align]
     loads += [loaded("base")] if stages.prompt_vectors or stages.router_offsets else []
+    # RegMean: one parent loaded, with every Gram matrix it computes (float64 sums)
+    loads += [loaded(k) + sum(8 * sources[k].ckpt.info(n).shape[-1] ** 2 for n in st.tensors)
+              for k, st in stages.regmean.items()]
     return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
 
 

@@ -51,7 +51,8 @@ def format_plan(plan) -> str:
         for t in plan.tensors:
             r = t.recipe
             what = (f"copied from {r.source}" if r.kind == "copy" else
-                    f"{r.tensor_class}: " + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
+                    f"{r.tensor_class}{' (RegMean)' if r.regmean else ''}: "
+                    + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
             counts[what] = counts.get(what, 0) + 1
         lines += [f"  {n:>6}  {what}" for what, n in sorted(counts.items())]
     return "\n".join(lines)
@@ -101,6 +102,9 @@ def format_expert_table(plan) -> list[str]:
         lines.append("  stage align: " + ", ".join(f"{k} pairs {list(v)}" for k, v in stages.align.items()))
     if stages.router_offsets:
         lines.append("  stage router offsets: " + ", ".join(stages.router_offsets))
+    for key, st in stages.regmean.items():
+        lines.append(f"  stage RegMean statistics: {key}, input Gram matrices of {len(st.tensors)} weights on "
+                     f"{', '.join(st.data)} (at most {st.max_tokens} tokens)")
     if stages.train_routers:
         r = plan.config["router"]
         lines.append(f"  router training after writing: {stages.train_routers} steps, {r['train']} rows, lr {r['lr']}, "

@@ -18,20 +18,25 @@ def lambda_sweep_plot(path: Path, *, sweep: Sequence[tuple[float, float, float]]
                       refined: Sequence[tuple[float, float]], best: tuple[float, float], max_loss: float,
                       keep_name: str = "keep", gain_name: str = "gain",
                       labels: tuple[str, str] = ("per-class lambdas (refinement)", "chosen"),
-                      marked: dict[str, tuple[float, float]] | None = None) -> Path:
+                      marked: dict[str, tuple[float, float]] | None = None,
+                      sweep_label: str = "uniform lambda (every class)",
+                      baseline: tuple[str, Sequence[tuple[float, float, float]]] | None = None) -> Path:
     """Gap closed against loss on the kept domain (both in %): the uniform sweep as a labelled line,
     refined per-class candidates as points, the chosen one as a star, and the allowed loss as a line.
 
     `sweep` holds (lambda, loss %, gap %); `refined`, `best` and the `marked` points (named) hold
-    (loss %, gap %); `labels` names the refined points and the star.
+    (loss %, gap %); `labels` names the refined points and the star; `baseline` (name, sweep) draws a
+    second sweep to compare with, in gray.
     """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
+    if baseline is not None and baseline[1]:
+        ax.plot([s[1] for s in baseline[1]], [s[2] for s in baseline[1]], "s--", color="tab:gray", ms=3,
+                label=baseline[0])
     if sweep:
-        ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "o-", color="tab:blue", ms=4,
-                label="uniform lambda (every class)")
+        ax.plot([s[1] for s in sweep], [s[2] for s in sweep], "o-", color="tab:blue", ms=4, label=sweep_label)
         for lam, loss, gap in sweep:
             ax.annotate(f"{lam:g}", (loss, gap), textcoords="offset points", xytext=(4, -10), fontsize=7,
                         color="tab:blue")

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import architecture_of, classify
-from .config import AssemblySettings, MergeConfig, SearchSettings
+from .config import MergeConfig, SearchSettings
 from .errors import ConfigError, PlanError
 
 LAMBDA_DECIMALS = 2  # candidates are rounded so that configs stay readable and repeats are caught
@@ -131,17 +131,21 @@ def breed(parents: Sequence[Candidate], rng: random.Random, sigma: float, origin
 class CandidateScorer:
     """Plans a candidate, produces its tensors in memory with the merge's own code, and scores it."""
 
-    def __init__(self, cfg: MergeConfig, config_dir: Path | None, settings: SearchSettings):
+    def __init__(self, cfg: MergeConfig, config_dir: Path | None, settings: SearchSettings,
+                 work_dir: Path | None = None):
         from transformers import AutoTokenizer
 
         from .pipeline import read_texts
         from .plan import build_plan
 
-        self.cfg, self.config_dir = cfg, config_dir
-        plan = build_plan(cfg, config_dir=config_dir)
-        if plan.needs_stages:
-            raise PlanError("search scores assembly merges without stages (no union tokenizer or computed router "
-                            "rows); drop tokenizer.source: union for the search")
+        self.cfg, self.config_dir, self.work_dir = cfg, config_dir, work_dir
+        plan = build_plan(cfg, config_dir=config_dir, output_dir=work_dir)
+        st = plan.stages
+        if plan.vocab is not None or st.align or st.prompt_vectors or st.router_offsets or not plan.resolved:
+            raise PlanError("search scores assembly merges without stages other than RegMean's statistics (no union "
+                            "tokenizer or computed router rows); drop tokenizer.source: union for the search")
+        if st.regmean and work_dir is None:
+            raise PlanError("search: assembly.regmean needs a folder for its statistics (the search's --out)")
         need = 3 * 4 * sum(_numel(t.shape) for t in plan.tensors)  # float32: the parents' reads, tensors, model
         from .system import physical_memory
 
@@ -163,9 +167,12 @@ class CandidateScorer:
         from .pipeline import PlanTensorSource
         from .plan import build_plan
 
-        threshold = self.cfg.assembly.threshold
-        cfg = self.cfg.model_copy(update={"assembly": AssemblySettings(weights=weights, threshold=threshold)})
-        plan = build_plan(cfg, config_dir=self.config_dir)
+        cfg = self.cfg.model_copy(update={"assembly": self.cfg.assembly.model_copy(update={"weights": weights})})
+        plan = build_plan(cfg, config_dir=self.config_dir, output_dir=self.work_dir)
+        if plan.stages.regmean:  # the Gram matrices do not depend on the weights: computed once, then reused
+            from .pipeline import run_stages
+
+            plan = run_stages(plan, cfg, config_dir=self.config_dir, progress=False)
         source = PlanTensorSource(plan)
         try:
             tensors = {t.name: source.tensor(t.spec).float() for t in plan.tensors}
@@ -176,10 +183,13 @@ class CandidateScorer:
         return tuple(bits_per_byte(model, self.tokenizer, self.texts[k]) for k in ("keep", "gain"))
 
 
-def run_search(cfg: MergeConfig, *, config_dir: Path | None = None, progress: bool = True) -> SearchResult:
-    """Sweep, then refine, per-class lambdas for the config's two parents; every candidate scored."""
+def run_search(cfg: MergeConfig, *, config_dir: Path | None = None, progress: bool = True,
+               work_dir: Path | None = None) -> SearchResult:
+    """Sweep, then refine, per-class lambdas for the config's two parents; every candidate scored.
+
+    `work_dir` holds what stays the same between candidates (RegMean's statistics, in its `.zenith/`)."""
     settings = check_searchable(cfg)
-    score_fn = CandidateScorer(cfg, config_dir, settings)
+    score_fn = CandidateScorer(cfg, config_dir, settings, work_dir)
     classes = searched_classes(cfg, score_fn.base_path, score_fn.names)
     if not classes:
         raise ConfigError("search.classes: no tensor class to search")

@@ -17,6 +17,8 @@ from zenith_merge.config import load_config, parse_config
 from zenith_merge.errors import ConfigError
 from zenith_merge.graft_math import interpolate
 from zenith_merge.pipeline import run_merge
+from zenith_merge.plan import build_plan
+from zenith_merge.plan_summary import format_plan
 from zenith_merge.regmean_math import regmean_merge
 from zenith_merge.stages.regmean import grams_file, input_grams, read_gram
 
@@ -148,6 +150,8 @@ def _two_parents(tmp_path, tiny, **regmean):
 
 def test_assembly_merges_linear_weights_by_regmean_and_interpolates_the_rest(tmp_path, tiny):
     config, other = _two_parents(tmp_path, tiny, classes=["attention", "routed_experts", "lm_head"])
+    summary = format_plan(build_plan(load_config(config), config_dir=tmp_path))
+    assert "attention (RegMean): 0.7 base + 0.3 donor1" in summary and "stage RegMean statistics: donor1" in summary
     result = run_merge(load_config(config), config_dir=tmp_path, progress=False)
     out = result.output_dir
     merged, a, b = tensors_of(out), tensors_of(tiny), tensors_of(other)

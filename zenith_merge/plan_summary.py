@@ -55,6 +55,9 @@ def format_plan(plan) -> str:
                     + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
             counts[what] = counts.get(what, 0) + 1
         lines += [f"  {n:>6}  {what}" for what, n in sorted(counts.items())]
+        for key, st in plan.stages.regmean.items():
+            lines.append(f"  stage RegMean statistics: {key}, input Gram matrices of {len(st.tensors)} weights on "
+                         f"{', '.join(st.data)} (at most {st.max_tokens} tokens)")
     return "\n".join(lines)
 
 
@@ -102,9 +105,6 @@ def format_expert_table(plan) -> list[str]:
         lines.append("  stage align: " + ", ".join(f"{k} pairs {list(v)}" for k, v in stages.align.items()))
     if stages.router_offsets:
         lines.append("  stage router offsets: " + ", ".join(stages.router_offsets))
-    for key, st in stages.regmean.items():
-        lines.append(f"  stage RegMean statistics: {key}, input Gram matrices of {len(st.tensors)} weights on "
-                     f"{', '.join(st.data)} (at most {st.max_tokens} tokens)")
     if stages.train_routers:
         r = plan.config["router"]
         lines.append(f"  router training after writing: {stages.train_routers} steps, {r['train']} rows, lr {r['lr']}, "

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+import pickle
 import shutil
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -15,9 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+import zenith_merge.fp8_cast as fp8_cast_module
+import zenith_merge.kernels.fp8 as fp8_kernels
 from zenith_merge.config import load_config
 from zenith_merge.errors import CheckpointError
-from zenith_merge.fp8_cast import fp8_cast
+from zenith_merge.fp8_cast import CastSource, fp8_cast
+from zenith_merge.io.layout import TensorSpec
 from zenith_merge.io.reader import Checkpoint
 from zenith_merge.kernels.fp8 import E4M3_MAX, dequantize, dequantize_torch, quantize, scale_shape
 from zenith_merge.pipeline import run_merge
@@ -88,6 +94,160 @@ def test_slab_by_slab_cpu_dequantisation_equals_one_pass(shape):
     assert torch.equal(dequantize(q, s, (128, 128)), want.to(torch.bfloat16))
 
 
+EVERY_BYTE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+FINITE_BYTES = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaNs by position only (their sign and payload are not specified)."""
+    nan = a.isnan()
+    return (a.dtype == b.dtype and a.shape == b.shape and torch.equal(nan, b.isnan())
+            and torch.equal(a[~nan].view(torch.uint8), b[~nan].view(torch.uint8)))
+
+
+def _definition(q, s, block, dtype):
+    return dequantize_torch(q, s, block).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 2.0**-140, 3e-3, 100.0, 255.9, -7.5])
+def test_fast_cpu_path_decodes_every_e4m3_byte_as_the_definition(dtype, scale):
+    """All 256 bytes (subnormals, both zeros, the largest, the NaN codes) at scales of many magnitudes,
+    subnormal included; the finite bytes alone too, so that the bit trick, not its fallback, runs."""
+    for q in (EVERY_BYTE, FINITE_BYTES.view(torch.float8_e4m3fn).reshape(2, 127)):
+        s = torch.full(scale_shape(tuple(q.shape), (128, 128)), scale)
+        assert _same(dequantize(q, s, (128, 128), dtype), _definition(q, s, (128, 128), dtype))
+
+
+def test_fast_cpu_path_is_the_one_taken_for_finite_bytes_and_scales():
+    q, s = quantize(torch.randn(300, 260) * 3, (128, 128))
+    with mock.patch.object(fp8_kernels, "_decode_plain", side_effect=AssertionError("fallback taken")):
+        assert _same(dequantize(q, s, (128, 128)), _definition(q, s, (128, 128), torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_scales_the_trick_cannot_take_fall_back_to_the_same_result(dtype):
+    """A finite scale >= 2^8 (s * 2^120 overflows float32) takes the plain path for its block row;
+    inf and NaN scales and the NaN bytes give what the definition gives."""
+    g = torch.Generator().manual_seed(1)
+    raw = torch.randint(0, 256, (300, 300), dtype=torch.uint8, generator=g)
+    q = raw.view(torch.float8_e4m3fn)
+    finite = torch.where((raw & 0x7F) == 0x7F, 0x3C, raw).view(torch.float8_e4m3fn)
+    s = torch.rand(3, 3, generator=g) * 1e-3
+    s[0, 1], s[1, 2], s[2, 0], s[2, 2] = 256.0, float("inf"), float("nan"), 3e38
+    s[1, 0] = -float("inf")
+    for weight in (q, finite):
+        assert _same(dequantize(weight, s, (128, 128), dtype), _definition(weight, s, (128, 128), dtype))
+
+
+_special_scales = st.sampled_from([0.0, -0.0, 2.0**-149, 1e-40, 255.99998, 256.0, 1e5, 3.4e38, math.inf, -math.inf,
+                                   math.nan])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 300), cols=st.integers(1, 300), b0=st.sampled_from([1, 3, 16, 64, 128]),
+       b1=st.sampled_from([1, 7, 16, 128]), dtype=st.sampled_from(OUT_DTYPES),
+       slab=st.sampled_from([1, 100, 4096, 2**19]), log10=st.floats(-30, 2), negative=st.booleans(),
+       specials=st.lists(st.tuples(st.integers(0, 2**31), _special_scales), max_size=3),
+       nan_bytes=st.booleans(), seed=st.integers(0, 2**31))
+def test_fast_cpu_path_equals_the_definition_bit_for_bit(rows, cols, b0, b1, dtype, slab, log10, negative, specials,
+                                                          nan_bytes, seed):
+    """Random shapes with ragged edges, block sizes, slab sizes (whole block rows or parts of one), scales
+    from 1e-30 to 100 spread over two decades around 10^log10, some special ones, NaN bytes or none."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=g)
+    if not nan_bytes:
+        raw[(raw & 0x7F) == 0x7F] = 0x3C
+    q = raw.view(torch.float8_e4m3fn)
+    s = 10.0 ** (log10 + torch.rand(scale_shape((rows, cols), (b0, b1)), generator=g, dtype=torch.float64) * 2 - 1)
+    s = (-s if negative else s).to(torch.float32)
+    for at, value in specials:
+        s.view(-1)[at % s.numel()] = value
+    with mock.patch.object(fp8_kernels, "SLAB_ELEMENTS", slab):
+        assert _same(dequantize(q, s, (b0, b1), dtype), _definition(q, s, (b0, b1), dtype))
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_under_flushed_denormals_dequantisation_equals_the_definition_under_the_same_mode(dtype):
+    """torch.set_flush_denormal(True) zeroes the bit trick's subnormal intermediates (q * 2^-120 for
+    every e4m3 subnormal byte): `dequantize` sees the mode and computes the definition instead, at a
+    scale where flushing leaves the definition alone (1) and at one where it changes it (1e-36)."""
+    q = FINITE_BYTES.view(torch.float8_e4m3fn).reshape(2, 127)
+    unit = torch.ones(1, 1)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for scale in (1.0, 1e-36):
+            assert _same(dequantize(q, unit * scale, (128, 128), dtype), _definition(q, unit * scale, (128, 128), dtype))
+        bare = torch.empty(q.shape, dtype=torch.int32)
+        fp8_kernels._decode_scaled(q, torch.full((1, q.shape[1]), 2.0**120), bare)
+    finally:
+        torch.set_flush_denormal(False)
+    assert not _same(bare.view(torch.float32), _definition(q, unit, (128, 128), torch.float32))  # the trick alone fails
+
+
+def test_dequantize_writes_into_out_and_returns_it():
+    q, s = quantize(torch.randn(130, 257), (128, 128))
+    for dtype in OUT_DTYPES:
+        out = torch.full((130, 257), 7.0, dtype=dtype)
+        got = dequantize(q, s, (128, 128), dtype, out=out)
+        assert got is out and _same(out, _definition(q, s, (128, 128), dtype))
+    with pytest.raises(ValueError, match="out must be a contiguous torch.bfloat16 tensor of shape \\(130, 257\\)"):
+        dequantize(q, s, (128, 128), out=torch.empty(130, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(q, s, (128, 128), out=torch.empty(130, 257, dtype=torch.float32))
+    with pytest.raises(ValueError, match="expected \\(2, 3\\)"):
+        dequantize(q, s[:, :2], (128, 128))
+
+
+def test_reader_reads_stored_tensors_and_their_rows_into_a_given_buffer(fp8_model):
+    with Checkpoint.open(fp8_model) as ckpt:
+        name = "model.layers.1.self_attn.o_proj.weight"
+        whole = ckpt.read_stored(name)
+        buffer = bytearray(whole.numel() + 5)
+        got = ckpt.read_stored_into(name, buffer)
+        assert got.dtype == torch.float8_e4m3fn and torch.equal(got.view(torch.uint8), whole.view(torch.uint8))
+        assert got.data_ptr() == torch.frombuffer(buffer, dtype=torch.uint8).data_ptr()  # in the buffer, no copy
+        rows = ckpt.read_stored_into(name, buffer, rows=(3, 20))
+        assert torch.equal(rows.view(torch.uint8), whole[3:20].view(torch.uint8))
+        norm = "model.layers.1.input_layernorm.weight"
+        assert torch.equal(ckpt.read_stored_into(norm, bytearray(4096)), ckpt.read(norm))
+        with pytest.raises(ValueError, match="a writable buffer of .* bytes is needed"):
+            ckpt.read_stored_into(name, bytearray(10))
+        with pytest.raises(ValueError, match="no rows"):
+            ckpt.read_stored_into(name, buffer, rows=(5, whole.shape[0] + 1))
+
+
+def test_fp8_cast_source_reuses_its_buffers_and_pickles_without_them(fp8_model, monkeypatch):
+    """Weights come back as views of one BF16 buffer, read a block row at a time (the smallest chunk),
+    with the values of a whole-tensor dequantisation; a pickled source carries no buffer."""
+    monkeypatch.setattr(fp8_cast_module, "READ_CHUNK_BYTES", 1)
+    source = CastSource(str(fp8_model), "bf16", BLOCK)
+    with Checkpoint.open(fp8_model) as ckpt:
+        names = sorted((n for n in ckpt.names() if ckpt.is_fp8(n)), key=lambda n: -ckpt.info(n).nbytes)
+        pointers = set()
+        for name in names:
+            got = source.produce(TensorSpec(name, "BF16", ckpt.info(name).shape))
+            assert got.dtype == torch.bfloat16 and tuple(got.shape) == tuple(ckpt.info(name).shape)
+            assert torch.equal(got, dequantize_torch(ckpt.read_stored(name), ckpt.read_scale(name), BLOCK)
+                               .to(torch.bfloat16)), name
+            pointers.add(got.data_ptr())
+    assert len(names) > 2 and len(pointers) == 1
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._out is None and copy._stored is None and copy._ckpt is None
+    source.close()
+
+
+def test_fp8_cast_with_worker_processes_writes_the_same_bytes(fp8_model, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    fp8_cast(fp8_model, one, progress=False)
+    result = fp8_cast(fp8_model, two, workers=2, progress=False)
+    assert len(result.written) > 1
+    a, b = tensors_of(one), tensors_of(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)) for n in a)
+
+
 def test_reader_dequantises_block_fp8_and_hides_the_scales(fp8_model, bf16_model):
     with Checkpoint.open(fp8_model) as ckpt, Checkpoint.open(bf16_model) as plain:
         assert ckpt.fp8_block == BLOCK
@@ -104,7 +264,9 @@ def test_reader_dequantises_block_fp8_and_hides_the_scales(fp8_model, bf16_model
 
 def test_fp8_cast_round_trip_keeps_what_it_does_not_quantise(fp8_model, bf16_model, tmp_path):
     back = tmp_path / "back"
+    threads = torch.get_num_threads()
     fp8_cast(fp8_model, back, to="bf16", progress=False)
+    assert torch.get_num_threads() == threads  # the single-threaded cast gives them back
     fp8_config = json.loads((fp8_model / "config.json").read_text())
     assert fp8_config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                                  "weight_block_size": list(BLOCK)}

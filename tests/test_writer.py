@@ -124,6 +124,22 @@ def test_raw_bytes_and_tensors_give_the_same_files(tmp_path):
     assert _digests(tmp_path / "tensors") == _digests(tmp_path / "bytes")
 
 
+def test_writeback_started_at_every_write_changes_no_byte(tmp_path, monkeypatch):
+    """Writeback started (and written pages dropped from the page cache) after every write, not only
+    every few MB: the same files, and the calls really ran."""
+    import zenith_merge.io.manifest as manifest
+    import zenith_merge.io.writer as writer
+
+    _write(tmp_path / "default")
+    calls = []
+    real = manifest.stream_to_disk
+    monkeypatch.setattr(writer, "stream_to_disk", lambda *a: (calls.append(a), real(*a)))
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 1)
+    _write(tmp_path / "streamed")
+    assert _digests(tmp_path / "default") == _digests(tmp_path / "streamed")
+    assert len(calls) >= len(SPECS) and all(done <= start <= end for _, done, start, end in calls)
+
+
 def test_odd_tensors(tmp_path):
     specs = [TensorSpec("scalar", "F32", ()), TensorSpec("empty", "BF16", (0, 3)), TensorSpec("mask", "BOOL", (5,)),
              TensorSpec("fp8", "F8_E4M3", (2, 2)), TensorSpec("ids", "I64", (3,))]

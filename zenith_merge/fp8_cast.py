@@ -14,9 +14,11 @@ interrupted cast continues with `resume`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,13 +31,14 @@ from .io.layout import ShardSpec, TensorSpec
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.writer import WriteResult, prepare_output_dir, write_checkpoint
-from .kernels.fp8 import DEFAULT_BLOCK, quantize, scale_shape
+from .kernels.fp8 import DEFAULT_BLOCK, dequantize, quantize, scale_shape
 
 # The tensor classes whose 2-D weights DeepSeek-V3 stores as block FP8 (its routers, norms,
 # embeddings and head stay in BF16/F32).
 QUANTIZED_CLASSES = ("attention", "routed_experts", "shared_experts", "dense_mlp")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 SKIPPED_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json")
+READ_CHUNK_BYTES = 4 * 2**20  # FP8 bytes read at a time when dequantising (whole block rows)
 
 
 def quantization_config(block: tuple[int, int]) -> dict:
@@ -60,6 +63,8 @@ class CastSource:
     block: tuple[int, int]
     _ckpt: Checkpoint | None = None
     _last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    _stored: bytearray | None = None  # reused: FP8 bytes of a few block rows of the weight being cast
+    _out: torch.Tensor | None = None  # reused between weights: the BF16 values (flat)
 
     def _checkpoint(self) -> Checkpoint:
         if self._ckpt is None:
@@ -74,8 +79,34 @@ class CastSource:
         if self.to == "fp8" and spec.dtype == "F8_E4M3":
             return self._quantized(spec.name)[0]
         if ckpt.is_fp8(spec.name):
-            return ckpt.read(spec.name)
+            return self._dequantized(spec.name)
         return ckpt.byte_range(spec.name) or ckpt.read_bytes(spec.name)
+
+    def _dequantized(self, name: str) -> torch.Tensor:
+        """A block-FP8 weight as BF16, dequantised into a buffer that the next weight reuses, from its FP8
+        bytes read a few block rows at a time (about READ_CHUNK_BYTES) into another.
+
+        Reuse is safe because the writer is done with a tensor before it asks for the next:
+        `write_shard` waits on `sink.write(...).result()`, after which the bytes are both written to the
+        file and hashed, and drops the tensor before its next `produce`. Each worker process unpickles
+        a source of its own, without buffers. The output buffer only grows, to the largest weight;
+        smaller ones are views of its start. Each block row's values depend on its bytes and scales
+        alone, so dequantising piece by piece gives the bytes of one whole pass.
+        """
+        ckpt = self._checkpoint()
+        (rows, cols), (b0, _) = ckpt.stored_info(name).shape, ckpt.fp8_block
+        step = max(1, READ_CHUNK_BYTES // max(cols, 1) // b0) * b0
+        if self._stored is None or len(self._stored) < min(step, rows) * cols:
+            self._stored = None  # free the smaller buffer before allocating the larger one
+            self._stored = bytearray(min(step, rows) * cols)  # one byte per e4m3 value
+        if self._out is None or self._out.numel() < rows * cols:
+            self._out = None
+            self._out = torch.empty(rows * cols, dtype=torch.bfloat16)
+        out, scale = self._out[:rows * cols].view(rows, cols), ckpt.read_scale(name)
+        for r in range(0, rows, step):
+            q = ckpt.read_stored_into(name, self._stored, rows=(r, min(r + step, rows)))
+            dequantize(q, scale[r // b0:-(-(r + len(q)) // b0)], ckpt.fp8_block, out=out[r:r + len(q)])
+        return out
 
     def _quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, scale_inv) of one weight, computed once for the weight and its scale (written next to each other)."""
@@ -87,10 +118,10 @@ class CastSource:
         if self._ckpt is not None:
             self._ckpt.close()
             self._ckpt = None
-        self._last = None
+        self._last = self._stored = self._out = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_ckpt": None, "_last": None}
+        return {**self.__dict__, "_ckpt": None, "_last": None, "_stored": None, "_out": None}
 
 
 def cast_plan(ckpt: Checkpoint, to: Literal["bf16", "fp8"], block: tuple[int, int]) -> list[ShardSpec]:
@@ -117,6 +148,24 @@ def _cast_id(ckpt: Checkpoint, to: str, block: tuple[int, int]) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then restored.
+
+    Dequantising to BF16 runs one thread: its slab-sized ops are short, and with two or more each
+    one is an OpenMP parallel region that waits for every thread of the team to be scheduled,
+    which on a busy machine costs a time slice per region. Measured on 2 cores busy with another
+    process: 97 s with 2 threads, 25 s with 1, for the 2 GiB input of bench/fp8_cast.py. The
+    hashing thread and the writes use the other cores; `workers` parallelises across shards.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "bf16",
              block: tuple[int, int] | None = None, resume: bool = False, overwrite: bool = False,
              workers: int = 1, progress: bool = True) -> WriteResult:
@@ -135,8 +184,9 @@ def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "
     prepare_output_dir(dst, resume=resume, overwrite=overwrite, source_dirs=[src])
     source = CastSource(str(src), to, block)
     try:
-        result = write_checkpoint(dst, shards, source, plan_id=cast_id, resume=resume, workers=workers,
-                                  progress=progress)
+        with _torch_threads(1) if to == "bf16" else contextlib.nullcontext():
+            result = write_checkpoint(dst, shards, source, plan_id=cast_id, resume=resume, workers=workers,
+                                      progress=progress)
     finally:
         source.close()
     config.pop("quantization_config", None)

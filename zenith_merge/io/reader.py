@@ -2,8 +2,8 @@
 
 Opening reads only `config.json`, the index and each shard's safetensors header,
 so it is cheap even for a 163-shard DeepSeek-V3. Tensors are then read one at a
-time with positioned reads into a fresh buffer, not through safetensors' memory
-map: pages of a memory-mapped file stay resident and count toward the process's
+time with positioned reads into a buffer of their own (or, with `read_stored_into`, one
+the caller reuses), not through safetensors' memory map: pages of a memory-mapped file stay resident and count toward the process's
 RSS while the file is mapped, so streaming a 4 GB checkpoint through `safe_open`
 grows RSS to the size of the files, whereas a merge here should peak at about
 twice the largest tensor whatever the checkpoint's size (bench/ measures it).
@@ -385,6 +385,36 @@ class Checkpoint:
     def read_stored(self, name: str) -> torch.Tensor:
         """A tensor as stored: for a block-FP8 weight, its float8 values (its scales: `read_scale`)."""
         return self._stored(self._fp8[name][0] if name in self._fp8 else self.info(name))
+
+    def read_stored_into(self, name: str, buffer, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor as stored (as `read_stored`), or its rows [start, stop), read into the start of `buffer`
+        (writable, large enough) and viewed there instead of in memory of its own: a caller converting
+        tensor after tensor, or a large one piece by piece, reuses one buffer, so its memory stays flat.
+        The tensor is valid until the buffer is reused."""
+        info = self._fp8[name][0] if name in self._fp8 else self.info(name)
+        offset, nbytes, shape = 0, info.nbytes, tuple(info.shape)
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"tensor {name!r} of shape {shape}: no rows [{start}, {stop})")
+            row = info.nbytes // shape[0] if shape[0] else 0
+            offset, nbytes, shape = start * row, (stop - start) * row, (stop - start, *shape[1:])
+        view = memoryview(buffer).cast("B")
+        if view.readonly or len(view) < nbytes:
+            raise ValueError(f"tensor {name!r}: a writable buffer of {nbytes} bytes is needed, got "
+                             f"{'a read-only one' if view.readonly else f'{len(view)} bytes'}")
+        dtype = torch_dtype(info.dtype)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        view = view[:nbytes]
+        flat = torch.frombuffer(view, dtype=torch.uint8)
+        if self._pickled:
+            t = self._handle(info.file)[name]
+            t = t if rows is None else t[rows[0]:rows[1]]
+            flat.copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        else:
+            pread_into(self._handle(info.file), view, info.offset + offset, self._lock, f"tensor {name!r}")
+        return flat.view(dtype).reshape(shape)
 
     def read_scale(self, name: str) -> torch.Tensor:
         """The block scales (`weight_scale_inv`) of a block-FP8 weight."""

@@ -37,6 +37,7 @@ from .manifest import (
     file_sha256,
     fsync_dir,
     read_manifest,
+    stream_to_disk,
     temp_path,
     write_json_atomic,
     write_manifest,
@@ -61,6 +62,7 @@ __all__ = [
 
 INDEX_FILE = "model.safetensors.index.json"
 ZENITH_DIR = ".zenith"
+WRITEBACK_BYTES = 8 * 2**20  # written bytes after which their writeback to disk is started
 
 
 class TensorSource(Protocol):
@@ -119,10 +121,18 @@ class _HashingSink:
         self._f = f
         self._digest = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="zenith-sha256")
+        self._pos = 0  # bytes written so far
+        self._streamed = (0, 0)  # bytes dropped from the page cache, bytes whose writeback has started
 
     def write(self, view) -> Future:
         done = self._pool.submit(self._digest.update, view)
         self._f.write(view)
+        self._pos += memoryview(view).nbytes
+        dropped, started = self._streamed
+        if self._pos - started >= WRITEBACK_BYTES:  # the disk writes while the next tensor is made
+            self._f.flush()
+            stream_to_disk(self._f.fileno(), dropped, started, self._pos)
+            self._streamed = (started, self._pos)
         return done
 
     def hexdigest(self) -> str:

@@ -5,8 +5,9 @@ Merge quality on the demo models: held-out bits per byte of each source and each
     .venv/bin/python bench/merge_quality.py                    # prints a markdown report
     .venv/bin/python bench/merge_quality.py --out /tmp/mq.md   # also writes it there
 
-Runs the same-family merges (zen-tiny + zen-r1-tiny: the R1T Chimera recipe, the searched weights
-of merge/examples/chimera.yml, interpolation variants, and merge/examples/chimera_concat.yml;
+Runs the same-family merges (zen-tiny + zen-r1-tiny: the R1T Chimera recipe, the searched RegMean weights
+of merge/examples/chimera.yml and the same weights plainly interpolated, interpolation variants, and
+merge/examples/chimera_concat.yml;
 then an ablation taking one tensor class at a time from zen-r1-tiny, to see where its maths
 advantage lives, and a check that all-zen-r1-tiny weights reproduce zen-r1-tiny)
 and the cross-architecture graft of merge/config.yml (zen-tiny + 4 experts of qwen3-moe-tiny)
@@ -61,10 +62,17 @@ class Merge:
     note: str = ""
 
 
-def _weights(weights: dict[str, list[float]]) -> Callable[[dict], None]:
+def _weights(weights: dict[str, list[float]], regmean: bool = False) -> Callable[[dict], None]:
+    """These assembly weights, plainly interpolated (chimera.yml's RegMean removed) unless `regmean`."""
     def edit(d: dict) -> None:
         d["assembly"]["weights"] = weights
+        if not regmean:
+            d["assembly"].pop("regmean", None)
     return edit
+
+
+def _plain(d: dict) -> None:
+    d["assembly"].pop("regmean", None)
 
 
 def _gate(mode: str) -> Callable[[dict], None]:
@@ -94,7 +102,9 @@ def _trained(steps: int, calibrate: bool = False) -> Callable[[dict], None]:
 MERGES = [
     Merge("chimera (R1 routed experts, rest zen-tiny)", CHIMERA, "same",
           _weights({"default": [1.0, 0.0], "routed_experts": [0.0, 1.0]})),
-    Merge("merge/examples/chimera.yml (per-class weights from zenith-merge search)", CHIMERA, "same"),
+    Merge("merge/examples/chimera.yml (RegMean, per-class weights from zenith-merge search)", CHIMERA, "same"),
+    Merge("chimera.yml's weights, plainly interpolated (no RegMean)", CHIMERA, "same", _plain),
+    Merge("assembly: RegMean, all classes 0.7/0.3", CHIMERA, "same", _weights({"default": [0.7, 0.3]}, regmean=True)),
     Merge("assembly: routed experts 0.5/0.5, rest zen-tiny", CHIMERA, "same",
           _weights({"default": [1.0, 0.0], "routed_experts": [0.5, 0.5]})),
     Merge("assembly: R1 routed experts + R1 router", CHIMERA, "same",

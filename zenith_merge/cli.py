@@ -113,8 +113,8 @@ def cmd_align(args) -> int:
         from .stages.regmean import grams_file
 
         with safe_open(str(grams_file(out, source)), framework="pt") as f:
-            print(f"RegMean statistics of {source}: {len(f.keys())} Gram matrices from "
-                  f"{(f.metadata() or {}).get('tokens')} tokens")
+            print(f"RegMean statistics of {source}: {len(f.keys())} Gram matrices (input second moments on "
+                  f"{', '.join(plan.stages.regmean[source].data)})")
     if not (plan.stages.usage or plan.stages.align or plan.vocab is not None or plan.stages.router_offsets
             or plan.stages.regmean):
         print("nothing to compute: no expert selection, alignment fit or union vocabulary in this plan")

@@ -60,6 +60,7 @@ class PlanTensorSource:
         self._offsets: dict | None = None
         self._align_info: dict[str, dict] = {}
         self._union: tuple[dict, dict] | None = None  # the token map and row maps, read once
+        self._grams = None  # RegMean's saved statistics, each file opened once
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -275,10 +276,11 @@ class PlanTensorSource:
             return next(iter(parents.values()))
         if r.regmean:
             from .regmean_math import regmean_merge
-            from .stages.regmean import grams_file, read_gram
+            from .stages.regmean import GramReader
 
-            zdir = Path(self.plan.output_dir) / ".zenith"
-            grams = [read_gram(grams_file(zdir, key), r.tensor) for key in parents]
+            if self._grams is None:
+                self._grams = GramReader(Path(self.plan.output_dir) / ".zenith")
+            grams = [self._grams.read(key, r.tensor) for key in parents]
             return regmean_merge(list(parents.values()), grams, list(r.weights), off_diagonal=r.off_diagonal,
                                  ridge=r.ridge)
         return interpolate(list(parents.values()), list(r.weights))
@@ -291,6 +293,7 @@ class PlanTensorSource:
         self._router_cache.clear()
         self._union = None
         self._fp8_last = None
+        self._grams = None
 
 
 _PROJ_INDEX = {"gate": 0, "up": 1, "down": 2}
@@ -502,13 +505,14 @@ def _regmean_grams(plan: Plan, source: str, stage, zdir: Path, *, cfg: MergeConf
 
     texts = read_texts(stage.data, f"assembly.regmean.data.{plan.sources[source].ref}", config_dir)
     load = calibration_load(cfg)
-    key = rm.grams_key(plan.sources[source].fingerprint, stage.tensors, texts, stage.max_tokens, load)
+    key = rm.grams_key(plan.sources[source].fingerprint, texts, stage.max_tokens, load)
     path = rm.grams_file(zdir, source)
-    if rm.saved_key(path) != key:
+    if not rm.saved_covers(path, key, stage.tensors):
         log.info("RegMean statistics of %s: %d weights on %s", source, len(stage.tensors), ", ".join(stage.data))
         grams, tokens = rm.input_grams(Path(plan.sources[source].path), stage.tensors, texts,
                                        max_tokens=stage.max_tokens, load=load, progress=progress)
-        rm.save_grams(grams, path, key=key, tokens=tokens)
+        log.info("RegMean statistics of %s: %d tokens", source, tokens)
+        rm.save_grams(grams, path, key=key)
     return _sha(path)
 
 

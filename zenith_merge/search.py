@@ -146,6 +146,14 @@ class CandidateScorer:
                             "tokenizer or computed router rows); drop tokenizer.source: union for the search")
         if st.regmean and work_dir is None:
             raise PlanError("search: assembly.regmean needs a folder for its statistics (the search's --out)")
+        if cfg.assembly.regmean is not None and work_dir is not None:
+            # statistics for every weight any candidate can mix (all parents at equal weight), computed once
+            from .pipeline import run_stages
+
+            share = [1.0] * len(cfg.experts)
+            mixed = cfg.model_copy(update={"assembly": cfg.assembly.model_copy(update={"weights": {"default": share}})})
+            run_stages(build_plan(mixed, config_dir=config_dir, output_dir=work_dir), mixed, config_dir=config_dir,
+                       progress=False)
         need = 3 * 4 * sum(_numel(t.shape) for t in plan.tensors)  # float32: the parents' reads, tensors, model
         from .system import physical_memory
 
@@ -169,7 +177,7 @@ class CandidateScorer:
 
         cfg = self.cfg.model_copy(update={"assembly": self.cfg.assembly.model_copy(update={"weights": weights})})
         plan = build_plan(cfg, config_dir=self.config_dir, output_dir=self.work_dir)
-        if plan.stages.regmean:  # the Gram matrices do not depend on the weights: computed once, then reused
+        if plan.stages.regmean:  # the statistics computed at the start serve every candidate
             from .pipeline import run_stages
 
             plan = run_stages(plan, cfg, config_dir=self.config_dir, progress=False)

@@ -26,6 +26,7 @@ from ..architectures import architecture_of, classify, tensor_name
 from ..calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError, OutputError
 from ..io.reader import Checkpoint
+from ..io.safetensors_format import save_keyed
 from ..routing import route, routing_spec
 
 EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
@@ -37,22 +38,25 @@ def grams_file(zdir: Path, source: str) -> Path:
     return Path(zdir) / f"regmean-{source}.safetensors"
 
 
-def grams_key(fingerprint: str, tensors: Sequence[str], texts: Sequence[str], max_tokens: int, load: Mapping) -> str:
-    """What a source's Gram matrices depend on: the source's bytes, the weights, the text, the token cap, the load."""
-    payload = [fingerprint, sorted(tensors), [hashlib.sha256(t.encode()).hexdigest() for t in texts], max_tokens,
+def grams_key(fingerprint: str, texts: Sequence[str], max_tokens: int, load: Mapping) -> str:
+    """What each of a source's Gram matrices depends on: the source's bytes, the text, the token cap, the load.
+
+    Not which weights are listed: one weight's statistics do not depend on the others', so a file
+    computed for more weights serves a plan that needs fewer (the search's candidates)."""
+    payload = [fingerprint, [hashlib.sha256(t.encode()).hexdigest() for t in texts], max_tokens,
                {k: str(v) for k, v in sorted(load.items())}]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-def saved_key(path: Path) -> str | None:
-    """The key a saved Gram file was computed for, or None (absent or unreadable)."""
+def saved_covers(path: Path, key: str, tensors: Sequence[str]) -> bool:
+    """True when the saved Gram file was computed for `key` and holds every one of `tensors`."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("key")
+            return (f.metadata() or {}).get("key") == key and set(tensors) <= set(f.keys())
     except Exception:  # absent, truncated or not safetensors: compute again
-        return None
+        return False
 
 
 class _Accumulator:
@@ -145,25 +149,35 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
     return acc.means(list(tensors), widths), seen
 
 
-def save_grams(grams: Mapping[str, torch.Tensor], path: Path, *, key: str, tokens: int) -> None:
+def save_grams(grams: Mapping[str, torch.Tensor], path: Path, *, key: str) -> None:
     """Write a source's Gram matrices atomically, with the key they were computed for."""
-    from safetensors.torch import save_file
+    save_keyed({k: v.contiguous() for k, v in grams.items()}, path, key)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in grams.items()}, str(tmp), metadata={"key": key, "tokens": str(tokens)})
-    tmp.replace(path)
+
+class GramReader:
+    """Reads weights' saved Gram matrices, each source's file opened once (a merge reads hundreds)."""
+
+    def __init__(self, zdir: Path):
+        self.zdir = Path(zdir)
+        self._open: dict[str, object] = {}
+
+    def read(self, source: str, name: str) -> torch.Tensor:
+        """The Gram matrix of weight `name` in `source`'s statistics."""
+        from safetensors import safe_open
+
+        path = grams_file(self.zdir, source)
+        try:
+            if source not in self._open:
+                self._open[source] = safe_open(str(path), framework="pt")
+            return self._open[source].get_tensor(name)
+        except FileNotFoundError:
+            raise OutputError(f"{path}: missing; run the merge without --resume (or `zenith-merge align`) to "
+                              f"compute the RegMean statistics") from None
+        except Exception as err:  # safetensors raises a bare SafetensorError for a missing key
+            raise OutputError(f"{path}: no Gram matrix for {name} ({err}); the statistics are from another "
+                              f"plan") from None
 
 
 def read_gram(path: Path, name: str) -> torch.Tensor:
-    """One weight's saved Gram matrix."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
-    except FileNotFoundError:
-        raise OutputError(f"{path}: missing; run the merge without --resume (or `zenith-merge align`) to compute "
-                          f"the RegMean statistics") from None
-    except Exception as err:  # safetensors raises a bare SafetensorError for a missing key
-        raise OutputError(f"{path}: no Gram matrix for {name} ({err}); the statistics are from another plan") from None
+    """One weight's saved Gram matrix, from the file at `path`."""
+    return GramReader(path.parent).read(path.name.removeprefix("regmean-").removesuffix(".safetensors"), name)

@@ -146,6 +146,29 @@ def test_disk_offload_on_cpu_gives_the_plain_states(zen, zen_loaded, tmp_path):
         torch.testing.assert_close(_cat(streamed, point), _cat(plain, point), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")
+def test_loading_reads_the_shards_without_mapping_them(zen, monkeypatch):
+    """A mapped shard's pages count in RSS while transformers converts and offloads the weights, so an
+    offloaded load's peak would grow with the model; read with pread, only tensors in flight count."""
+    import safetensors
+    import transformers.modeling_utils as modeling_utils
+
+    shards = sorted(str(p.resolve()) for p in zen.glob("*.safetensors"))
+    mapped_during_load: list[list[str]] = []
+    convert = modeling_utils.convert_and_load_state_dict_in_model
+
+    def watched(*args, **kwargs):
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        mapped_during_load.append(sorted({s for s in shards for line in maps if line.endswith(s)}))
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "convert_and_load_state_dict_in_model", watched)
+    model, _ = load_for_calibration(zen, max_memory={"cpu": _weights_bytes(zen)})
+    assert mapped_during_load == [[]]
+    assert modeling_utils.safe_open is safetensors.safe_open  # transformers' loader is left as it was
+    assert any(p.device.type == "meta" for p in model.parameters())  # the offloaded load this is about
+
+
 def test_load_errors_name_the_folder(tmp_path):
     with pytest.raises(CalibrationError, match=str(tmp_path / "nowhere")):
         load_for_calibration(tmp_path / "nowhere")

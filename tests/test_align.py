@@ -18,6 +18,7 @@ from zenith_merge.stages.align import (
     accumulator_bytes,
     fit_alignment,
     fit_alignment_groups,
+    interleaved_passages,
     load_alignment,
     pair_by_offsets,
     pair_groups,
@@ -128,6 +129,22 @@ def test_split_passages_cuts_at_line_ends():
     assert "".join(passages) == text
     assert all(len(p) <= 100 for p in passages)
     assert all(p.endswith("\n") for p in passages[:-3])  # the 250-char tail is cut hard
+
+
+def test_interleaved_passages_give_every_text_its_share_of_a_budget():
+    """A fit stopped at a token budget must see every calibration text, not only the first ones."""
+    long_code = "".join(f"code {i}\n" for i in range(300))
+    maths, chat = "".join(f"maths {i}\n" for i in range(40)), "chat\n"
+    passages = list(interleaved_passages([long_code, maths, chat], 50))
+    per_text = [split_passages(t, 50) for t in (long_code, maths, chat)]
+    assert sorted(passages) == sorted(p for ps in per_text for p in ps)  # nothing lost or repeated
+    for ps in per_text:  # each text's passages keep their order
+        assert [p for p in passages if p in ps] == ps
+    first = passages[:3 * len(per_text[2])]
+    assert {p.split()[0] for p in first} == {"code", "maths", "chat"}
+    head = passages[:2 * len(per_text[1])]  # while maths lasts, code and maths alternate
+    assert sum(p.startswith("maths") for p in head) >= len(per_text[1]) - 1
+    assert list(interleaved_passages([], 50)) == [] and list(interleaved_passages(["", "a\n"], 50)) == ["a\n"]
 
 
 # ------------------------------------------------------------------ artefact

@@ -389,8 +389,9 @@ def _sha(path: Path) -> str:
 def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, key: str, cfg: MergeConfig,
            progress: bool) -> None:
     """Fit (or reuse, when fitted for this plan) the maps A and B of one source's layer pairs."""
-    from .stages.align import ALIGN_JSON, fit_alignment_groups, read_info, save_alignment_groups
+    from .stages.align import ALIGN_JSON, FIT_REVISION, fit_alignment_groups, read_info, save_alignment_groups
 
+    key = f"{key}.fit{FIT_REVISION}"
     if (folder / ALIGN_JSON).is_file():
         try:
             if read_info(folder).get("meta", {}).get("plan_key") == key:

@@ -103,6 +103,24 @@ def test_grafted_expert_is_the_folded_donor_expert(cross_arch, tiny_qwen_moe):
         torch.testing.assert_close(got_row, (donor_row @ A).to(torch.bfloat16).float())
 
 
+def test_a_sources_layers_can_be_chosen(tmp_path, tiny_deepseek, tiny_qwen_moe):
+    """`experts[].layers` overrides the relative-depth map: output layer 2 takes donor layer 0's experts,
+    its maps are fitted for that pair, and the layer not listed keeps its depth-matched source layer."""
+    result = _merge(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, layers={2: 0})],
+                    align={"calibration": [], "max_tokens": 400})
+    plan = result.plan
+    assert {int(k): v for k, v in plan.layer_map["donor1"].items()} == {1: 0, 2: 0}
+    al = load_alignment(result.output_dir / ".zenith" / "align-donor1")
+    assert set(al.pairs) == {(1, 0), (2, 0)}
+    out, src = tensors_of(result.output_dir), tensors_of(tiny_qwen_moe)
+    slot = plan.slot(2, 5)
+    assert slot.source_layer == 0
+    want = fold_projection(src[E.format(layer=0, expert=slot.expert, proj="gate")], "gate", A=al.A[2, 0], B=al.B[2, 0],
+                           scale=slot.scale)
+    torch.testing.assert_close(out[E.format(layer=2, expert=5, proj="gate")].float(),
+                               pad_to(want, (16, 32)).to(torch.bfloat16).float())
+
+
 def test_same_width_graft_computes_the_source_expert_scaled(tmp_path, tiny_deepseek):
     """Identity alignment: the grafted expert is the source expert, padded, times the scale compensation."""
     donor = make_tiny_qwen3_moe(tmp_path / "qwen32", hidden=32, moe_inter=12, dtype=torch.float32)
@@ -203,6 +221,10 @@ def test_clear_errors_for_bad_inputs(tmp_path, tiny_deepseek, tiny_qwen_moe):
     assert "align.mode: identity, but experts.0.source_model" in msg and "hidden size 24" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_deepseek)])
     assert "experts.1.source_model" in msg and "already experts.0" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, layers={5: 0})])
+    assert "experts.1.layers.5: the output's MoE layers are [1, 2]" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, layers={2: 7})])
+    assert "experts.1.layers.2:" in msg and "has no layer 7 to take experts from" in msg
 
 
 def test_donor_without_moe_or_mlp_is_refused(tmp_path, tiny_deepseek):

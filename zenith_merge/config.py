@@ -92,6 +92,9 @@ class ExpertSource(SharedExpertSource):
         "drop", description="a donor's shared expert: dropped, or grafted as one more routed expert")
     random_experts: bool = Field(False, description="a control: this source's experts replaced by seeded random "
                                                     "weights of the same Frobenius norm, tensor by tensor")
+    layers: dict[int, int] = Field(
+        default_factory=dict, description="output MoE layer -> this source's layer its experts come from; "
+                                          "layers not listed take the source layer at the same relative depth")
 
     @field_validator("keep")
     @classmethod

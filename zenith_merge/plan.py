@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -358,6 +359,21 @@ class _Source:
         return f"experts.{self.index}.source_model ({self.model.ref})" if self.index is not None else "base_model"
 
 
+def _source_layers(s: _Source, moe_layers: Sequence[int], base_depth: int) -> dict[int, int]:
+    """Output MoE layer -> the source layer its experts come from: `experts[].layers` where given, else by
+    relative depth (`map_layers`)."""
+    candidates = candidate_layers(s.facts)
+    out = map_layers(moe_layers, base_depth, candidates, s.facts.num_layers)
+    for layer, source_layer in (s.entry.layers if s.entry is not None else {}).items():
+        if layer not in out:
+            raise PlanError(f"experts.{s.index}.layers.{layer}: the output's MoE layers are {list(moe_layers)}")
+        if source_layer not in candidates:
+            raise PlanError(f"experts.{s.index}.layers.{layer}: {s.entry.source_model} has no layer {source_layer} "
+                            f"to take experts from; its {'MoE ' if s.facts.is_moe else ''}layers are {list(candidates)}")
+        out[layer] = source_layer
+    return out
+
+
 def _open_source(key: str, model: SourceModel, cfg: MergeConfig, entry=None, index=None) -> _Source:
     ckpt = Checkpoint.open(model.path, allow_pickle=cfg.allow_pickle)
     where = str(model.path / "config.json")
@@ -685,8 +701,8 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
     out_routing = routing_spec(target)
     moe_layers = facts(target).moe_layers
 
-    layer_map = {s.key: map_layers(moe_layers, bf.num_layers, candidate_layers(s.facts), s.facts.num_layers)
-                 if s.key != "base" else {layer: layer for layer in moe_layers} for s in sources}
+    layer_map = {s.key: _source_layers(s, moe_layers, bf.num_layers) if s.key != "base"
+                 else {layer: layer for layer in moe_layers} for s in sources}
     transforms, usage = {}, {}
     for s, sl in zip(sources, slots):
         spec = routing_spec(s.ckpt.config)

@@ -1,4 +1,4 @@
-""".venv/bin/python bench/method_table.py [--out FILE] [--quick]
+""".venv/bin/python bench/method_table.py [--out FILE] [--quick] [--gates G ...] [--levers L ...] [--slerp T ...]
 
 The cross-architecture method table (issue 5): merge/config.yml (zen-tiny + 4 experts of
 qwen3-moe-tiny) for every gate mode, with and without each lever (calibrated offsets, router
@@ -12,13 +12,15 @@ steps and learning rates. Each merge runs as its own `zenith-merge merge` proces
     code vs base = code_bpb / code_bpb(zen-tiny) - 1
     gap closed   = (maths(zen-tiny) - maths) / (maths(zen-tiny) - maths(qwen3-moe-tiny))
 
-`--quick` runs one gate mode (transfer) only.
+`--quick` runs one gate mode (transfer) only; `--gates`, `--levers` and `--slerp` pick rows (the
+random-expert controls follow the levers picked).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 import tempfile
 import time
@@ -122,6 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
     ap.add_argument("--quick", action="store_true", help="gate mode transfer only")
+    ap.add_argument("--gates", nargs="+", choices=GATES, help="these gate modes only")
+    ap.add_argument("--levers", nargs="+", choices=list(LEVERS), help="these levers only (and their controls)")
+    ap.add_argument("--slerp", type=float, nargs="+", default=[0.0, 0.5], help="tokenizer.slerp_t values (default 0 0.5)")
     ap.add_argument("--adapter-only", action="store_true", help=argparse.SUPPRESS)  # the timed subprocess
     args = ap.parse_args()
     texts = heldout_texts()
@@ -141,9 +146,11 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="zenith-method-table-") as tmp:
-        runs = [(g, lv, t, False) for g in (GATES[:1] if args.quick else GATES) for lv in LEVERS for t in (0.0, 0.5)]
+        gates = args.gates or (GATES[:1] if args.quick else GATES)
+        levers = args.levers or list(LEVERS)
+        runs = [(g, lv, t, False) for g in gates for lv in levers for t in args.slerp]
         runs += [("transfer", lv, 0.0, True) for lv in ("none", "router training", "alignment training",
-                                                         "alignment training + teacher")]
+                                                         "alignment training + teacher") if lv in levers]
         for i, (gate, lever, slerp_t, rnd) in enumerate(runs):
             label = f"{'control: random experts, ' if rnd else ''}{gate} | {lever} | {slerp_t:g}"
             try:
@@ -159,7 +166,7 @@ def main() -> None:
                     f"{cells(adapter, wall, rss)}")
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
     report = "\n".join([
-        *report_head(f".venv/bin/python bench/method_table.py{' --quick' if args.quick else ''}", t_start),
+        *report_head(shlex.join([".venv/bin/python", "bench/method_table.py", *sys.argv[1:]]), t_start),
         "",
         "| gate mode | lever | slerp_t | code bpb | maths bpb | code vs base | maths gap closed | "
         "maths (chat) gap closed | merge s | peak RSS MiB |",

@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from zenith_merge.demo import bits_per_byte, ensure_demo
 from zenith_merge.demo.evaluate import start_token_id
+from zenith_merge.graft_math import rescaled_to_norm
 from zenith_merge.stages.align import load_alignment, pair_by_offsets, split_passages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +57,8 @@ SEED = 0
 
 
 def _randomised(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Gaussian noise scaled to t's Frobenius norm."""
-    r = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-    return (r * (t.float().norm() / r.norm())).to(t.dtype)
+    """Gaussian noise scaled to t's Frobenius norm, as the `random_experts` control makes it."""
+    return rescaled_to_norm(torch.randn(t.shape, generator=gen, dtype=torch.float32), t).to(t.dtype)
 
 
 def ablate(model, picks: Callable[[str], list[int] | bool]) -> int:
@@ -90,7 +90,7 @@ def _is_routed_expert(name: str) -> bool:
 
 def ablations(grafted: dict[int, list[int]], n_experts: int, n_layers: int) -> list[tuple[str, Callable]]:
     """(label, picks) for each ablation row; `grafted`: donor layer -> experts merge/config.yml grafts."""
-    rows: list[tuple[str, Callable]] = [
+    return [
         ("routed experts, every layer", _is_routed_expert),
         *[(f"routed experts of layer {layer}", lambda n, layer=layer: _is_routed_expert(n) and _layer(n) == layer)
           for layer in range(n_layers)],
@@ -102,7 +102,6 @@ def ablations(grafted: dict[int, list[int]], n_experts: int, n_layers: int) -> l
         ("token embeddings", lambda n: n == "model.embed_tokens.weight"),
         ("lm_head", lambda n: n == "lm_head.weight"),
     ]
-    return rows
 
 
 # ------------------------------------------------------------------ 2 and 3: maps on held-out text

@@ -66,3 +66,9 @@ def interpolate(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tens
     for t, w in zip(tensors, weights):
         out.add_(t.float(), alpha=w / total)
     return out
+
+
+def rescaled_to_norm(noise: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`noise` scaled to W's Frobenius norm: a random stand-in for W that keeps nothing of W but its size
+    (the `random_experts` control). noise * ||W||_F / ||noise||_F."""
+    return noise * (torch.linalg.vector_norm(w.float()) / torch.linalg.vector_norm(noise).clamp_min(1e-30))

@@ -17,7 +17,7 @@ import torch
 from .architectures import ARCHITECTURES, facts, tensor_name
 from .config import MergeConfig, resolve_path
 from .errors import ConfigError, OutputError, PlanError, ZenithError
-from .graft_math import fold_projection, interpolate, pad_to, relative_difference
+from .graft_math import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.safetensors_format import torch_dtype
@@ -165,8 +165,8 @@ class PlanTensorSource:
         if transform.noise_scale or transform.random_experts:
             gen = _generator(self.plan.config.get("seed", 0), layer, slot_index * 7 + _PROJ_INDEX[proj])
             noise = torch.randn(w.shape, generator=gen)
-            if transform.random_experts:  # N(0, 1) rescaled to ||W||_F: no trace of W but its size
-                w = noise * (torch.linalg.vector_norm(w.float()) / torch.linalg.vector_norm(noise).clamp_min(1e-30))
+            if transform.random_experts:
+                w = rescaled_to_norm(noise, w)
             if transform.noise_scale:  # mergekit's noise_scale: W + noise_scale * N(0, 1)
                 w = w.float() + transform.noise_scale * noise
         return w

@@ -22,6 +22,7 @@ from zenith_merge.stages.align import (
     load_alignment,
     pair_by_offsets,
     pair_groups,
+    read_info,
     read_maps,
     save_alignment,
     save_alignment_groups,
@@ -243,3 +244,25 @@ def test_grouped_fit_gives_the_same_maps_one_group_at_a_time(tmp_path):
     assert info["files"]["A.2.1"] == "align-1.safetensors" and set(info["sha256"]) == {
         "align-0.safetensors", "align-1.safetensors", "align-2.safetensors"}
     assert load_alignment(folder).r2_A == whole.r2_A
+
+
+def test_saving_groups_lets_each_groups_maps_go_before_the_next_is_fitted(tmp_path):
+    """Memory holds one group: by the time the next group is asked for, the last one's maps are freed."""
+    import gc
+    import weakref
+
+    seen: list[weakref.ref] = []
+
+    def groups():
+        for k in range(3):
+            gc.collect()
+            assert all(ref() is None for ref in seen), f"group {k - 1}'s maps still alive while group {k} is fitted"
+            pair = (k + 1, k)
+            a, b = torch.randn(3, 4), torch.randn(4, 3)
+            seen.extend([weakref.ref(a), weakref.ref(b)])
+            yield Alignment(pairs=[pair], A={pair: a}, B={pair: b}, r2_A={pair: 0.5}, r2_B={pair: 0.5},
+                            n_tokens=10, ridge=1e-2, d_base=4, d_donor=3)
+            del a, b
+
+    folder = save_alignment_groups(groups(), tmp_path / "fit")
+    assert read_info(folder)["pairs"] == [[1, 0], [2, 1], [3, 2]]

@@ -169,6 +169,49 @@ def test_loading_reads_the_shards_without_mapping_them(zen, monkeypatch):
     assert any(p.device.type == "meta" for p in model.parameters())  # the offloaded load this is about
 
 
+_HEAP_PROBE = """
+import ctypes, sys
+import torch
+from zenith_merge.calibration import load_for_calibration
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+
+def mapped_when_allocated() -> bool:
+    # freeing a mapped 16 MiB block raises glibc's dynamic threshold past 8 MiB, unless it is fixed
+    del_me = torch.empty(16 << 20, dtype=torch.uint8)
+    del del_me
+    before = libc.mallinfo2().hblkhd
+    block = torch.empty(8 << 20, dtype=torch.uint8)
+    return libc.mallinfo2().hblkhd - before >= 8 << 20
+
+print(mapped_when_allocated())
+load_for_calibration(sys.argv[1], max_memory={"cpu": int(sys.argv[2])})
+print(mapped_when_allocated())
+"""
+
+
+def test_bounded_loading_returns_large_freed_blocks_to_the_system(zen):
+    """glibc's dynamic mmap threshold let the forward passes' activations fragment the heap, so the peak
+    grew with each pass over the text; once a model is loaded within max_memory, large blocks are mapped."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        has_mallinfo2 = hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        has_mallinfo2 = False
+    if not has_mallinfo2:
+        pytest.skip("needs glibc 2.33 or later (mallinfo2)")
+    run = subprocess.run([sys.executable, "-c", _HEAP_PROBE, str(zen), str(_weights_bytes(zen))],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False", "True"]  # the heap's own rule first, then the fixed threshold
+
+
 def test_load_errors_name_the_folder(tmp_path):
     with pytest.raises(CalibrationError, match=str(tmp_path / "nowhere")):
         load_for_calibration(tmp_path / "nowhere")

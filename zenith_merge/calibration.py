@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .errors import CalibrationError
 
 __all__ = ["CapturePoint", "CapturedChunk", "load_for_calibration", "capture_hidden", "capture_batch",
-           "bnb_8bit_unavailable"]
+           "bnb_8bit_unavailable", "fix_mmap_threshold"]
 
 CaptureKind = Literal["input", "output"]
 
@@ -124,7 +124,8 @@ def load_for_calibration(
     and streamed in layer by layer. Without CUDA and without `max_memory` everything goes to the CPU.
     `load_in_8bit` stores the linear layers as bitsandbytes int8 (CPU or CUDA); modules that accelerate
     offloads then stay in float32 (bitsandbytes cannot offload int8 weights). `dtype` defaults to
-    float32 on CPU and the checkpoint's own dtype on CUDA. Returns `(model, tokenizer)`, model in eval
+    float32 on CPU and the checkpoint's own dtype on CUDA. With `max_memory` the process's large heap
+    blocks are also returned to the system when freed (`fix_mmap_threshold`). Returns `(model, tokenizer)`, model in eval
     mode; raises CalibrationError naming the folder when it cannot load. `dtype="stored"` keeps the
     checkpoint's own dtype (bfloat16 halves the memory of float32 and runs faster on most CPUs),
     except float16 on CPU, which becomes float32.
@@ -144,6 +145,7 @@ def load_for_calibration(
     }
     if max_memory is not None:
         kwargs["max_memory"] = dict(max_memory)
+        fix_mmap_threshold()
     if not cuda and _has_experts(path):
         # the reference loop over experts: transformers' grouped matmul on CPU needs 16-byte strides,
         # which small bf16 experts (or odd sizes) do not have, and is no faster for a few prompts
@@ -254,6 +256,32 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting threshold, here kept fixed
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, <malloc.h>
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every heap block of at least `threshold` bytes by its own mapping, for the rest of
+    the process, so that it goes back to the system as soon as it is freed. Returns False where there is
+    no glibc (nothing changed).
+
+    Why: glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which
+    the forward passes' activations, of a different size for each passage, come from the heap and
+    leave holes there. The holes grew with every pass over the text, so the calibration's peak grew
+    with the number of layer groups, that is, with the depth of the model (measured on the 2- and
+    8-layer synthetic models of bench/calibration_memory.py: free heap 37 -> 115 MiB over 7 groups,
+    in-use heap flat). A fixed threshold turns the dynamic rule off; it is what
+    `MALLOC_MMAP_THRESHOLD_=131072` in the environment does, set here only when the caller asked for
+    bounded memory.
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def stored_dtype(path: Path, *, cuda: bool) -> torch.dtype:

@@ -308,26 +308,35 @@ def save_alignment_groups(groups: Iterable[Alignment], folder: str | Path, *, gr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     info: dict = {"format": FORMAT_VERSION, "pairs": [], "r2": {"A": {}, "B": {}}, "files": {}, "sha256": {}}
-    for k, alignment in enumerate(groups):
-        name = f"align-{k}.safetensors" if grouped else ALIGN_TENSORS
-        tensors = {}
-        for pair in alignment.pairs:
-            for kind, maps, r2 in (("A", alignment.A, alignment.r2_A), ("B", alignment.B, alignment.r2_B)):
-                tensors[_key(kind, pair)] = maps[pair].detach().to("cpu", torch.float32).contiguous()
-                info["r2"][kind][_key(kind, pair)] = r2[pair]
-                info["files"][_key(kind, pair)] = name
-            info["pairs"].append(list(pair))
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)})
-        os.replace(tmp, folder / name)
-        info["sha256"][name] = file_sha256(folder / name)
-        info.update(n_tokens=alignment.n_tokens, ridge=alignment.ridge, d_base=alignment.d_base,
-                    d_donor=alignment.d_donor, meta={**alignment.meta, **(meta or {})})
-        del tensors, alignment
+    # neither enumerate() (its cached (k, alignment) tuple) nor a local left bound to a map may keep the
+    # last group's maps alive while the generator fits the next group
+    k = 0
+    for alignment in groups:
+        _write_group(alignment, folder, f"align-{k}.safetensors" if grouped else ALIGN_TENSORS, info)
+        info["meta"] = {**alignment.meta, **(meta or {})}
+        del alignment
+        k += 1
     tmp = folder / f".{ALIGN_JSON}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, folder / ALIGN_JSON)
     return folder
+
+
+def _write_group(alignment: Alignment, folder: Path, name: str, info: dict) -> None:
+    """One group's maps into folder/name (written, then renamed), and their entries into `info`."""
+    tensors = {}
+    for pair in alignment.pairs:
+        for kind, maps, r2 in (("A", alignment.A, alignment.r2_A), ("B", alignment.B, alignment.r2_B)):
+            tensors[_key(kind, pair)] = maps[pair].detach().to("cpu", torch.float32).contiguous()
+            info["r2"][kind][_key(kind, pair)] = r2[pair]
+            info["files"][_key(kind, pair)] = name
+        info["pairs"].append(list(pair))
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": str(FORMAT_VERSION)})
+    os.replace(tmp, folder / name)
+    info["sha256"][name] = file_sha256(folder / name)
+    info.update(n_tokens=alignment.n_tokens, ridge=alignment.ridge, d_base=alignment.d_base,
+                d_donor=alignment.d_donor)
 
 
 def read_info(folder: str | Path) -> dict:

@@ -124,9 +124,9 @@ def load_for_calibration(
     and streamed in layer by layer. Without CUDA and without `max_memory` everything goes to the CPU.
     `load_in_8bit` stores the linear layers as bitsandbytes int8 (CPU or CUDA); modules that accelerate
     offloads then stay in float32 (bitsandbytes cannot offload int8 weights). `dtype` defaults to
-    float32 on CPU and the checkpoint's own dtype on CUDA. With `max_memory` the process's large heap
-    blocks are also returned to the system when freed (`fix_mmap_threshold`). Returns `(model, tokenizer)`, model in eval
-    mode; raises CalibrationError naming the folder when it cannot load. `dtype="stored"` keeps the
+    float32 on CPU and the checkpoint's own dtype on CUDA. With `max_memory`, the process's large heap
+    blocks also go back to the system when freed (`fix_mmap_threshold`). Returns `(model, tokenizer)`,
+    model in eval mode; raises CalibrationError naming the folder when it cannot load. `dtype="stored"` keeps the
     checkpoint's own dtype (bfloat16 halves the memory of float32 and runs faster on most CPUs),
     except float16 on CPU, which becomes float32.
     """

@@ -312,8 +312,7 @@ def save_alignment_groups(groups: Iterable[Alignment], folder: str | Path, *, gr
     # last group's maps alive while the generator fits the next group
     k = 0
     for alignment in groups:
-        _write_group(alignment, folder, f"align-{k}.safetensors" if grouped else ALIGN_TENSORS, info)
-        info["meta"] = {**alignment.meta, **(meta or {})}
+        _write_group(alignment, folder, f"align-{k}.safetensors" if grouped else ALIGN_TENSORS, info, meta)
         del alignment
         k += 1
     tmp = folder / f".{ALIGN_JSON}.tmp-{os.getpid()}"
@@ -322,7 +321,7 @@ def save_alignment_groups(groups: Iterable[Alignment], folder: str | Path, *, gr
     return folder
 
 
-def _write_group(alignment: Alignment, folder: Path, name: str, info: dict) -> None:
+def _write_group(alignment: Alignment, folder: Path, name: str, info: dict, meta: Mapping | None) -> None:
     """One group's maps into folder/name (written, then renamed), and their entries into `info`."""
     tensors = {}
     for pair in alignment.pairs:
@@ -336,7 +335,7 @@ def _write_group(alignment: Alignment, folder: Path, name: str, info: dict) -> N
     os.replace(tmp, folder / name)
     info["sha256"][name] = file_sha256(folder / name)
     info.update(n_tokens=alignment.n_tokens, ridge=alignment.ridge, d_base=alignment.d_base,
-                d_donor=alignment.d_donor)
+                d_donor=alignment.d_donor, meta={**alignment.meta, **(meta or {})})
 
 
 def read_info(folder: str | Path) -> dict:

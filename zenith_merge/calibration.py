@@ -126,9 +126,9 @@ def load_for_calibration(
     offloads then stay in float32 (bitsandbytes cannot offload int8 weights). `dtype` defaults to
     float32 on CPU and the checkpoint's own dtype on CUDA. With `max_memory`, the process's large heap
     blocks also go back to the system when freed (`fix_mmap_threshold`). Returns `(model, tokenizer)`,
-    model in eval mode; raises CalibrationError naming the folder when it cannot load. `dtype="stored"` keeps the
-    checkpoint's own dtype (bfloat16 halves the memory of float32 and runs faster on most CPUs),
-    except float16 on CPU, which becomes float32.
+    model in eval mode; raises CalibrationError naming the folder when it cannot load.
+    `dtype="stored"` keeps the checkpoint's own dtype (bfloat16 halves the memory of float32 and runs
+    faster on most CPUs), except float16 on CPU, which becomes float32.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -248,14 +248,23 @@ def _own_buffers(model) -> None:
 
 def release_memory() -> None:
     """Hand freed memory back to the system between calibration passes (glibc keeps freed heap otherwise)."""
-    import ctypes
     import gc
 
     gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library when it is glibc (it has `malloc_trim` and `mallopt`), else None."""
+    import ctypes
+
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting threshold, here kept fixed
@@ -276,12 +285,8 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     `MALLOC_MMAP_THRESHOLD_=131072` in the environment does, set here only when the caller asked for
     bounded memory.
     """
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def stored_dtype(path: Path, *, cuda: bool) -> torch.dtype:

@@ -207,10 +207,11 @@ def fit_alignment_groups(
     `load_in_8bit`, `max_memory` and `dtype`, applied to each model) and fed the same passages of `texts`
     (`interleaved_passages`: one passage of each text in turn), pairing tokens by end offset as they go;
     at most `max_tokens` paired tokens are used. `base_points` / `donor_points` give, per layer, the MoE
-    block's and the decoder layer's module names (from the architecture tables). Statistics are accumulated in float64, so memory does not grow
-    with the number of tokens; with `max_accumulator_bytes` it does not grow with the number of layers
-    either: the pairs are fitted in groups that fit (`pair_groups`), one pass over the text per group,
-    and each group's maps are handed over (to be saved) before the next group starts.
+    block's and the decoder layer's module names (from the architecture tables). Statistics are
+    accumulated in float64, so memory does not grow with the number of tokens; with
+    `max_accumulator_bytes` it does not grow with the number of layers either: the pairs are fitted in
+    groups that fit (`pair_groups`), one pass over the text per group, and each group's maps are handed
+    over (to be saved) before the next group starts.
     """
     pairs = [(int(b), int(d)) for b, d in layer_pairs]
     if not pairs:

@@ -6,13 +6,14 @@ Tiny random models (conftest) keep these fast; the demo-model runs are in test_d
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pytest
 import torch
 from conftest import make_tiny_deepseek, make_tiny_dense, make_tiny_qwen3_moe, tensors_of, write_config
 from transformers import AutoModelForCausalLM
 
-from zenith_merge.config import load_config
+from zenith_merge.config import GateMode, load_config
 from zenith_merge.errors import PlanError
 from zenith_merge.graft_math import expert_forward, fold_projection, pad_to
 from zenith_merge.pipeline import run_merge
@@ -339,6 +340,60 @@ def test_prompt_based_router_rows(tmp_path, tiny_deepseek, tiny_qwen_moe, mode):
         torch.testing.assert_close(rows[4], want.to(torch.bfloat16).float())
     if mode == "cheap_embed":  # the same vector for every layer
         assert torch.equal(load_vector(zdir, "donor1", 1), load_vector(zdir, "donor1", 2))
+
+
+@pytest.mark.parametrize("mode", get_args(GateMode))
+def test_every_gate_mode_gives_finite_router_rows_of_the_outputs_shape(tmp_path, tiny_deepseek, tiny_qwen_moe, mode):
+    """Each gate mode: one router row and one score correction per output expert, all finite; the base's own rows
+    kept; each grafted row distinct and non-zero."""
+    entries = [_entry(tiny_deepseek), _entry(tiny_qwen_moe, negative_prompts=["class Stack:\n    pass\n"])]
+    result = _merge(tmp_path, tiny_deepseek, entries, gate_mode=mode, align={"calibration": [], "max_tokens": 200})
+    config = json.loads((result.output_dir / "config.json").read_text())
+    out, base = tensors_of(result.output_dir), tensors_of(tiny_deepseek)
+    n, width = config["n_routed_experts"], config["hidden_size"]
+    assert (n, width) == (8, 32)
+    for layer in (1, 2):
+        rows = out[f"model.layers.{layer}.mlp.gate.weight"]
+        bias = out[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"]
+        assert rows.shape == (n, width) and bias.shape == (n,)
+        assert torch.isfinite(rows.float()).all() and torch.isfinite(bias.float()).all()
+        assert torch.equal(rows[:4], base[f"model.layers.{layer}.mlp.gate.weight"])
+        grafted = rows[4:].float()
+        assert grafted.norm(dim=-1).min() > 0
+        assert torch.pdist(grafted).min() > 0  # no two grafted experts share a row
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
+def test_hidden_vectors_equal_mergekits_formula_recomputed_from_the_base_model(tmp_path, tiny_deepseek, tiny_qwen_moe,
+                                                                                mode):
+    """v(l) = normalise(mean over positive prompts of h_l - mean over negative prompts of h_l), h_l the input of
+    layer l's MoE block (last token for `hidden`, mean over tokens for `hidden_avg`), recomputed here one prompt
+    at a time with a plain hook on the base model, independently of the calibration code."""
+    from transformers import AutoTokenizer
+
+    from zenith_merge.stages.prompt_vectors import load_vector
+
+    negative = ["class Stack:\n    pass\n", "import os\n"]
+    entries = [_entry(tiny_deepseek), _entry(tiny_qwen_moe, negative_prompts=negative)]
+    result = _merge(tmp_path, tiny_deepseek, entries, gate_mode=mode, calibration_dtype="float32",
+                    align={"calibration": [], "max_tokens": 200})
+    model = AutoModelForCausalLM.from_pretrained(tiny_deepseek, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_deepseek)
+
+    def state(prompt: str, layer: int) -> torch.Tensor:
+        seen = []
+        hook = model.model.layers[layer].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+        ids = tokenizer(tokenizer.bos_token + prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        hook.remove()
+        return seen[0].mean(0) if mode == "hidden_avg" else seen[0][-1]
+
+    for layer in (1, 2):
+        diff = torch.stack([state(p, layer) for p in PROMPTS]).mean(0) - \
+            torch.stack([state(p, layer) for p in negative]).mean(0)
+        torch.testing.assert_close(load_vector(result.output_dir / ".zenith", "donor1", layer), diff / diff.norm(),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_hidden_rows_for_dense_models_are_mergekits_unit_vectors(tmp_path):

@@ -283,6 +283,7 @@ class SearchSettings(_Strict):
 
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
+# Gate modes whose router rows start from each source's prompts (stages/prompt_vectors.py).
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 

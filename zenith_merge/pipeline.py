@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .architectures import ARCHITECTURES, facts, tensor_name
-from .config import MergeConfig, resolve_path
+from .config import PROMPT_GATE_MODES, MergeConfig, resolve_path
 from .errors import ConfigError, OutputError, PlanError, ZenithError
 from .graft_math import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
 from .io.manifest import write_json_atomic
@@ -24,7 +24,6 @@ from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
 from .output_config import patch_output
 from .plan import (
-    PROMPT_ROW_MODES,
     UNION_SIDE_FILES,
     AssembleRecipe,
     CopyRecipe,
@@ -200,7 +199,7 @@ class PlanTensorSource:
         mode = self.plan.config.get("gate_mode", "random")
         if r.part == "bias":
             return self._bias_row(slot, r.layer, mode, base_rows) + self._offset(slot.source, r.layer)
-        if mode in PROMPT_ROW_MODES:
+        if mode in PROMPT_GATE_MODES:
             # mergekit's prompt-based row: the source's unit prompt vector, at the base rows' mean norm where
             # the base has a router; a routed donor expert adds its own mapped row, which orders the donor's
             # experts among themselves (all of one source share the prompt vector)

@@ -30,7 +30,7 @@ from .architectures import (
     set_dim,
     tensor_name,
 )
-from .config import ExpertSource, MergeConfig
+from .config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
 from .errors import PlanError
 from .expert_table import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
 from .io.reader import Checkpoint
@@ -338,8 +338,6 @@ _DENSE_ROLES = {"gate": "mlp_gate", "up": "mlp_up", "down": "mlp_down"}
 _SHARED_ROLES = {"gate": "shared_gate", "up": "shared_up", "down": "shared_down"}
 SLOT_ROLES = {"routed": _EXPERT_ROLES, "dense_mlp": _DENSE_ROLES, "shared": _SHARED_ROLES}
 _GENERATED_CLASSES = ("routed_experts", "router")
-# Gate modes whose router rows start from each source's prompts (stages/prompt_vectors.py).
-PROMPT_ROW_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 
 
 @dataclass
@@ -749,7 +747,7 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
         table.append(LayerExperts(layer=layer, slots=tuple(row)))
 
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
-    vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_ROW_MODES
+    vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_GATE_MODES
                     and (s.key != "base" or sl.dense_mlp))
     offsets = _calibrated_sources(cfg, sources, arch)
     tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch, vocab, sources)

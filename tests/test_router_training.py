@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import tensors_of, write_config
 
+from zenith_merge.cli import main
 from zenith_merge.config import load_config
+from zenith_merge.errors import ConfigError
 from zenith_merge.pipeline import run_merge
 from zenith_merge.routing import RoutingSpec, route
 from zenith_merge.stages.router_training import balance_bias
@@ -89,3 +91,23 @@ def test_a_trained_merge_resumes_without_training_again(trained, tmp_path):
     assert (out / ".zenith" / "router_training.json").stat().st_mtime_ns == log  # not trained again
     after = tensors_of(out)
     assert all(torch.equal(after[n].view(torch.uint8), before[n].view(torch.uint8)) for n in before)
+
+
+def test_training_text_too_short_for_one_sequence_is_refused_before_anything_is_written(tmp_path, tiny_deepseek,
+                                                                                        tiny_qwen_moe, capsys):
+    cfg_path = write_config(tmp_path, base_model=str(tiny_deepseek), gate_mode="random",
+                            output_dir=str(tmp_path / "out"),
+                            experts=[{"source_model": str(tiny_deepseek), "positive_prompts": ["def f():"]},
+                                     {"source_model": str(tiny_qwen_moe), "positive_prompts": ["What is 3?"]}],
+                            align={"calibration": []}, router={"train_steps": 2, "seq_len": 64})
+    with pytest.raises(ConfigError, match=r"router\.data \(empty: align\.calibration and the experts' "
+                                          r"positive_prompts\): \d+ tokens in all, .* router\.seq_len = 64"):
+        run_merge(load_config(cfg_path), config_dir=tmp_path, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert main(["merge", str(cfg_path), "--dry-run"]) == 2  # the dry run says so too
+    assert "router.seq_len = 64" in capsys.readouterr().err
+    named = load_config(cfg_path).model_copy(update={"router": load_config(cfg_path).router.model_copy(
+        update={"data": ["demo:code"], "seq_len": 100_000})})
+    with pytest.raises(ConfigError, match=r"^router\.data: \d+ tokens in all"):
+        run_merge(named, config_dir=tmp_path, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -51,14 +51,16 @@ def _quiet_transformers() -> None:
 
 
 def cmd_merge(args) -> int:
-    from .pipeline import run_merge
+    from .pipeline import check_training_inputs, run_merge
     from .plan import build_plan
 
     cfg, config_dir = _load(args.config)
     if args.no_progress:
         _quiet_transformers()
     if args.dry_run:
-        print(format_plan(build_plan(cfg, config_dir=config_dir, output_dir=args.output)))
+        plan = build_plan(cfg, config_dir=config_dir, output_dir=args.output)
+        check_training_inputs(plan, cfg, config_dir)
+        print(format_plan(plan))
         print("dry run: nothing written")
         return 0
     result = run_merge(cfg, config_dir=config_dir, output_dir=args.output, resume=args.resume,

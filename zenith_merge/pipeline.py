@@ -341,6 +341,27 @@ def write_side_files(plan: Plan, out_dir: Path) -> None:
     write_json_atomic(out_dir / "config.json", plan.target_config)
 
 
+def check_training_inputs(plan: Plan, cfg: MergeConfig, config_dir: Path | None) -> None:
+    """Refuse training text that is missing or too short for one sequence before any stage runs or any
+    weight is written (training comes last, after the hours a big merge takes)."""
+    if not plan.stages.train_routers:
+        return
+    from .stages.router_training import check_training_text
+
+    texts, where = training_texts(cfg, config_dir)
+    check_training_text(plan, texts, where, read_texts(cfg.align.teacher_data, "align.teacher_data", config_dir))
+
+
+def training_texts(cfg: MergeConfig, config_dir: Path | None) -> tuple[list[str], str]:
+    """Router (and alignment) training's text, and where the config names it: `router.data`, or by default
+    `align.calibration` and every expert's positive prompts."""
+    if cfg.router.data:
+        return read_texts(cfg.router.data, "router.data", config_dir), "router.data"
+    texts = [*read_texts(cfg.align.calibration, "align.calibration", config_dir),
+             *(p for e in cfg.experts for p in e.positive_prompts)]
+    return texts, "router.data (empty: align.calibration and the experts' positive_prompts)"
+
+
 def read_texts(items, key: str, config_dir: Path | None) -> list[str]:
     """The texts a config list names: text files (relative to the config) or demo:code / demo:maths."""
     texts = []
@@ -560,6 +581,7 @@ def prepare_stages(cfg: MergeConfig, *, config_dir: Path | None = None, output_d
     they belong to the same plan); `overwrite` empties it first.
     """
     plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
+    check_training_inputs(plan, cfg, config_dir)
     out = Path(plan.output_dir)
     prepare_output_dir(out, resume=resume, overwrite=overwrite,
                        source_dirs=[Path(s.path) for s in plan.sources.values()])
@@ -629,16 +651,14 @@ def run_merge(
 
         zdir, untrained_id = out / ".zenith", plan.plan_id
         if trained_key(zdir) != untrained_id:
+            texts, where = training_texts(cfg, config_dir)
+            teacher = read_texts(cfg.align.teacher_data, "align.teacher_data", config_dir)
             _write(plan, out, resume=resume, **write)
             write_side_files(plan, out)  # the model trains from the folder: it needs config and tokenizer
             patch_output(out)
             log.info("training the router rows%s for %d steps", " and maps" if plan.stages.train_maps else "",
                      plan.stages.train_routers)
-            texts = read_texts(cfg.router.data, "router.data", config_dir) or [
-                *read_texts(cfg.align.calibration, "align.calibration", config_dir),
-                *(p for e in cfg.experts for p in e.positive_prompts)]
-            teacher = read_texts(cfg.align.teacher_data, "align.teacher_data", config_dir)
-            train_routers(out, plan, texts, key=untrained_id, teacher_texts=teacher, progress=progress)
+            train_routers(out, plan, texts, key=untrained_id, teacher_texts=teacher, where=where, progress=progress)
         trained = {TRAINED_FILE: _sha(zdir / TRAINED_FILE)}
         if plan.stages.train_maps:
             trained[ALIGN_TRAINED] = _sha(zdir / ALIGN_TRAINED)

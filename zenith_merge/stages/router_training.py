@@ -37,6 +37,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..architectures import ARCHITECTURES, facts, tensor_name
+from ..errors import ConfigError
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key
 from ..routing import RoutingSpec, route, routing_spec
@@ -56,13 +57,17 @@ def balance_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float, trainable
 
 
 def token_batches(tokenizer, texts: Sequence[str], seq_len: int, batch_size: int, steps: int,
-                  seed: int) -> list[torch.Tensor]:
-    """`steps` batches (batch_size, seq_len) of consecutive tokens from the texts, picked with a seeded generator."""
+                  seed: int, *, where: str = "the training text") -> list[torch.Tensor]:
+    """`steps` batches (batch_size, seq_len) of consecutive tokens from the texts, picked with a seeded generator.
+
+    `where` names the config key the texts come from, for the error when they cannot fill one sequence.
+    """
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, verbose=False)["input_ids"]  # long texts are cut into sequences below
     if len(ids) < seq_len:
-        raise ValueError(f"router training needs at least {seq_len} tokens of text, got {len(ids)}")
+        raise ConfigError(f"{where}: {len(ids)} tokens in all, but training needs at least one sequence of "
+                          f"router.seq_len = {seq_len} tokens; name more text there (files or demo:code / demo:maths)")
     n = len(ids) // seq_len
     chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
     gen = torch.Generator().manual_seed(seed)
@@ -188,7 +193,8 @@ def _teacher(plan, out_dir: Path, texts: Sequence[str], steps: int, batch_size: 
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    batches = token_batches(AutoTokenizer.from_pretrained(path), texts, seq_len, batch_size, steps, seed + 1)
+    batches = token_batches(AutoTokenizer.from_pretrained(path), texts, seq_len, batch_size, steps, seed + 1,
+                            where="align.teacher_data")
     ids = torch.tensor(sorted(to_union))
     union_ids = torch.tensor([to_union[int(i)] for i in ids])
     lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
@@ -206,10 +212,23 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(p * logq).sum(-1).mean()
 
 
+def check_training_text(plan, texts: Sequence[str], where: str, teacher_texts: Sequence[str] = ()) -> None:
+    """Refuse, before anything is written, training text too short for one sequence: the student's counted
+    with the base's tokenizer (the union keeps the base's splits), the teacher's with its own."""
+    from transformers import AutoTokenizer
+
+    seq_len = plan.config["router"]["seq_len"]
+    token_batches(AutoTokenizer.from_pretrained(plan.sources["base"].path), texts, seq_len, 1, 0, 0, where=where)
+    if teacher_texts:
+        teacher = plan.sources[plan.stages.train_maps[0]].path
+        token_batches(AutoTokenizer.from_pretrained(teacher), teacher_texts, seq_len, 1, 0, 0,
+                      where="align.teacher_data")
+
+
 def train_routers(out_dir: Path, plan, texts: Sequence[str], *, key: str, teacher_texts: Sequence[str] = (),
-                  progress: bool = True) -> Path:
+                  where: str = "router.data", progress: bool = True) -> Path:
     """Train the router rows (and the maps the plan trains) of the merge written in `out_dir`; save them
-    (and the log) into `<out>/.zenith/`."""
+    (and the log) into `<out>/.zenith/`. `where` names the config key the texts come from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = plan.config["router"]
@@ -238,7 +257,7 @@ def train_routers(out_dir: Path, plan, texts: Sequence[str], *, key: str, teache
     if maps:
         groups.append({"params": [p for pair in maps.values() for p in pair], "lr": align["lr"]})
     optim = torch.optim.AdamW(groups, weight_decay=0.0)
-    batches = token_batches(tokenizer, texts, cfg["seq_len"], cfg["batch_size"], steps, seed)
+    batches = token_batches(tokenizer, texts, cfg["seq_len"], cfg["batch_size"], steps, seed, where=where)
     teacher = _teacher(plan, out_dir, teacher_texts, steps, cfg["batch_size"], cfg["seq_len"], seed) \
         if teacher_texts else None
     meter = _LoadMeter(model, arch, layers, spec)

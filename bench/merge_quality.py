@@ -111,7 +111,8 @@ MERGES = [
           _weights({"default": [1.0, 0.0], "routed_experts": [0.0, 1.0], "router": [0.0, 1.0]})),
     Merge("assembly: all tensors 0.5/0.5", CHIMERA, "same", _weights({"default": [0.5, 0.5]})),
     Merge("assembly: all tensors 0.3/0.7", CHIMERA, "same", _weights({"default": [0.3, 0.7]})),
-    Merge("concat: 16 experts, both routers", ROOT / "merge" / "examples" / "chimera_concat.yml", "same"),
+    Merge("concat: 16 experts, merge/examples/chimera_concat.yml (hidden router rows)",
+          ROOT / "merge" / "examples" / "chimera_concat.yml", "same"),
     # per-class ablation: zen-tiny everywhere but one tensor class, taken from zen-r1-tiny
     *(Merge(f"ablation: only {c} from zen-r1-tiny", CHIMERA, "same",
             _weights({"default": [1.0, 0.0], c: [0.0, 1.0]}))

@@ -14,6 +14,12 @@ steps and learning rates. Each merge runs as its own `zenith-merge merge` proces
 
 `--quick` runs one gate mode (transfer) only; `--gates`, `--levers` and `--slerp` pick rows (the
 random-expert controls follow the levers picked).
+
+`--family same` runs the same table for the same-family concat: merge/examples/chimera_concat.yml
+(zen-tiny's 8 experts and zen-r1-tiny's 8 side by side), gap against zen-r1-tiny, every gate mode
+with and without calibrated offsets and router training (the alignment levers and slerp_t do not
+apply: the children share one residual stream and one vocabulary), then merge/examples/chimera.yml
+(assembly, RegMean) in the same run, the method the same-family acceptance compares concat with.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +43,7 @@ from zenith_merge.demo import ensure_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGSHIP = ROOT / "merge" / "config.yml"
+CHIMERA = ROOT / "merge" / "examples" / "chimera.yml"
 BASE, DONOR = "zen-tiny", "qwen3-moe-tiny"
 GATES = ("transfer", "random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed")
 STEPS, ROUTER_LR, MAPS_LR = 100, 1e-2, 1e-3
@@ -51,13 +59,36 @@ LEVERS = {
 ADAPTER_RANK = 96
 
 
-def edited(gate: str, lever: str, slerp_t: float, random_experts: bool = False) -> dict:
-    """merge/config.yml with one gate mode, lever and slerp_t (paths absolute, so it runs from anywhere)."""
-    data = with_absolute_paths(yaml.safe_load(FLAGSHIP.read_text()), FLAGSHIP.parent)
+@dataclass(frozen=True)
+class Family:
+    """What one table merges: its config, the donor its gap is measured against, the levers that apply."""
+
+    config: Path
+    donor: str
+    levers: tuple[str, ...]
+    cross: bool  # maps, a union vocabulary (slerp_t) and the controls apply
+    router_data: tuple[str, ...] = ()  # router training's text where the config names no align.calibration
+
+
+FAMILIES = {
+    "cross": Family(FLAGSHIP, DONOR, tuple(LEVERS), cross=True),
+    "same": Family(ROOT / "merge" / "examples" / "chimera_concat.yml", "zen-r1-tiny",
+                   ("none", "calibrated offsets", "router training"), cross=False,
+                   router_data=("demo:code", "demo:maths")),  # the text the cross family trains on
+}
+
+
+def edited(gate: str, lever: str, slerp_t: float | None, random_experts: bool = False, *,
+           family: Family = FAMILIES["cross"]) -> dict:
+    """The family's config with one gate mode, lever and slerp_t (paths absolute, so it runs from anywhere)."""
+    data = with_absolute_paths(yaml.safe_load(family.config.read_text()), family.config.parent)
     data["gate_mode"] = gate
     for key, values in LEVERS[lever].items():
         data[key] = {**data.get(key, {}), **copy.deepcopy(values)}
-    data["tokenizer"]["slerp_t"] = slerp_t
+    if family.router_data:
+        data["router"]["data"] = list(family.router_data)
+    if slerp_t is not None:
+        data["tokenizer"]["slerp_t"] = slerp_t
     data["routing_report"] = False
     if random_experts:
         data["experts"][1]["random_experts"] = True
@@ -123,19 +154,23 @@ def adapter_control(texts: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--out", type=Path, help="also write the report (markdown) to this file")
+    ap.add_argument("--family", choices=list(FAMILIES), default="cross",
+                    help="cross: merge/config.yml (default); same: merge/examples/chimera_concat.yml and chimera.yml")
     ap.add_argument("--quick", action="store_true", help="gate mode transfer only")
     ap.add_argument("--gates", nargs="+", choices=GATES, help="these gate modes only")
     ap.add_argument("--levers", nargs="+", choices=list(LEVERS), help="these levers only (and their controls)")
-    ap.add_argument("--slerp", type=float, nargs="+", default=[0.0, 0.5], help="tokenizer.slerp_t values (default 0 0.5)")
+    ap.add_argument("--slerp", type=float, nargs="+", default=[0.0, 0.5],
+                    help="tokenizer.slerp_t values (default 0 0.5; cross family only)")
     ap.add_argument("--adapter-only", action="store_true", help=argparse.SUPPRESS)  # the timed subprocess
     args = ap.parse_args()
+    family = FAMILIES[args.family]
     texts = heldout_texts()
     if args.adapter_only:
         print(yaml.safe_dump(adapter_control(texts)))
         return
     t_start = time.perf_counter()
     base = score(ensure_demo(BASE, progress=False), texts)
-    donor = score(ensure_demo(DONOR, progress=False), texts)
+    donor = score(ensure_demo(family.donor, progress=False), texts)
 
     def cells(b: dict, wall: float | None, rss: int | None) -> str:
         code = 100 * (b["code"] / base["code"] - 1)
@@ -147,25 +182,41 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="zenith-method-table-") as tmp:
         gates = args.gates or (GATES[:1] if args.quick else GATES)
-        levers = args.levers or list(LEVERS)
-        runs = [(g, lv, t, False) for g in gates for lv in levers for t in args.slerp]
-        runs += [("transfer", lv, 0.0, True) for lv in ("none", "router training", "alignment training",
-                                                         "alignment training + teacher") if lv in levers]
+        levers = [lv for lv in args.levers or list(LEVERS) if lv in family.levers]
+        slerps = args.slerp if family.cross else [None]
+        runs = [(g, lv, t, False) for g in gates for lv in levers for t in slerps]
+        if family.cross:
+            runs += [("transfer", lv, 0.0, True) for lv in ("none", "router training", "alignment training",
+                                                             "alignment training + teacher") if lv in levers]
         for i, (gate, lever, slerp_t, rnd) in enumerate(runs):
-            label = f"{'control: random experts, ' if rnd else ''}{gate} | {lever} | {slerp_t:g}"
+            label = f"{'control: random experts, ' if rnd else ''}{gate} | {lever} | " \
+                    f"{'-' if slerp_t is None else f'{slerp_t:g}'}"
             try:
-                wall, rss = run_merge_timed(edited(gate, lever, slerp_t, rnd), Path(tmp) / f"m{i}")
+                wall, rss = run_merge_timed(edited(gate, lever, slerp_t, rnd, family=family), Path(tmp) / f"m{i}")
                 rows.append(f"| {label} | {cells(score(Path(tmp) / f'm{i}' / 'out', texts), wall, rss)}")
             except Exception as err:  # one failure should not hide the other rows
                 rows.append(f"| {label} | failed: {str(err).splitlines()[0][:120]} | | | | | | |")
             print(rows[-1], flush=True)
+        if not family.cross:
+            data = with_absolute_paths(yaml.safe_load(CHIMERA.read_text()), CHIMERA.parent)
+            wall, rss = run_merge_timed({**data, "routing_report": False}, Path(tmp) / "chimera")
+            rows.append(f"| assembly: merge/examples/chimera.yml (RegMean, searched weights) | - | - | "
+                        f"{cells(score(Path(tmp) / 'chimera' / 'out', texts), wall, rss)}")
+            print(rows[-1], flush=True)
+            emit(table(args, t_start, rows, base, donor, family), args.out)
+            return
         t0 = time.perf_counter()
         wall, rss = timed([sys.executable, str(Path(__file__).resolve()), "--adapter-only"])
         adapter = adapter_control(texts)  # scored again here (deterministic) to read the numbers
         rows.append(f"| control: {BASE} alone, router + rank-{ADAPTER_RANK} adapter, {STEPS} steps | - | - | "
                     f"{cells(adapter, wall, rss)}")
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    report = "\n".join([
+    emit(table(args, t_start, rows, base, donor, family), args.out)
+
+
+def table(args, t_start: float, rows: list[str], base: dict, donor: dict, family: Family) -> str:
+    """The report: machine and command, the rows, and the sources' own scores and the training settings."""
+    return "\n".join([
         *report_head(shlex.join([".venv/bin/python", "bench/method_table.py", *sys.argv[1:]]), t_start),
         "",
         "| gate mode | lever | slerp_t | code bpb | maths bpb | code vs base | maths gap closed | "
@@ -173,12 +224,14 @@ def main() -> None:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
-        f"{BASE}: code {base['code']:.4f}, maths {base['maths']:.4f}, chat {base['maths_chat']:.4f}; {DONOR}: code "
-        f"{donor['code']:.4f}, maths {donor['maths']:.4f}, chat {donor['maths_chat']:.4f} bits per byte. Training: "
-        f"{STEPS} steps, router lr {ROUTER_LR:g}, maps (and adapter) lr {MAPS_LR:g}, batch 4 x 128 tokens of "
-        f"align.calibration (demo code + maths) and the prompts; the teacher reads demo maths (calibration split).",
+        f"{BASE}: code {base['code']:.4f}, maths {base['maths']:.4f}, chat {base['maths_chat']:.4f}; {family.donor}: "
+        f"code {donor['code']:.4f}, maths {donor['maths']:.4f}, chat {donor['maths_chat']:.4f} bits per byte. "
+        f"Training: {STEPS} steps, router lr {ROUTER_LR:g}"
+        + (f", maps (and adapter) lr {MAPS_LR:g}" if family.cross else "")
+        + (", batch 4 x 128 tokens of align.calibration (demo code + maths) and the prompts" if family.cross
+           else ", batch 4 x 128 tokens of router.data (demo code + maths)")
+        + ("; the teacher reads demo maths (calibration split)." if family.cross else "."),
     ])
-    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -109,3 +109,32 @@ def test_formula_dimensions(heads, nope, rope):
     cfg = {"num_attention_heads": heads, "qk_nope_head_dim": nope, "qk_rope_head_dim": rope}
     assert dim(cfg, arch, "q_b_out") == heads * (nope + rope)
     assert dim({}, arch, "q_b_out") is None
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_roles_said_to_share_an_input_read_one_tensor_in_transformers_forward(name):
+    """`shared_inputs` is what RegMean relies on to keep one statistic per group: check it on the modelling code."""
+    arch = ARCHITECTURES[name]
+    assert all(role in arch.roles for group in arch.shared_inputs for role in group)
+    torch.manual_seed(0)
+    config = TINY[name]()
+    model = getattr(transformers, name)(config).eval()
+    modules = dict(model.named_modules())
+    seen, hooks = {}, []
+    for group in arch.shared_inputs:
+        for role in group:
+            for layer in range(config.num_hidden_layers):
+                module = modules.get(tensor_name(arch, role, layer, 0).removesuffix(".weight"))
+                if isinstance(module, torch.nn.Linear):  # fused expert tensors are no modules of their own
+                    hooks.append(module.register_forward_pre_hook(
+                        lambda m, args, key=(group, layer, role): seen.setdefault(key, args[0])))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1)))
+    for h in hooks:
+        h.remove()
+    inputs: dict[tuple, list[torch.Tensor]] = {}
+    for (group, layer, _role), x in seen.items():
+        inputs.setdefault((group, layer), []).append(x)
+    for (group, layer), xs in inputs.items():
+        assert all(torch.equal(x, xs[0]) for x in xs), (group, layer)
+    assert max(len(xs) for xs in inputs.values()) >= 2  # every architecture has a group of two hooked modules

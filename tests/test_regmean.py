@@ -127,6 +127,32 @@ def test_statistics_equal_a_direct_recomputation_from_transformers_own_modules(t
         assert torch.allclose(grams[n].double(), x.T @ x / x.shape[0], atol=1e-5, rtol=1e-4), n
 
 
+def test_weights_reading_one_input_share_one_stored_gram_matrix(tiny, tmp_path):
+    """q_a/kv_a, an expert's gate/up and the shared expert's gate/up each keep one matrix, stored once; every
+    weight reads it back, and it equals the statistic of that weight's own module input."""
+    from safetensors import safe_open
+
+    from zenith_merge.stages.regmean import save_grams, saved_covers
+
+    pairs = [("model.layers.1.self_attn.q_a_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"),
+             ("model.layers.2.mlp.experts.1.gate_proj.weight", "model.layers.2.mlp.experts.1.up_proj.weight"),
+             ("model.layers.1.mlp.shared_experts.gate_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight")]
+    alone = ["model.layers.1.self_attn.o_proj.weight", "model.layers.2.mlp.experts.1.down_proj.weight"]
+    names = [n for pair in pairs for n in pair] + alone
+    grams, _ = input_grams(tiny, names, TEXTS, max_tokens=10_000, progress=False)
+    for a, b in pairs:
+        assert grams[a] is grams[b]
+    for one in (names[1], names[4]):  # computed on their own, each weight gets the same statistic
+        own, _ = input_grams(tiny, [one], TEXTS, max_tokens=10_000, progress=False)
+        assert torch.equal(own[one], grams[one])
+    path = tmp_path / "regmean-x.safetensors"
+    save_grams(grams, path, key="k")
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted([a for a, _ in pairs] + alone)
+    assert all(torch.equal(read_gram(path, n), grams[n]) for n in names)
+    assert saved_covers(path, "k", names) and not saved_covers(path, "k", [*names, "lm_head.weight"])
+
+
 def _two_parents(tmp_path, tiny, **regmean):
     """A config assembling `tiny` with a noisy copy of it (a stand-in fine-tune), RegMean on two texts."""
     from safetensors.torch import load_file, save_file

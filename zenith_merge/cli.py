@@ -115,8 +115,9 @@ def cmd_align(args) -> int:
         from .stages.regmean import grams_file
 
         with safe_open(str(grams_file(out, source)), framework="pt") as f:
-            print(f"RegMean statistics of {source}: {len(f.keys())} Gram matrices (input second moments on "
-                  f"{', '.join(plan.stages.regmean[source].data)})")
+            print(f"RegMean statistics of {source}: {len(f.keys())} Gram matrices for "
+                  f"{len(plan.stages.regmean[source].tensors)} weights (input second moments on "
+                  f"{', '.join(plan.stages.regmean[source].data)}; weights reading one input share one)")
     if not (plan.stages.usage or plan.stages.align or plan.vocab is not None or plan.stages.router_offsets
             or plan.stages.regmean):
         print("nothing to compute: no expert selection, alignment fit or union vocabulary in this plan")

@@ -28,6 +28,7 @@ from .architectures import (
     expected_shape,
     facts,
     set_dim,
+    shared_input_of,
     tensor_name,
 )
 from .config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
@@ -529,8 +530,9 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
     loads += [loaded("base") + loaded(k) + _fit_bytes(stages.align[k], sources["base"], sources[k], cfg)
               for k in stages.align]
     loads += [loaded("base")] if stages.prompt_vectors or stages.router_offsets else []
-    # RegMean: one parent loaded, with every Gram matrix it computes (float64 sums)
-    loads += [loaded(k) + sum(8 * sources[k].ckpt.info(n).shape[-1] ** 2 for n in st.tensors)
+    # RegMean: one parent loaded, with every Gram matrix it computes (float64 sums, one per distinct input)
+    loads += [loaded(k) + sum(8 * sources[k].ckpt.info(n).shape[-1] ** 2
+                              for n in set(shared_input_of(sources[k].arch, st.tensors).values()))
               for k, st in stages.regmean.items()]
     return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
 

@@ -69,6 +69,9 @@ class Architecture:
     moe_counterpart: str | None = None
     # Config values an MoE architecture takes when it is built from its dense twin's config.
     from_dense_config: dict[str, object] = field(default_factory=dict)
+    # Roles that read the very same input tensor within a layer (and expert), as the modelling code
+    # calls them: RegMean keeps one input statistic for each such group instead of one per weight.
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
     # A plain dense Llama-family decoder (RMSNorm, RoPE, GQA, SiLU MLP; q/k norms where the roles
     # have them): prompt states can be computed by `dense_forward`, without transformers.
     plain_forward: bool = False

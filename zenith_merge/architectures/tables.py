@@ -41,6 +41,12 @@ _GQA_ATTENTION_ROLES = {
     "v_bias": TensorRole(L + "self_attn.v_proj.bias", "attention", ("kv_out",)),
 }
 
+# Weights fed one tensor by transformers' modelling code: an MLP's gate and up projections read
+# its input; GQA's q, k and v projections read the normalised hidden state.
+_MLP_SHARED_INPUTS = (("mlp_gate", "mlp_up"),)
+_EXPERT_SHARED_INPUTS = (("expert_gate", "expert_up"),)
+_GQA_SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"),)
+
 _QK_NORM_ROLES = {
     "q_norm": TensorRole(L + "self_attn.q_norm.weight", "norms", ("head_dim",)),
     "k_norm": TensorRole(L + "self_attn.k_norm.weight", "norms", ("head_dim",)),
@@ -93,6 +99,9 @@ DEEPSEEK_V3 = Architecture(
                   "n_group": "n_group", "topk_group": "topk_group"},
     attention_layout_keys=("num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim",
                            "qk_nope_head_dim", "v_head_dim", "rope_theta", "rope_scaling", "rope_interleave"),
+    # MLA: q_a_proj (or q_proj without a q LoRA) and kv_a_proj_with_mqa both read the normalised hidden state
+    shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, ("shared_gate", "shared_up"),
+                   ("q_a_proj", "q_proj", "kv_a_proj")),
     roles={
         **_COMMON_ROLES,
         **_DENSE_MLP_ROLES,
@@ -127,6 +136,7 @@ QWEN3_MOE = Architecture(
     defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False, "tie_word_embeddings": False},
     routing_keys={"norm_topk_prob": "norm_topk_prob"},
     attention_layout_keys=_GQA_LAYOUT_KEYS,
+    shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, *_GQA_SHARED_INPUTS),
     # as mergekit-moe builds a Qwen3-MoE from Qwen3 models: every layer MoE, normalised top-k
     from_dense_config={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
     roles={
@@ -150,6 +160,7 @@ def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | Non
         dims=dict(_GQA_DIMS),
         defaults={"tie_word_embeddings": False},
         attention_layout_keys=_GQA_LAYOUT_KEYS,
+        shared_inputs=(*_MLP_SHARED_INPUTS, *_GQA_SHARED_INPUTS),
         roles={**_COMMON_ROLES, **_DENSE_MLP_ROLES, **_GQA_ATTENTION_ROLES, **(_QK_NORM_ROLES if qk_norm else {})},
         plain_forward=True,
     )

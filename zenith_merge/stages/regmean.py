@@ -8,9 +8,13 @@ router (`routing.route`, the same rule as the model's forward pass): gate and up
 tokens, down reads act(x gate^T) * (x up^T), computed from the checkpoint's expert weights. This
 keeps the stage independent of how a transformers version fuses expert modules.
 
-The Gram matrices go to `.zenith/regmean-<source>.safetensors` (float32, one per weight),
-keyed by everything they depend on, so a resumed merge or another candidate of `zenith-merge
-search` with other weights reuses them.
+Weights that read one input tensor (`Architecture.shared_inputs`: an MLP's gate and up,
+attention's q, k and v, MLA's q_a and kv_a) share one Gram matrix: it is accumulated and stored
+once, under the first such weight's name, and the file's `aliases` metadata names it for the others.
+
+The Gram matrices go to `.zenith/regmean-<source>.safetensors` (float32), keyed by everything
+they depend on, so a resumed merge or another candidate of `zenith-merge search` with other
+weights reuses them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import architecture_of, classify, tensor_name
+from ..architectures import architecture_of, classify, shared_input_of, tensor_name
 from ..calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError, OutputError
 from ..io.reader import Checkpoint
@@ -48,13 +52,21 @@ def grams_key(fingerprint: str, texts: Sequence[str], max_tokens: int, load: Map
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
+ALIASES = "aliases"  # metadata key: JSON {weight: the stored weight whose Gram matrix it shares}
+
+
+def _aliases(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    return json.loads((metadata or {}).get(ALIASES, "{}"))
+
+
 def saved_covers(path: Path, key: str, tensors: Sequence[str]) -> bool:
-    """True when the saved Gram file was computed for `key` and holds every one of `tensors`."""
+    """True when the saved Gram file was computed for `key` and holds (or aliases) every one of `tensors`."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("key") == key and set(tensors) <= set(f.keys())
+            metadata = f.metadata() or {}
+            return metadata.get("key") == key and set(tensors) <= set(f.keys()) | set(_aliases(metadata))
     except Exception:  # absent, truncated or not safetensors: compute again
         return False
 
@@ -94,14 +106,15 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
         config = ckpt.config
         arch = architecture_of(config, where=str(model_path / "config.json"))
         widths = {name: ckpt.info(name).shape[-1] for name in tensors}
+        stored = shared_input_of(arch, tensors)  # weight -> the weight whose statistic it shares
         experts: dict[int, dict[int, dict[str, str]]] = {}  # layer -> expert -> proj -> weight name
-        modules: dict[str, list[str]] = {}  # hooked module -> weights reading its input
+        modules: set[str] = set()  # hooked modules: one per distinct input
         for name in tensors:
             tid = classify(arch, name)
             if tid is not None and tid.role in EXPERT_ROLES:
-                experts.setdefault(tid.layer, {}).setdefault(tid.expert, {})[EXPERT_ROLES[tid.role]] = name
+                experts.setdefault(tid.layer, {}).setdefault(tid.expert, {})[EXPERT_ROLES[tid.role]] = stored[name]
             elif name.endswith(".weight"):
-                modules.setdefault(name.removesuffix(".weight"), []).append(name)
+                modules.add(stored[name].removesuffix(".weight"))
             else:
                 raise CalibrationError(f"{model_path}: {name} is not a linear weight RegMean can merge")
         expert_weights, routers = {}, {}
@@ -119,7 +132,7 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
                 for e in per:
                     expert_weights[(layer, e)] = tuple(ckpt.read(tensor_name(arch, role, layer, e)).float()
                                                        for role in ("expert_gate", "expert_up"))
-    points = {CapturePoint.input_of(m): names for m, names in modules.items()}
+    points = {CapturePoint.input_of(m): m + ".weight" for m in sorted(modules)}
     moe_points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in experts}
     acc = _Accumulator()
     model, tokenizer = load_for_calibration(model_path, **(load or {}))
@@ -128,8 +141,8 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
         for chunk in capture_hidden(model, tokenizer, texts, [*points, *moe_points.values()],
                                     max_total_tokens=max_tokens, progress=progress):
             seen += len(chunk)
-            for point, names in points.items():
-                acc.add(names, chunk.states[point])
+            for point, name in points.items():
+                acc.add([name], chunk.states[point])
             for layer, point in moe_points.items():
                 x = chunk.states[point]
                 weight, bias = routers[layer]
@@ -137,7 +150,7 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
                 for e, names in experts[layer].items():
                     rows = (idx == e).any(dim=-1).nonzero().squeeze(-1)
                     xe = x[rows]
-                    acc.add([names[p] for p in ("gate", "up") if p in names], xe)
+                    acc.add(sorted({names[p] for p in ("gate", "up") if p in names}), xe)
                     if "down" in names:
                         gate, up = expert_weights[(layer, e)]
                         acc.add([names["down"]], act(xe @ gate.T) * (xe @ up.T))
@@ -146,12 +159,22 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
         release_memory()
     if seen == 0:
         raise CalibrationError(f"{model_path}: assembly.regmean.data gave no tokens to compute statistics from")
-    return acc.means(list(tensors), widths), seen
+    means = acc.means(sorted(set(stored.values())), widths)
+    return {name: means[stored[name]] for name in tensors}, seen
 
 
 def save_grams(grams: Mapping[str, torch.Tensor], path: Path, *, key: str) -> None:
-    """Write a source's Gram matrices atomically, with the key they were computed for."""
-    save_keyed({k: v.contiguous() for k, v in grams.items()}, path, key)
+    """Write a source's Gram matrices atomically, with the key they were computed for; weights that share
+    one matrix (the same tensor object, as `input_grams` returns them) store it once."""
+    first: dict[int, str] = {}
+    tensors, aliases = {}, {}
+    for name, gram in grams.items():
+        owner = first.setdefault(id(gram), name)
+        if owner == name:
+            tensors[name] = gram.contiguous()
+        else:
+            aliases[name] = owner
+    save_keyed(tensors, path, key, metadata={ALIASES: json.dumps(aliases, sort_keys=True)})
 
 
 class GramReader:
@@ -159,17 +182,19 @@ class GramReader:
 
     def __init__(self, zdir: Path):
         self.zdir = Path(zdir)
-        self._open: dict[str, object] = {}
+        self._open: dict[str, tuple[object, dict[str, str]]] = {}
 
     def read(self, source: str, name: str) -> torch.Tensor:
-        """The Gram matrix of weight `name` in `source`'s statistics."""
+        """The Gram matrix of weight `name` in `source`'s statistics (shared with the weights reading its input)."""
         from safetensors import safe_open
 
         path = grams_file(self.zdir, source)
         try:
             if source not in self._open:
-                self._open[source] = safe_open(str(path), framework="pt")
-            return self._open[source].get_tensor(name)
+                f = safe_open(str(path), framework="pt")
+                self._open[source] = (f, _aliases(f.metadata()))
+            f, aliases = self._open[source]
+            return f.get_tensor(aliases.get(name, name))
         except FileNotFoundError:
             raise OutputError(f"{path}: missing; run the merge without --resume (or `zenith-merge align`) to "
                               f"compute the RegMean statistics") from None

@@ -153,6 +153,59 @@ def test_weights_reading_one_input_share_one_stored_gram_matrix(tiny, tmp_path):
     assert saved_covers(path, "k", names) and not saved_covers(path, "k", [*names, "lm_head.weight"])
 
 
+LINEAR = ["model.layers.1.self_attn.q_a_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+          "model.layers.1.self_attn.q_b_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+          *(f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight" for layer in (1, 2) for e in range(4)
+            for p in ("gate", "up", "down")),
+          "model.layers.2.mlp.shared_experts.down_proj.weight", "lm_head.weight"]
+
+
+def test_statistics_in_bounded_passes_write_the_same_file_holding_less_at_once(tiny, tmp_path):
+    """max_memory: one pass per group of statistics, each group within the budget (a larger matrix alone), and
+    the file byte for byte the one a single pass writes."""
+    from zenith_merge.stages.regmean import write_input_grams
+
+    one = write_input_grams(tiny, LINEAR, TEXTS, tmp_path / "regmean-one.safetensors", key="k", max_tokens=10_000,
+                            progress=False)
+    budget = 8 * 32 * 32 * 2  # two of the 32-wide matrices
+    bounded = write_input_grams(tiny, LINEAR, TEXTS, tmp_path / "regmean-bounded.safetensors", key="k", max_tokens=10_000,
+                                max_memory=budget, progress=False)
+    assert one.passes == 1 and bounded.passes > 5 and bounded.tokens == one.tokens
+    assert bounded.peak_sum_bytes <= budget < one.peak_sum_bytes
+    assert (tmp_path / "regmean-one.safetensors").read_bytes() == (tmp_path / "regmean-bounded.safetensors").read_bytes()
+    grams, _ = input_grams(tiny, LINEAR, TEXTS, max_tokens=10_000, progress=False)
+    assert all(torch.equal(read_gram(tmp_path / "regmean-one.safetensors", n), grams[n]) for n in LINEAR)
+
+
+def test_a_failed_pass_leaves_no_statistics_file(tiny, tmp_path, monkeypatch):
+    from zenith_merge.stages import regmean
+
+    real, calls = regmean._pass, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(regmean, "_pass", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        regmean.write_input_grams(tiny, LINEAR, TEXTS, tmp_path / "g.safetensors", key="k", max_tokens=10_000,
+                                  max_memory=8 * 32 * 32, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_plan_counts_one_group_of_statistics_when_memory_is_bounded(tmp_path, tiny):
+    config, _ = _two_parents(tmp_path, tiny, classes=["attention", "routed_experts", "lm_head"])
+    free = build_plan(load_config(config), config_dir=tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["assembly"]["regmean"]["max_memory"] = "20KB"
+    config.write_text(yaml.safe_dump(data))
+    capped = build_plan(load_config(config), config_dir=tmp_path)
+    assert capped.stages.regmean["donor1"].max_memory == 20_000
+    assert capped.estimates.stage_memory_bytes < free.estimates.stage_memory_bytes
+
+
 def _two_parents(tmp_path, tiny, **regmean):
     """A config assembling `tiny` with a noisy copy of it (a stand-in fine-tune), RegMean on two texts."""
     from safetensors.torch import load_file, save_file

@@ -102,7 +102,7 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
         input_bytes[name] = reads * info.nbytes + (8 * math.prod(info.shape) if reads > 1 else 0)
     stages = StagePlan(regmean={
         s.key: RegMeanStage(tensors=tuple(needs_grams[s.key]), data=tuple(regmean.data[s.index]),
-                            max_tokens=regmean.max_tokens)
+                            max_tokens=regmean.max_tokens, max_memory=regmean.max_memory)
         for s in sources if s.key in needs_grams}) if needs_grams else None
     extra = {"stages": stages} if stages is not None else {}
     return _finish(cfg, config_dir, output_dir, method="assembly", base=base, sources=sources, target=target,

@@ -187,6 +187,10 @@ class RegMeanSettings(_Strict):
                                                                  "(RegMean's alpha; 0: a per-input-feature weighted mean)")
     ridge: float = Field(1e-4, ge=0.0, description="added to the summed Gram's diagonal, relative to its mean")
     max_tokens: int = Field(32768, ge=16, description="calibration tokens per parent")
+    max_memory: ByteSize | None = Field(
+        None, description="bytes one parent's float64 statistics may hold (8 in^2 per distinct input); beyond it "
+                          "they are computed in groups, one pass over the text each, and each group's matrices "
+                          "are written before the next starts. None: all in one pass")
 
     @field_validator("classes")
     @classmethod

@@ -530,10 +530,11 @@ def _regmean_grams(plan: Plan, source: str, stage, zdir: Path, *, cfg: MergeConf
     path = rm.grams_file(zdir, source)
     if not rm.saved_covers(path, key, stage.tensors):
         log.info("RegMean statistics of %s: %d weights on %s", source, len(stage.tensors), ", ".join(stage.data))
-        grams, tokens = rm.input_grams(Path(plan.sources[source].path), stage.tensors, texts,
-                                       max_tokens=stage.max_tokens, load=load, progress=progress)
-        log.info("RegMean statistics of %s: %d tokens", source, tokens)
-        rm.save_grams(grams, path, key=key)
+        done = rm.write_input_grams(Path(plan.sources[source].path), stage.tensors, texts, path, key=key,
+                                    max_tokens=stage.max_tokens, load=load, max_memory=stage.max_memory,
+                                    progress=progress)
+        log.info("RegMean statistics of %s: %d tokens, %d pass(es), at most %.1f MiB of sums", source, done.tokens,
+                 done.passes, done.peak_sum_bytes / 2**20)
     return _sha(path)
 
 

@@ -170,6 +170,7 @@ class RegMeanStage(_Frozen):
     tensors: tuple[str, ...]
     data: tuple[str, ...]
     max_tokens: int
+    max_memory: int | None = None
 
 
 class StagePlan(_Frozen):
@@ -530,11 +531,19 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
     loads += [loaded("base") + loaded(k) + _fit_bytes(stages.align[k], sources["base"], sources[k], cfg)
               for k in stages.align]
     loads += [loaded("base")] if stages.prompt_vectors or stages.router_offsets else []
-    # RegMean: one parent loaded, with every Gram matrix it computes (float64 sums, one per distinct input)
-    loads += [loaded(k) + sum(8 * sources[k].ckpt.info(n).shape[-1] ** 2
-                              for n in set(shared_input_of(sources[k].arch, st.tensors).values()))
-              for k, st in stages.regmean.items()]
+    # RegMean: one parent loaded, with the float64 sums of its largest group (one per distinct input)
+    loads += [loaded(k) + _regmean_bytes(sources[k], st) for k, st in stages.regmean.items()]
     return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
+
+
+def _regmean_bytes(source: _Source, stage: RegMeanStage) -> int:
+    """The RegMean statistics' float64 sums at their largest: one group (`assembly.regmean.max_memory`)."""
+    from .regmean_math import gram_groups
+
+    widths = {n: source.ckpt.info(n).shape[-1] for n in dict.fromkeys(shared_input_of(source.arch, stage.tensors)
+                                                                        .values())}
+    groups = gram_groups(list(widths.items()), stage.max_memory)
+    return max((sum(8 * widths[n] ** 2 for n in g) for g in groups), default=0)
 
 
 def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:

@@ -57,3 +57,20 @@ def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     r = ridge * scale if scale > 0 else 1.0
     lhs += torch.eye(width, dtype=torch.float64) * r
     return torch.linalg.solve(lhs, rhs + r * average).T.to(torch.float32).contiguous()
+
+
+def gram_groups(widths: Sequence[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
+    """Statistics (name, input width) split, in order, into groups whose float64 sums (8 width^2 bytes each) fit
+    in `max_bytes` (None: one group); a matrix larger than the budget is a group of its own."""
+    if max_bytes is None:
+        return [[name for name, _ in widths]] if widths else []
+    groups: list[list[str]] = []
+    used = 0
+    for name, width in widths:
+        size = 8 * width * width
+        if not groups or used + size > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups

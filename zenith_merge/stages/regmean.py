@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +32,13 @@ import torch
 from ..architectures import architecture_of, classify, shared_input_of, tensor_name
 from ..calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError, OutputError
+from ..io.manifest import fsync_dir, temp_path
 from ..io.reader import Checkpoint
-from ..io.safetensors_format import save_keyed
+from ..io.safetensors_format import build_header, save_keyed
+from ..regmean_math import gram_groups
 from ..routing import route, routing_spec
+
+log = logging.getLogger(__name__)
 
 EXPERT_ROLES = {"expert_gate": "gate", "expert_up": "up", "expert_down": "down"}
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
@@ -90,6 +97,14 @@ class _Accumulator:
                 self.sums[name] = gram.clone()
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
+    def nbytes(self) -> int:
+        """Bytes the float64 sums hold."""
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+    def drop(self, name: str) -> None:
+        """Free one weight's sum (once its mean is written)."""
+        self.sums.pop(name, None)
+
     def means(self, names: Sequence[str], widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
         """E[x x^T] per weight (zeros for a weight that never saw a token, e.g. an expert never picked)."""
         out = {}
@@ -99,68 +114,163 @@ class _Accumulator:
         return out
 
 
-def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], *, max_tokens: int,
-                load: Mapping | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
-    """(E[x x^T] of each weight's input on `texts`, tokens seen): the RegMean statistics of one parent."""
+@dataclass
+class _Layout:
+    """What the passes over one parent's text hook and accumulate, for the weights RegMean merges."""
+
+    stored: dict[str, str]  # weight -> the weight whose statistic it shares (`shared_input_of`)
+    widths: dict[str, int]  # weight -> its input width
+    modules: dict[str, str]  # stored weight read at a module's input -> that module
+    experts: dict[int, dict[int, dict[str, str]]]  # layer -> expert -> proj -> stored weight
+    routers: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
+    expert_weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+    spec: object = None
+    act: object = None
+    mlp_module: str = ""
+
+    def order(self) -> list[str]:
+        """The distinct statistics, in the order of the weights that first need them."""
+        return list(dict.fromkeys(self.stored.values()))
+
+
+def _layout(model_path: Path, tensors: Sequence[str]) -> _Layout:
     with Checkpoint.open(model_path, check_shapes=False) as ckpt:
         config = ckpt.config
         arch = architecture_of(config, where=str(model_path / "config.json"))
-        widths = {name: ckpt.info(name).shape[-1] for name in tensors}
-        stored = shared_input_of(arch, tensors)  # weight -> the weight whose statistic it shares
-        experts: dict[int, dict[int, dict[str, str]]] = {}  # layer -> expert -> proj -> weight name
-        modules: set[str] = set()  # hooked modules: one per distinct input
+        stored = shared_input_of(arch, tensors)
+        out = _Layout(stored, {name: ckpt.info(name).shape[-1] for name in tensors}, {}, {}, {}, {},
+                      mlp_module=arch.mlp_module)
         for name in tensors:
             tid = classify(arch, name)
             if tid is not None and tid.role in EXPERT_ROLES:
-                experts.setdefault(tid.layer, {}).setdefault(tid.expert, {})[EXPERT_ROLES[tid.role]] = stored[name]
+                out.experts.setdefault(tid.layer, {}).setdefault(tid.expert, {})[EXPERT_ROLES[tid.role]] = stored[name]
             elif name.endswith(".weight"):
-                modules.add(stored[name].removesuffix(".weight"))
+                out.modules[stored[name]] = stored[name].removesuffix(".weight")
             else:
                 raise CalibrationError(f"{model_path}: {name} is not a linear weight RegMean can merge")
-        expert_weights, routers = {}, {}
-        if experts:
-            spec = routing_spec(config, where=str(model_path / "config.json"))
-            act = ACTIVATIONS.get(config.get("hidden_act", "silu"))
-            if act is None:
+        if out.experts:
+            out.spec = routing_spec(config, where=str(model_path / "config.json"))
+            out.act = ACTIVATIONS.get(config.get("hidden_act", "silu"))
+            if out.act is None:
                 raise CalibrationError(f"{model_path / 'config.json'}: hidden_act {config.get('hidden_act')!r}: RegMean "
                                        f"computes expert inputs for {', '.join(ACTIVATIONS)} only")
-            for layer, per in experts.items():
-                bias_role = "router_bias" if "router_bias" in arch.roles else None
-                bias_name = tensor_name(arch, bias_role, layer) if bias_role else None
-                routers[layer] = (ckpt.read(tensor_name(arch, "router", layer)).float(),
-                                  ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None)
+            for layer, per in out.experts.items():
+                bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
+                out.routers[layer] = (ckpt.read(tensor_name(arch, "router", layer)).float(),
+                                      ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None)
                 for e in per:
-                    expert_weights[(layer, e)] = tuple(ckpt.read(tensor_name(arch, role, layer, e)).float()
-                                                       for role in ("expert_gate", "expert_up"))
-    points = {CapturePoint.input_of(m): m + ".weight" for m in sorted(modules)}
-    moe_points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in experts}
-    acc = _Accumulator()
+                    out.expert_weights[(layer, e)] = tuple(ckpt.read(tensor_name(arch, role, layer, e)).float()
+                                                           for role in ("expert_gate", "expert_up"))
+    return out
+
+
+def _pass(model, tokenizer, lay: _Layout, group: Sequence[str], texts: Sequence[str], *, max_tokens: int,
+          progress: bool) -> tuple[_Accumulator, int]:
+    """One pass over the text, accumulating the statistics in `group` only (only their inputs hooked)."""
+    want = set(group)
+    points = {CapturePoint.input_of(m): name for name, m in lay.modules.items() if name in want}
+    experts = {layer: {e: {p: n for p, n in names.items() if n in want} for e, names in per.items()}
+               for layer, per in lay.experts.items()}
+    experts = {layer: {e: n for e, n in per.items() if n} for layer, per in experts.items()}
+    experts = {layer: per for layer, per in experts.items() if per}
+    moe_points = {layer: CapturePoint.input_of(lay.mlp_module.format(layer=layer)) for layer in experts}
+    acc, seen = _Accumulator(), 0
+    for chunk in capture_hidden(model, tokenizer, texts, [*points, *moe_points.values()],
+                                max_total_tokens=max_tokens, progress=progress):
+        seen += len(chunk)
+        for point, name in points.items():
+            acc.add([name], chunk.states[point])
+        for layer, point in moe_points.items():
+            x = chunk.states[point]
+            weight, bias = lay.routers[layer]
+            idx, _ = route(x @ weight.T, lay.spec, bias)
+            for e, names in experts[layer].items():
+                xe = x[(idx == e).any(dim=-1).nonzero().squeeze(-1)]
+                acc.add(sorted({names[p] for p in ("gate", "up") if p in names}), xe)
+                if "down" in names:
+                    gate, up = lay.expert_weights[(layer, e)]
+                    acc.add([names["down"]], lay.act(xe @ gate.T) * (xe @ up.T))
+    return acc, seen
+
+
+def _passes(model_path: Path, lay: _Layout, groups: Sequence[Sequence[str]], texts: Sequence[str], *,
+            max_tokens: int, load: Mapping | None, progress: bool) -> Iterator[tuple[_Accumulator, int]]:
+    """The parent loaded once, then one pass per group of statistics (each group's sums freed before the next)."""
     model, tokenizer = load_for_calibration(model_path, **(load or {}))
-    seen = 0
     try:
-        for chunk in capture_hidden(model, tokenizer, texts, [*points, *moe_points.values()],
-                                    max_total_tokens=max_tokens, progress=progress):
-            seen += len(chunk)
-            for point, name in points.items():
-                acc.add([name], chunk.states[point])
-            for layer, point in moe_points.items():
-                x = chunk.states[point]
-                weight, bias = routers[layer]
-                idx, _ = route(x @ weight.T, spec, bias)
-                for e, names in experts[layer].items():
-                    rows = (idx == e).any(dim=-1).nonzero().squeeze(-1)
-                    xe = x[rows]
-                    acc.add(sorted({names[p] for p in ("gate", "up") if p in names}), xe)
-                    if "down" in names:
-                        gate, up = expert_weights[(layer, e)]
-                        acc.add([names["down"]], act(xe @ gate.T) * (xe @ up.T))
+        for i, group in enumerate(groups):
+            if len(groups) > 1:
+                log.info("RegMean statistics of %s: pass %d of %d, %d matrices", model_path, i + 1, len(groups),
+                         len(group))
+            acc, seen = _pass(model, tokenizer, lay, group, texts, max_tokens=max_tokens, progress=progress)
+            if seen == 0:
+                raise CalibrationError(f"{model_path}: assembly.regmean.data gave no tokens to compute statistics "
+                                       f"from")
+            yield acc, seen
+            del acc
     finally:
         del model
         release_memory()
-    if seen == 0:
-        raise CalibrationError(f"{model_path}: assembly.regmean.data gave no tokens to compute statistics from")
-    means = acc.means(sorted(set(stored.values())), widths)
-    return {name: means[stored[name]] for name in tensors}, seen
+
+
+def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], *, max_tokens: int,
+                load: Mapping | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """(E[x x^T] of each weight's input on `texts`, tokens seen): the RegMean statistics of one parent, in memory,
+    from one pass. Weights that read one input get the same tensor object."""
+    lay = _layout(Path(model_path), tensors)
+    ((acc, seen),) = _passes(Path(model_path), lay, [lay.order()], texts, max_tokens=max_tokens, load=load,
+                             progress=progress)
+    means = acc.means(lay.order(), lay.widths)
+    return {name: means[lay.stored[name]] for name in tensors}, seen
+
+
+@dataclass(frozen=True)
+class GramsWritten:
+    """What `write_input_grams` did: tokens per pass, passes, and the largest float64 sums one pass held."""
+
+    tokens: int
+    passes: int
+    peak_sum_bytes: int
+
+
+def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], path: Path, *, key: str,
+                      max_tokens: int, load: Mapping | None = None, max_memory: int | None = None,
+                      progress: bool = True) -> GramsWritten:
+    """Compute one parent's RegMean statistics and stream them into `path` (float32, atomically: a temporary
+    name until the last matrix is written), with `key` and the shared-input aliases in its metadata.
+
+    With `max_memory`, the statistics are split into groups whose float64 sums fit in it, one pass over the
+    text each; a group's matrices are written, and their sums freed, before the next pass.
+    """
+    lay = _layout(Path(model_path), tensors)
+    order = lay.order()
+    groups = gram_groups([(name, lay.widths[name]) for name in order], max_memory)
+    order = [name for group in groups for name in group]
+    aliases = {name: rep for name, rep in lay.stored.items() if name != rep}
+    metadata = {"key": key, ALIASES: json.dumps(aliases, sort_keys=True)}
+    header = build_header([(name, "F32", (lay.widths[name],) * 2) for name in order], metadata)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(final, f".{os.getpid()}")
+    tokens, peak = 0, 0
+    try:
+        with tmp.open("wb") as f:
+            f.write(header)
+            for group, (acc, seen) in zip(groups, _passes(Path(model_path), lay, groups, texts, max_tokens=max_tokens,
+                                                          load=load, progress=progress)):
+                tokens = seen
+                peak = max(peak, acc.nbytes())
+                for name in group:  # one float32 mean at a time besides the sums
+                    f.write(acc.means([name], lay.widths)[name].contiguous().view(torch.uint8).numpy().tobytes())
+                    acc.drop(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+    return GramsWritten(tokens, len(groups), peak)
 
 
 def save_grams(grams: Mapping[str, torch.Tensor], path: Path, *, key: str) -> None:

@@ -132,7 +132,7 @@ def test_weights_reading_one_input_share_one_stored_gram_matrix(tiny, tmp_path):
     weight reads it back, and it equals the statistic of that weight's own module input."""
     from safetensors import safe_open
 
-    from zenith_merge.stages.regmean import save_grams, saved_covers
+    from zenith_merge.stages.regmean import saved_covers, write_input_grams
 
     pairs = [("model.layers.1.self_attn.q_a_proj.weight", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"),
              ("model.layers.2.mlp.experts.1.gate_proj.weight", "model.layers.2.mlp.experts.1.up_proj.weight"),
@@ -146,7 +146,7 @@ def test_weights_reading_one_input_share_one_stored_gram_matrix(tiny, tmp_path):
         own, _ = input_grams(tiny, [one], TEXTS, max_tokens=10_000, progress=False)
         assert torch.equal(own[one], grams[one])
     path = tmp_path / "regmean-x.safetensors"
-    save_grams(grams, path, key="k")
+    write_input_grams(tiny, names, TEXTS, path, key="k", max_tokens=10_000, progress=False)
     with safe_open(str(path), framework="pt") as f:
         assert sorted(f.keys()) == sorted([a for a, _ in pairs] + alone)
     assert all(torch.equal(read_gram(path, n), grams[n]) for n in names)

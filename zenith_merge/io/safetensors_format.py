@@ -174,10 +174,8 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw
 
 
-def save_keyed(tensors: dict[str, torch.Tensor], path: Path, key: str, *, metadata: dict[str, str] | None = None
-               ) -> Path:
-    """Write a stage artefact atomically (temporary name, then rename) with the plan key it belongs to
-    (and any other string `metadata`)."""
+def save_keyed(tensors: dict[str, torch.Tensor], path: Path, key: str) -> Path:
+    """Write a stage artefact atomically (temporary name, then rename) with the plan key it belongs to."""
     import os
 
     from safetensors.torch import save_file
@@ -185,7 +183,7 @@ def save_keyed(tensors: dict[str, torch.Tensor], path: Path, key: str, *, metada
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={**(metadata or {}), "key": key})
+    save_file(tensors, str(tmp), metadata={"key": key})
     os.replace(tmp, path)
     return path
 

@@ -34,7 +34,7 @@ from ..calibration import CapturePoint, capture_hidden, load_for_calibration, re
 from ..errors import CalibrationError, OutputError
 from ..io.manifest import fsync_dir, temp_path
 from ..io.reader import Checkpoint
-from ..io.safetensors_format import build_header, save_keyed
+from ..io.safetensors_format import build_header
 from ..regmean_math import gram_groups
 from ..routing import route, routing_spec
 
@@ -271,20 +271,6 @@ def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[
         raise
     fsync_dir(final.parent)
     return GramsWritten(tokens, len(groups), peak)
-
-
-def save_grams(grams: Mapping[str, torch.Tensor], path: Path, *, key: str) -> None:
-    """Write a source's Gram matrices atomically, with the key they were computed for; weights that share
-    one matrix (the same tensor object, as `input_grams` returns them) store it once."""
-    first: dict[int, str] = {}
-    tensors, aliases = {}, {}
-    for name, gram in grams.items():
-        owner = first.setdefault(id(gram), name)
-        if owner == name:
-            tensors[name] = gram.contiguous()
-        else:
-            aliases[name] = owner
-    save_keyed(tensors, path, key, metadata={ALIASES: json.dumps(aliases, sort_keys=True)})
 
 
 class GramReader:

@@ -272,3 +272,28 @@ def test_batched_capture_equals_one_text_at_a_time():
     for got, want in zip(batched, one_by_one):
         for p in points:
             torch.testing.assert_close(got[p], want.states[p], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("ragged", "shape"), [
+    ("kv_b_proj", {"qk_nope_head_dim": 40, "v_head_dim": 56}),  # 192 rows: transformers scales 96-row blocks
+    ("kv_a_proj_with_mqa", {"kv_lora_rank": 544, "qk_rope_head_dim": 32}),  # DeepSeek-V3's 576 rows: refused
+])
+def test_a_block_fp8_checkpoint_loads_as_its_bf16_cast_even_in_ragged_blocks(tmp_path, ragged, shape):
+    """transformers' own CPU dequantisation derives the block from the scale grid, wrong for a weight whose rows
+    are not a multiple of 128; loaded for calibration, every weight is the reader's: the model equals its BF16
+    cast."""
+    from conftest import make_tiny_deepseek
+
+    from zenith_merge.fp8_cast import fp8_cast
+
+    bf16 = make_tiny_deepseek(tmp_path / "bf16", seed=3, **shape)
+    fp8_cast(bf16, tmp_path / "fp8", to="fp8", block=(128, 128), progress=False)
+    fp8_cast(tmp_path / "fp8", tmp_path / "cast", progress=False)
+    (model, _), (cast, _) = load_for_calibration(tmp_path / "fp8"), load_for_calibration(tmp_path / "cast")
+    ours, want = model.state_dict(), cast.state_dict()
+    name = f"model.layers.1.self_attn.{ragged}.weight"
+    assert ours[name].shape[0] % 128 and ours[name].shape[0] > 128  # a ragged block row
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, cast(input_ids=ids).logits)

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
+from .errors import CalibrationError, CheckpointError
 
 __all__ = ["CapturePoint", "CapturedChunk", "load_for_calibration", "capture_hidden", "capture_batch",
            "bnb_8bit_unavailable", "fix_mmap_threshold"]
@@ -170,7 +170,7 @@ def load_for_calibration(
             load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=max_memory is not None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        with _checkpoints_read_not_mapped():
+        with _checkpoints_read_not_mapped(), block_fp8_loaded_as_read(path):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except CalibrationError:
         _remove(temp_dir)
@@ -190,6 +190,46 @@ def load_for_calibration(
         # offloaded weights are read from this folder on every forward pass: keep it as long as the model
         weakref.finalize(model, _remove, temp_dir)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def block_fp8_loaded_as_read(path: Path) -> Iterator[None]:
+    """While loading a block-FP8 checkpoint, have transformers dequantise each weight as our reader does.
+
+    Why: where transformers dequantises (on CPU), it derives the block from the scale grid
+    (rows // scale_rows). A weight whose size is not a multiple of the block then gets its scales
+    on the wrong rows: the demos' kv_b_proj (192 rows in 2 blocks of 128) loads 12% off. DeepSeek-V3's
+    kv_a_proj_with_mqa (576 rows in 5 blocks) is refused outright. Here each weight is
+    dequantised with the config's block (`kernels.fp8.dequantize`: ragged edges cut, rounded once to
+    BF16). The forward passes then read the values the merge reads, and an FP8 parent calibrates
+    exactly as its BF16 cast does. Where transformers keeps the weights in FP8 (CUDA), nothing
+    changes.
+    """
+    from .io.reader import block_fp8_scheme
+    from .kernels.fp8 import dequantize, scale_shape
+
+    try:
+        block = block_fp8_scheme(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    except (ImportError, OSError, ValueError, CheckpointError):  # no FP8 dequantiser here, or not our FP8 scheme
+        block = None
+    if block is None or not hasattr(Fp8Dequantize, "_dequantize_one"):
+        yield
+        return
+    theirs = Fp8Dequantize._dequantize_one
+
+    def as_read(self, quantized, scales, output_dtype=None):
+        if (quantized.dtype != torch.float8_e4m3fn or quantized.dim() != 2
+                or tuple(scales.shape) != scale_shape(tuple(quantized.shape), block)):
+            return theirs(self, quantized, scales, output_dtype)
+        weight = dequantize(quantized, scales, block)
+        return weight if output_dtype is None else weight.to(output_dtype)
+
+    Fp8Dequantize._dequantize_one = as_read
+    try:
+        yield
+    finally:
+        Fp8Dequantize._dequantize_one = theirs
 
 
 @contextlib.contextmanager

@@ -182,11 +182,12 @@ def load_model(folder: Path, *, max_memory: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .calibration import block_fp8_loaded_as_read
     from .system import physical_memory
 
     folder = Path(folder)
     fp8 = bool(json.loads((folder / "config.json").read_text()).get("quantization_config"))
-    # without a GPU, transformers dequantises block FP8 to bfloat16: the rest of the model must match it
+    # without a GPU, block FP8 is dequantised to bfloat16 (as our reader does it): the rest of the model must match it
     kwargs = {"dtype": torch.bfloat16 if fp8 else torch.float32, "output_loading_info": True}
     # bytes once loaded, about: float32 doubles bfloat16 weights (FP8 ones become bfloat16)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) * 2
@@ -197,7 +198,8 @@ def load_model(folder: Path, *, max_memory: int | None = None):
                       max_memory=None if torch.cuda.is_available() and max_memory is None else {"cpu": cap})
     else:
         offload = None
-    model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    with block_fp8_loaded_as_read(folder):
+        model, info = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if offload is not None:
         model._zenith_offload = offload  # the folder lives as long as the model
     return model.eval(), AutoTokenizer.from_pretrained(folder), info

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..architectures import ARCHITECTURES, facts, tensor_name
+from ..calibration import block_fp8_loaded_as_read
 from ..errors import ConfigError
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key
@@ -190,7 +191,8 @@ def _teacher(plan, out_dir: Path, texts: Sequence[str], steps: int, batch_size: 
     for entry in load_token_map(out_dir / ".zenith")["tokens"]:
         if key in entry:
             to_union[entry[key]] = entry["id"]
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with block_fp8_loaded_as_read(Path(path)):
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     batches = token_batches(AutoTokenizer.from_pretrained(path), texts, seq_len, batch_size, steps, seed + 1,

@@ -19,6 +19,7 @@ weights reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -253,11 +254,11 @@ def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final, f".{os.getpid()}")
     tokens, peak = 0, 0
+    passes = _passes(Path(model_path), lay, groups, texts, max_tokens=max_tokens, load=load, progress=progress)
     try:
-        with tmp.open("wb") as f:
+        with contextlib.closing(passes), tmp.open("wb") as f:  # closing: the parent is freed after the last pass
             f.write(header)
-            for group, (acc, seen) in zip(groups, _passes(Path(model_path), lay, groups, texts, max_tokens=max_tokens,
-                                                          load=load, progress=progress)):
+            for group, (acc, seen) in zip(groups, passes):
                 tokens = seen
                 peak = max(peak, acc.nbytes())
                 for name in group:  # one float32 mean at a time besides the sums

@@ -177,22 +177,36 @@ def test_statistics_in_bounded_passes_write_the_same_file_holding_less_at_once(t
     assert all(torch.equal(read_gram(tmp_path / "regmean-one.safetensors", n), grams[n]) for n in LINEAR)
 
 
-def test_a_failed_pass_leaves_no_statistics_file(tiny, tmp_path, monkeypatch):
+def test_statistics_cut_short_resume_at_the_first_unfinished_group(tiny, tmp_path, monkeypatch):
+    """Killed in its third pass, the stage leaves the two finished groups' parts and no statistics file; run
+    again, it makes only the remaining passes and writes the file an uninterrupted run writes."""
     from zenith_merge.stages import regmean
 
+    budget = 8 * 32 * 32
+    whole = regmean.write_input_grams(tiny, LINEAR, TEXTS, tmp_path / "whole" / "regmean-x.safetensors", key="k",
+                                      max_tokens=10_000, max_memory=budget, progress=False)
     real, calls = regmean._pass, []
 
-    def failing(*args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if fail and len(calls) == 3:
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(regmean, "_pass", failing)
+    monkeypatch.setattr(regmean, "_pass", counted)
+    path = tmp_path / "cut" / "regmean-x.safetensors"
+    fail = True
     with pytest.raises(RuntimeError, match="killed"):
-        regmean.write_input_grams(tiny, LINEAR, TEXTS, tmp_path / "g.safetensors", key="k", max_tokens=10_000,
-                                  max_memory=8 * 32 * 32, progress=False)
-    assert list(tmp_path.iterdir()) == []
+        regmean.write_input_grams(tiny, LINEAR, TEXTS, path, key="k", max_tokens=10_000, max_memory=budget,
+                                  progress=False)
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        regmean.part_file(path, i, whole.groups).name for i in (0, 1)]
+    fail, calls[:] = False, []
+    again = regmean.write_input_grams(tiny, LINEAR, TEXTS, path, key="k", max_tokens=10_000, max_memory=budget,
+                                      progress=False)
+    assert again.passes == len(calls) == whole.groups - 2
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert path.read_bytes() == (tmp_path / "whole" / "regmean-x.safetensors").read_bytes()
 
 
 def test_the_plan_counts_one_group_of_statistics_when_memory_is_bounded(tmp_path, tiny):

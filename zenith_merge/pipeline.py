@@ -533,8 +533,8 @@ def _regmean_grams(plan: Plan, source: str, stage, zdir: Path, *, cfg: MergeConf
         done = rm.write_input_grams(Path(plan.sources[source].path), stage.tensors, texts, path, key=key,
                                     max_tokens=stage.max_tokens, load=load, max_memory=stage.max_memory,
                                     progress=progress)
-        log.info("RegMean statistics of %s: %d tokens, %d pass(es), at most %.1f MiB of sums", source, done.tokens,
-                 done.passes, done.peak_sum_bytes / 2**20)
+        log.info("RegMean statistics of %s: %d tokens, %d of %d passes run, at most %.1f MiB of sums", source,
+                 done.tokens, done.passes, done.groups, done.peak_sum_bytes / 2**20)
     return _sha(path)
 
 

@@ -35,7 +35,7 @@ from ..calibration import CapturePoint, capture_hidden, load_for_calibration, re
 from ..errors import CalibrationError, OutputError
 from ..io.manifest import fsync_dir, temp_path
 from ..io.reader import Checkpoint
-from ..io.safetensors_format import build_header
+from ..io.safetensors_format import build_header, saved_key
 from ..regmean_math import gram_groups
 from ..routing import route, routing_spec
 
@@ -227,11 +227,57 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
 
 @dataclass(frozen=True)
 class GramsWritten:
-    """What `write_input_grams` did: tokens per pass, passes, and the largest float64 sums one pass held."""
+    """What `write_input_grams` did: tokens per pass, passes run (of how many), the largest float64 sums one pass
+    held."""
 
     tokens: int
     passes: int
     peak_sum_bytes: int
+    groups: int = 1
+
+
+def part_file(path: Path, index: int, count: int) -> Path:
+    """Where group `index` of `count` is kept until the whole file is assembled: a resumed run skips its pass."""
+    return path.with_name(f"{path.stem}.part{index + 1}-of{count}{path.suffix}")
+
+
+def _write_streamed(path: Path, names: Sequence[str], widths: Mapping[str, int], metadata: Mapping[str, str],
+                    matrices: Iterator[torch.Tensor]) -> None:
+    """A safetensors file of float32 (width x width) matrices, `names` in order, written one matrix at a time
+    under a temporary name and renamed when complete."""
+    tmp = temp_path(path, f".{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(build_header([(name, "F32", (widths[name],) * 2) for name in names], dict(metadata)))
+            for name, matrix in zip(names, matrices, strict=True):
+                if matrix.dtype != torch.float32 or tuple(matrix.shape) != (widths[name],) * 2:
+                    raise ValueError(f"{name}: a {tuple(matrix.shape)} {matrix.dtype} matrix where the header says "
+                                     f"({widths[name]}, {widths[name]}) float32")
+                f.write(matrix.contiguous().view(torch.uint8).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _drained(acc: _Accumulator, names: Sequence[str], widths: Mapping[str, int]) -> Iterator[torch.Tensor]:
+    """Each weight's mean in turn, its float64 sum freed as it goes."""
+    for name in names:
+        mean = acc.means([name], widths)[name]
+        acc.drop(name)
+        yield mean
+
+
+def _read_parts(parts: Sequence[Path], groups: Sequence[Sequence[str]]) -> Iterator[torch.Tensor]:
+    from safetensors import safe_open
+
+    for part, group in zip(parts, groups):
+        with safe_open(str(part), framework="pt") as f:
+            for name in group:
+                yield f.get_tensor(name)
 
 
 def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], path: Path, *, key: str,
@@ -241,37 +287,36 @@ def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[
     name until the last matrix is written), with `key` and the shared-input aliases in its metadata.
 
     With `max_memory`, the statistics are split into groups whose float64 sums fit in it, one pass over the
-    text each; a group's matrices are written, and their sums freed, before the next pass.
+    text each. Each group's matrices are written to a part file and their sums freed before the next pass;
+    a run cut short and started again skips the groups whose parts are complete. The parts are then
+    copied into `path`, one matrix at a time, and removed.
     """
     lay = _layout(Path(model_path), tensors)
-    order = lay.order()
-    groups = gram_groups([(name, lay.widths[name]) for name in order], max_memory)
+    groups = gram_groups([(name, lay.widths[name]) for name in lay.order()], max_memory)
     order = [name for group in groups for name in group]
     aliases = {name: rep for name, rep in lay.stored.items() if name != rep}
     metadata = {"key": key, ALIASES: json.dumps(aliases, sort_keys=True)}
-    header = build_header([(name, "F32", (lay.widths[name],) * 2) for name in order], metadata)
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(final, f".{os.getpid()}")
+    parts = [part_file(final, i, len(groups)) for i in range(len(groups))] if len(groups) > 1 else [final]
+    part_keys = [key if len(groups) == 1 else hashlib.sha256(json.dumps([key, list(g)]).encode()).hexdigest()
+                 for g in groups]
+    for stale in set(final.parent.glob(f"{final.stem}.part*-of*{final.suffix}")) - set(parts):
+        stale.unlink()  # parts of another grouping
+    todo = [i for i in range(len(groups)) if len(groups) == 1 or saved_key(parts[i]) != part_keys[i]]
     tokens, peak = 0, 0
-    passes = _passes(Path(model_path), lay, groups, texts, max_tokens=max_tokens, load=load, progress=progress)
-    try:
-        with contextlib.closing(passes), tmp.open("wb") as f:  # closing: the parent is freed after the last pass
-            f.write(header)
-            for group, (acc, seen) in zip(groups, passes):
-                tokens = seen
-                peak = max(peak, acc.nbytes())
-                for name in group:  # one float32 mean at a time besides the sums
-                    f.write(acc.means([name], lay.widths)[name].contiguous().view(torch.uint8).numpy().tobytes())
-                    acc.drop(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
-    return GramsWritten(tokens, len(groups), peak)
+    passes = _passes(Path(model_path), lay, [groups[i] for i in todo], texts, max_tokens=max_tokens, load=load,
+                     progress=progress)
+    with contextlib.closing(passes):  # closing: the parent is freed after the last pass
+        for i, (acc, seen) in zip(todo, passes):
+            tokens, peak = seen, max(peak, acc.nbytes())
+            _write_streamed(parts[i], groups[i], lay.widths, metadata if len(groups) == 1 else {"key": part_keys[i]},
+                            _drained(acc, groups[i], lay.widths))
+    if len(groups) > 1:
+        _write_streamed(final, order, lay.widths, metadata, _read_parts(parts, groups))
+        for part in parts:
+            part.unlink()
+    return GramsWritten(tokens, len(todo), peak, len(groups))
 
 
 class GramReader:

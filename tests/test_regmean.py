@@ -216,8 +216,11 @@ def test_the_plan_counts_one_group_of_statistics_when_memory_is_bounded(tmp_path
     data["assembly"]["regmean"]["max_memory"] = "20KB"
     config.write_text(yaml.safe_dump(data))
     capped = build_plan(load_config(config), config_dir=tmp_path)
-    assert capped.stages.regmean["donor1"].max_memory == 20_000
+    stage, whole = capped.stages.regmean["donor1"], free.stages.regmean["donor1"]
+    assert stage.max_memory == 20_000 and stage.passes > whole.passes == 1 and stage.matrices == whole.matrices
+    assert stage.sum_bytes <= 20_000 < whole.sum_bytes
     assert capped.estimates.stage_memory_bytes < free.estimates.stage_memory_bytes
+    assert f"{stage.passes} passes within max_memory" in format_plan(capped)
 
 
 def _two_parents(tmp_path, tiny, **regmean):

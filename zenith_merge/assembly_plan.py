@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .architectures import classify, set_dim
+from .architectures import classify, set_dim, shared_input_of
 from .config import MergeConfig
 from .errors import PlanError
 from .plan import (
@@ -29,6 +29,7 @@ from .plan import (
     _Source,
     _target_dtype_keys,
 )
+from .regmean_math import gram_groups
 
 # Config values that must agree between parents for their tensors to line up (beyond the attention layout).
 _SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")
@@ -59,6 +60,16 @@ def check_same_family(base: _Source, src: _Source) -> None:
     if _tokenizer_digest(src.model.path) != _tokenizer_digest(base.model.path):
         raise PlanError(f"{src.where}: its tokenizer.json differs from the base's; assembly needs one tokenizer "
                         f"(embedding rows must mean the same tokens)")
+
+
+def _regmean_stage(source: _Source, names: list[str], regmean) -> RegMeanStage:
+    """One parent's RegMean statistics: its weights, text, and the passes that fit them in `max_memory`."""
+    widths = [(n, source.ckpt.info(n).shape[-1]) for n in dict.fromkeys(shared_input_of(source.arch, names).values())]
+    groups = gram_groups(widths, regmean.max_memory)
+    size = dict(widths)
+    return RegMeanStage(tensors=tuple(names), data=tuple(regmean.data[source.index]), max_tokens=regmean.max_tokens,
+                        max_memory=regmean.max_memory, matrices=len(widths), passes=len(groups),
+                        sum_bytes=max(sum(8 * size[n] ** 2 for n in g) for g in groups))
 
 
 def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sources: list[_Source]) -> Plan:
@@ -100,10 +111,8 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
         tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
         reads = len(set(keys) | {"base"}) if isinstance(recipe, AssembleRecipe) else 1
         input_bytes[name] = reads * info.nbytes + (8 * math.prod(info.shape) if reads > 1 else 0)
-    stages = StagePlan(regmean={
-        s.key: RegMeanStage(tensors=tuple(needs_grams[s.key]), data=tuple(regmean.data[s.index]),
-                            max_tokens=regmean.max_tokens, max_memory=regmean.max_memory)
-        for s in sources if s.key in needs_grams}) if needs_grams else None
+    stages = StagePlan(regmean={s.key: _regmean_stage(s, needs_grams[s.key], regmean)
+                                for s in sources if s.key in needs_grams}) if needs_grams else None
     extra = {"stages": stages} if stages is not None else {}
     return _finish(cfg, config_dir, output_dir, method="assembly", base=base, sources=sources, target=target,
                    tensors=tensors, input_bytes=input_bytes, **extra)

@@ -28,7 +28,6 @@ from .architectures import (
     expected_shape,
     facts,
     set_dim,
-    shared_input_of,
     tensor_name,
 )
 from .config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
@@ -171,6 +170,9 @@ class RegMeanStage(_Frozen):
     data: tuple[str, ...]
     max_tokens: int
     max_memory: int | None = None
+    matrices: int = Field(0, description="distinct Gram matrices (weights reading one input share one)")
+    passes: int = Field(1, description="passes over the text: groups of matrices that fit in max_memory")
+    sum_bytes: int = Field(0, description="float64 sums of the largest group, held during its pass")
 
 
 class StagePlan(_Frozen):
@@ -532,18 +534,8 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
               for k in stages.align]
     loads += [loaded("base")] if stages.prompt_vectors or stages.router_offsets else []
     # RegMean: one parent loaded, with the float64 sums of its largest group (one per distinct input)
-    loads += [loaded(k) + _regmean_bytes(sources[k], st) for k, st in stages.regmean.items()]
+    loads += [loaded(k) + st.sum_bytes for k, st in stages.regmean.items()]
     return FIXED_PROCESS_BYTES + STAGE_OVERHEAD_BYTES + max(loads) if loads else 0
-
-
-def _regmean_bytes(source: _Source, stage: RegMeanStage) -> int:
-    """The RegMean statistics' float64 sums at their largest: one group (`assembly.regmean.max_memory`)."""
-    from .regmean_math import gram_groups
-
-    widths = {n: source.ckpt.info(n).shape[-1] for n in dict.fromkeys(shared_input_of(source.arch, stage.tensors)
-                                                                        .values())}
-    groups = gram_groups(list(widths.items()), stage.max_memory)
-    return max((sum(8 * widths[n] ** 2 for n in g) for g in groups), default=0)
 
 
 def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:

@@ -56,8 +56,11 @@ def format_plan(plan) -> str:
             counts[what] = counts.get(what, 0) + 1
         lines += [f"  {n:>6}  {what}" for what, n in sorted(counts.items())]
         for key, st in plan.stages.regmean.items():
-            lines.append(f"  stage RegMean statistics: {key}, input Gram matrices of {len(st.tensors)} weights on "
-                         f"{', '.join(st.data)} (at most {st.max_tokens} tokens)")
+            passes = (f"; {st.passes} passes within max_memory {human(st.max_memory)}" if st.max_memory is not None
+                      else "; one pass")
+            lines.append(f"  stage RegMean statistics: {key}, {st.matrices} input Gram matrices for {len(st.tensors)} "
+                         f"weights on {', '.join(st.data)} (at most {st.max_tokens} tokens{passes}, "
+                         f"{human(st.sum_bytes)} of sums at once)")
     return "\n".join(lines)
 
 

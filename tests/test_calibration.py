@@ -124,6 +124,26 @@ def test_max_total_tokens_cuts_the_stream(zen_loaded):
     assert all(c.states[p].shape[0] == len(c) for c in chunks for p in _points(1))
 
 
+def test_a_pass_stopped_after_a_layer_never_runs_the_later_ones_and_captures_the_same(zen_loaded):
+    model, tok = zen_loaded
+    ran = []
+    later = [model.model.layers[i].register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i in (2, 3)]
+    try:
+        full = list(capture_hidden(model, tok, [TEXT], _points(1), max_total_tokens=200, progress=False))
+        assert ran
+        ran.clear()
+        cut = list(capture_hidden(model, tok, [TEXT], _points(1), max_total_tokens=200, stop_after="model.layers.1",
+                                  progress=False))
+        assert ran == []
+    finally:
+        for h in later:
+            h.remove()
+    assert [len(c) for c in cut] == [len(c) for c in full]
+    assert all(torch.equal(a.states[p], b.states[p]) for a, b in zip(full, cut) for p in _points(1))
+    with pytest.raises(CalibrationError, match="no module 'model.layers.9'"):
+        list(capture_hidden(model, tok, [TEXT], _points(1), stop_after="model.layers.9", progress=False))
+
+
 def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -144,6 +164,15 @@ def test_disk_offload_on_cpu_gives_the_plain_states(zen, zen_loaded, tmp_path):
     streamed = list(capture_hidden(offloaded, tok, [TEXT], points, max_tokens_per_text=128, progress=False))
     for point in points:
         torch.testing.assert_close(_cat(streamed, point), _cat(plain, point), rtol=1e-5, atol=1e-5)
+    # a pass stopped after layer 1 leaves the offloaded model as it was: whole passes still match
+    cut = list(capture_hidden(offloaded, tok, [TEXT], _points(1), max_tokens_per_text=128,
+                              stop_after="model.layers.1", progress=False))
+    again = list(capture_hidden(offloaded, tok, [TEXT], points, max_tokens_per_text=128, progress=False))
+    for point in _points(1):
+        torch.testing.assert_close(_cat(cut, point), _cat(plain, point), rtol=1e-5, atol=1e-5)
+    for point in points:
+        torch.testing.assert_close(_cat(again, point), _cat(plain, point), rtol=1e-5, atol=1e-5)
+    assert all(p.device.type == "meta" for n, p in offloaded.named_parameters() if n in on_disk)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc/self/maps")

@@ -64,11 +64,12 @@ def check_same_family(base: _Source, src: _Source) -> None:
 
 def _regmean_stage(source: _Source, names: list[str], regmean) -> RegMeanStage:
     """One parent's RegMean statistics: its weights, text, and the passes that fit them in `max_memory`."""
-    widths = [(n, source.ckpt.info(n).shape[-1]) for n in dict.fromkeys(shared_input_of(source.arch, names).values())]
-    groups = gram_groups(widths, regmean.max_memory)
-    size = dict(widths)
+    distinct = dict.fromkeys(shared_input_of(source.arch, names).values())
+    size = {n: source.ckpt.info(n).shape[-1] for n in distinct}
+    groups = gram_groups([(n, size[n], getattr(classify(source.arch, n), "layer", None)) for n in distinct],
+                         regmean.max_memory)
     return RegMeanStage(tensors=tuple(names), data=tuple(regmean.data[source.index]), max_tokens=regmean.max_tokens,
-                        max_memory=regmean.max_memory, matrices=len(widths), passes=len(groups),
+                        max_memory=regmean.max_memory, matrices=len(size), passes=len(groups),
                         sum_bytes=max(sum(8 * size[n] ** 2 for n in g) for g in groups))
 
 

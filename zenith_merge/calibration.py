@@ -427,6 +427,7 @@ def capture_hidden(
     *,
     max_tokens_per_text: int = 512,
     max_total_tokens: int | None = None,
+    stop_after: str | None = None,
     progress: bool = True,
 ) -> Iterator[CapturedChunk]:
     """Run texts through the model, one chunk at a time, and yield the activations at `points`.
@@ -436,7 +437,10 @@ def capture_hidden(
     holds only float32 CPU copies of the captured tensors. Texts longer than `max_tokens_per_text`
     are cut at token boundaries into chunks that run independently (each without the previous
     chunk's context). No special tokens are added. Stops after `max_total_tokens` tokens (the last
-    chunk is cut short). Hooks are removed when the generator finishes or is closed.
+    chunk is cut short). With `stop_after` (a module path, such as the decoder layer of the deepest
+    point), each forward pass ends once that module has run: the layers after it, which no point
+    needs, are never computed (nor read from disk, when offloaded). Hooks are removed when the
+    generator finishes or is closed.
     """
     if max_tokens_per_text < 1:
         raise ValueError("max_tokens_per_text must be at least 1")
@@ -445,7 +449,7 @@ def capture_hidden(
     total = 0
     bar = tqdm(total=max_total_tokens, desc="calibration", unit="tok", disable=not progress, leave=False)
     try:
-        with _Hooks(model, points) as hooks, torch.no_grad():
+        with _Hooks(model, points) as hooks, _stopping_after(model, stop_after), torch.no_grad():
             for index, text in enumerate(texts):
                 for start, ids, ends in _chunks(text, tokenizer, max_tokens_per_text):
                     if max_total_tokens is not None:
@@ -455,13 +459,40 @@ def capture_hidden(
                         ids, ends = ids[:room], ends[:room]
                     if ids.numel() == 0:
                         continue
-                    model(input_ids=ids[None].to(device), use_cache=False)
+                    try:
+                        model(input_ids=ids[None].to(device), use_cache=False)
+                    except _Stopped:
+                        pass
                     states = {p: t.reshape(-1, t.shape[-1]).float().cpu() for p, t in hooks.take().items()}
                     total += ids.numel()
                     bar.update(ids.numel())
                     yield CapturedChunk(index, start, text[start:int(ends[-1])], ends, states)
     finally:
         bar.close()
+
+
+class _Stopped(Exception):
+    """Raised once the module a forward pass stops after has run."""
+
+
+@contextlib.contextmanager
+def _stopping_after(model, module: str | None) -> Iterator[None]:
+    """While the block runs, end every forward pass of `model` right after `module` (None: run them whole)."""
+    if module is None:
+        yield
+        return
+
+    def stop(_module, _args, _output):
+        raise _Stopped
+
+    try:
+        handle = model.get_submodule(module).register_forward_hook(stop)
+    except AttributeError:
+        raise CalibrationError(f"stop_after: the model has no module {module!r}") from None
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Hooks:

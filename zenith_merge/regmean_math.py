@@ -59,14 +59,17 @@ def regmean_merge(tensors: Sequence[torch.Tensor], grams: Sequence[torch.Tensor]
     return torch.linalg.solve(lhs, rhs + r * average).T.to(torch.float32).contiguous()
 
 
-def gram_groups(widths: Sequence[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
-    """Statistics (name, input width) split, in order, into groups whose float64 sums (8 width^2 bytes each) fit
-    in `max_bytes` (None: one group); a matrix larger than the budget is a group of its own."""
+def gram_groups(items: Sequence[tuple[str, int, int | None]], max_bytes: int | None) -> list[list[str]]:
+    """Statistics (name, input width, decoder layer or None for what reads the last layer's output) in groups
+    whose float64 sums (8 width^2 bytes each) fit in `max_bytes` (None: one group); a matrix larger than the
+    budget is a group of its own. They are taken by depth (a stable sort by layer, None last), so each group
+    covers few layers and its pass can end at its deepest."""
+    ordered = sorted(items, key=lambda item: (item[2] is None, item[2] or 0))
     if max_bytes is None:
-        return [[name for name, _ in widths]] if widths else []
+        return [[name for name, _, _ in ordered]] if ordered else []
     groups: list[list[str]] = []
     used = 0
-    for name, width in widths:
+    for name, width, _ in ordered:
         size = 8 * width * width
         if not groups or used + size > max_bytes:
             groups.append([])

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,10 +128,13 @@ class _Layout:
     spec: object = None
     act: object = None
     mlp_module: str = ""
+    layer_module: str = ""
+    layers: dict[str, int | None] = field(default_factory=dict)  # stored weight -> its decoder layer (None: after)
 
-    def order(self) -> list[str]:
-        """The distinct statistics, in the order of the weights that first need them."""
-        return list(dict.fromkeys(self.stored.values()))
+    def groups(self, max_memory: int | None) -> list[list[str]]:
+        """The distinct statistics in groups that fit `max_memory`, by depth (`gram_groups`)."""
+        return gram_groups([(n, self.widths[n], self.layers[n]) for n in dict.fromkeys(self.stored.values())],
+                           max_memory)
 
 
 def _layout(model_path: Path, tensors: Sequence[str]) -> _Layout:
@@ -140,9 +143,10 @@ def _layout(model_path: Path, tensors: Sequence[str]) -> _Layout:
         arch = architecture_of(config, where=str(model_path / "config.json"))
         stored = shared_input_of(arch, tensors)
         out = _Layout(stored, {name: ckpt.info(name).shape[-1] for name in tensors}, {}, {}, {}, {},
-                      mlp_module=arch.mlp_module)
+                      mlp_module=arch.mlp_module, layer_module=arch.layer_module)
         for name in tensors:
             tid = classify(arch, name)
+            out.layers[stored[name]] = tid.layer if tid is not None else None
             if tid is not None and tid.role in EXPERT_ROLES:
                 out.experts.setdefault(tid.layer, {}).setdefault(tid.expert, {})[EXPERT_ROLES[tid.role]] = stored[name]
             elif name.endswith(".weight"):
@@ -175,9 +179,12 @@ def _pass(model, tokenizer, lay: _Layout, group: Sequence[str], texts: Sequence[
     experts = {layer: {e: n for e, n in per.items() if n} for layer, per in experts.items()}
     experts = {layer: per for layer, per in experts.items() if per}
     moe_points = {layer: CapturePoint.input_of(lay.mlp_module.format(layer=layer)) for layer in experts}
+    layers = [lay.layers[name] for name in group]
+    # the layers after the group's deepest are not needed: the pass ends there (lm_head's input comes last)
+    stop_after = None if None in layers else lay.layer_module.format(layer=max(layers))
     acc, seen = _Accumulator(), 0
     for chunk in capture_hidden(model, tokenizer, texts, [*points, *moe_points.values()],
-                                max_total_tokens=max_tokens, progress=progress):
+                                max_total_tokens=max_tokens, stop_after=stop_after, progress=progress):
         seen += len(chunk)
         for point, name in points.items():
             acc.add([name], chunk.states[point])
@@ -219,9 +226,10 @@ def input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[str], 
     """(E[x x^T] of each weight's input on `texts`, tokens seen): the RegMean statistics of one parent, in memory,
     from one pass. Weights that read one input get the same tensor object."""
     lay = _layout(Path(model_path), tensors)
-    ((acc, seen),) = _passes(Path(model_path), lay, [lay.order()], texts, max_tokens=max_tokens, load=load,
+    groups = lay.groups(None)
+    ((acc, seen),) = _passes(Path(model_path), lay, groups, texts, max_tokens=max_tokens, load=load,
                              progress=progress)
-    means = acc.means(lay.order(), lay.widths)
+    means = acc.means(groups[0], lay.widths)
     return {name: means[lay.stored[name]] for name in tensors}, seen
 
 
@@ -292,7 +300,7 @@ def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[
     copied into `path`, one matrix at a time, and removed.
     """
     lay = _layout(Path(model_path), tensors)
-    groups = gram_groups([(name, lay.widths[name]) for name in lay.order()], max_memory)
+    groups = lay.groups(max_memory)
     order = [name for group in groups for name in group]
     aliases = {name: rep for name, rep in lay.stored.items() if name != rep}
     metadata = {"key": key, ALIASES: json.dumps(aliases, sort_keys=True)}

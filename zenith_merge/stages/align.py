@@ -152,20 +152,27 @@ class Alignment:
     meta: dict = field(default_factory=dict)
 
 
+def _modules(points: LayerPoints, layer: int) -> tuple[str, str]:
+    """(MoE block, decoder layer) module names of `layer`."""
+    return points(layer) if callable(points) else points[layer]
+
+
 def _points(points: LayerPoints, layer: int) -> tuple[CapturePoint, CapturePoint]:
-    mlp, block = points(layer) if callable(points) else points[layer]
+    mlp, block = _modules(points, layer)
     return CapturePoint.input_of(mlp), CapturePoint.output_of(block)
 
 
-def _run(model, tokenizer, passage: str, points: list[CapturePoint],
-         max_tokens_per_text: int) -> tuple[torch.Tensor, dict[CapturePoint, torch.Tensor]]:
-    """Ends and states of one passage, the first token of each chunk left out.
+def _run(model, tokenizer, passage: str, points: list[CapturePoint], max_tokens_per_text: int,
+         stop_after: str | None = None) -> tuple[torch.Tensor, dict[CapturePoint, torch.Tensor]]:
+    """Ends and states of one passage, the first token of each chunk left out; the forward pass ends after
+    `stop_after` (the deepest layer the group reads).
 
     The first position of a sequence is an attention sink in trained LMs, with activations far off
     the others; a handful of such rows would dominate a least-squares fit.
     """
     chunks: list[CapturedChunk] = list(capture_hidden(model, tokenizer, [passage], points,
-                                                      max_tokens_per_text=max_tokens_per_text, progress=False))
+                                                      max_tokens_per_text=max_tokens_per_text,
+                                                      stop_after=stop_after, progress=False))
     chunks = [c for c in chunks if len(c) > 1]
     if not chunks:
         return torch.zeros(0, dtype=torch.long), {}
@@ -242,6 +249,9 @@ def _fit_group(base, base_tok, donor, donor_tok, pairs: list[tuple[int, int]], t
     donor_in = {d: _points(donor_points, d) for _, d in pairs}
     base_list = list(dict.fromkeys(p for pts in base_in.values() for p in pts))
     donor_list = list(dict.fromkeys(p for pts in donor_in.values() for p in pts))
+    # each model's pass ends after the deepest decoder layer the group reads
+    base_stop = _modules(base_points, max(b for b, _ in pairs))[1]
+    donor_stop = _modules(donor_points, max(d for _, d in pairs))[1]
     d_base, d_donor = base.config.hidden_size, donor.config.hidden_size
     acc_a = {pair: RidgeAccumulator(d_base, d_donor) for pair in pairs}
     acc_b = {pair: RidgeAccumulator(d_donor, d_base) for pair in pairs}
@@ -252,8 +262,8 @@ def _fit_group(base, base_tok, donor, donor_tok, pairs: list[tuple[int, int]], t
         for passage in interleaved_passages(texts, passage_chars):
             if n_tokens >= max_tokens:
                 break
-            ends_b, states_b = _run(base, base_tok, passage, base_list, max_tokens_per_text)
-            ends_d, states_d = _run(donor, donor_tok, passage, donor_list, max_tokens_per_text)
+            ends_b, states_b = _run(base, base_tok, passage, base_list, max_tokens_per_text, base_stop)
+            ends_d, states_d = _run(donor, donor_tok, passage, donor_list, max_tokens_per_text, donor_stop)
             idx_b, idx_d = pair_by_offsets(ends_b, ends_d)
             take = min(idx_b.numel(), max_tokens - n_tokens)
             idx_b, idx_d = idx_b[:take], idx_d[:take]

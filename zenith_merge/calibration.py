@@ -429,6 +429,7 @@ def capture_hidden(
     max_total_tokens: int | None = None,
     stop_after: str | None = None,
     progress: bool = True,
+    desc: str = "calibration",
 ) -> Iterator[CapturedChunk]:
     """Run texts through the model, one chunk at a time, and yield the activations at `points`.
 
@@ -447,7 +448,7 @@ def capture_hidden(
     points = list(dict.fromkeys(points))
     device = _input_device(model)
     total = 0
-    bar = tqdm(total=max_total_tokens, desc="calibration", unit="tok", disable=not progress, leave=False)
+    bar = tqdm(total=max_total_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
     try:
         with _Hooks(model, points) as hooks, _stopping_after(model, stop_after), torch.no_grad():
             for index, text in enumerate(texts):

@@ -170,7 +170,7 @@ def _layout(model_path: Path, tensors: Sequence[str]) -> _Layout:
 
 
 def _pass(model, tokenizer, lay: _Layout, group: Sequence[str], texts: Sequence[str], *, max_tokens: int,
-          progress: bool) -> tuple[_Accumulator, int]:
+          progress: bool, desc: str = "RegMean statistics") -> tuple[_Accumulator, int]:
     """One pass over the text, accumulating the statistics in `group` only (only their inputs hooked)."""
     want = set(group)
     points = {CapturePoint.input_of(m): name for name, m in lay.modules.items() if name in want}
@@ -184,7 +184,7 @@ def _pass(model, tokenizer, lay: _Layout, group: Sequence[str], texts: Sequence[
     stop_after = None if None in layers else lay.layer_module.format(layer=max(layers))
     acc, seen = _Accumulator(), 0
     for chunk in capture_hidden(model, tokenizer, texts, [*points, *moe_points.values()],
-                                max_total_tokens=max_tokens, stop_after=stop_after, progress=progress):
+                                max_total_tokens=max_tokens, stop_after=stop_after, progress=progress, desc=desc):
         seen += len(chunk)
         for point, name in points.items():
             acc.add([name], chunk.states[point])
@@ -210,7 +210,9 @@ def _passes(model_path: Path, lay: _Layout, groups: Sequence[Sequence[str]], tex
             if len(groups) > 1:
                 log.info("RegMean statistics of %s: pass %d of %d, %d matrices", model_path, i + 1, len(groups),
                          len(group))
-            acc, seen = _pass(model, tokenizer, lay, group, texts, max_tokens=max_tokens, progress=progress)
+            desc = "RegMean statistics" + (f", pass {i + 1} of {len(groups)}" if len(groups) > 1 else "")
+            acc, seen = _pass(model, tokenizer, lay, group, texts, max_tokens=max_tokens, progress=progress,
+                              desc=desc)
             if seen == 0:
                 raise CalibrationError(f"{model_path}: assembly.regmean.data gave no tokens to compute statistics "
                                        f"from")

@@ -174,10 +174,12 @@ def _pass(model, tokenizer, lay: _Layout, group: Sequence[str], texts: Sequence[
     """One pass over the text, accumulating the statistics in `group` only (only their inputs hooked)."""
     want = set(group)
     points = {CapturePoint.input_of(m): name for name, m in lay.modules.items() if name in want}
-    experts = {layer: {e: {p: n for p, n in names.items() if n in want} for e, names in per.items()}
-               for layer, per in lay.experts.items()}
-    experts = {layer: {e: n for e, n in per.items() if n} for layer, per in experts.items()}
-    experts = {layer: per for layer, per in experts.items() if per}
+    experts: dict[int, dict[int, dict[str, str]]] = {}  # the group's: layer -> expert -> proj -> stored weight
+    for layer, per in lay.experts.items():
+        for e, names in per.items():
+            mine = {p: n for p, n in names.items() if n in want}
+            if mine:
+                experts.setdefault(layer, {})[e] = mine
     moe_points = {layer: CapturePoint.input_of(lay.mlp_module.format(layer=layer)) for layer in experts}
     layers = [lay.layers[name] for name in group]
     # the layers after the group's deepest are not needed: the pass ends there (lm_head's input comes last)

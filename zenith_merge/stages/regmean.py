@@ -310,21 +310,21 @@ def write_input_grams(model_path: Path, tensors: Sequence[str], texts: Sequence[
     metadata = {"key": key, ALIASES: json.dumps(aliases, sort_keys=True)}
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    parts = [part_file(final, i, len(groups)) for i in range(len(groups))] if len(groups) > 1 else [final]
-    part_keys = [key if len(groups) == 1 else hashlib.sha256(json.dumps([key, list(g)]).encode()).hexdigest()
-                 for g in groups]
+    single = len(groups) == 1  # one pass writes the file itself; several write parts, copied in at the end
+    parts = [final] if single else [part_file(final, i, len(groups)) for i in range(len(groups))]
+    part_meta = [metadata] if single else [{"key": hashlib.sha256(json.dumps([key, g]).encode()).hexdigest()}
+                                           for g in groups]
     for stale in set(final.parent.glob(f"{final.stem}.part*-of*{final.suffix}")) - set(parts):
         stale.unlink()  # parts of another grouping
-    todo = [i for i in range(len(groups)) if len(groups) == 1 or saved_key(parts[i]) != part_keys[i]]
+    todo = [i for i in range(len(groups)) if single or saved_key(parts[i]) != part_meta[i]["key"]]
     tokens, peak = 0, 0
     passes = _passes(Path(model_path), lay, [groups[i] for i in todo], texts, max_tokens=max_tokens, load=load,
                      progress=progress)
     with contextlib.closing(passes):  # closing: the parent is freed after the last pass
         for i, (acc, seen) in zip(todo, passes):
             tokens, peak = seen, max(peak, acc.nbytes())
-            _write_streamed(parts[i], groups[i], lay.widths, metadata if len(groups) == 1 else {"key": part_keys[i]},
-                            _drained(acc, groups[i], lay.widths))
-    if len(groups) > 1:
+            _write_streamed(parts[i], groups[i], lay.widths, part_meta[i], _drained(acc, groups[i], lay.widths))
+    if not single:
         _write_streamed(final, order, lay.widths, metadata, _read_parts(parts, groups))
         for part in parts:
             part.unlink()

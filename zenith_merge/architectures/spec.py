@@ -75,3 +75,6 @@ class Architecture:
     # A plain dense Llama-family decoder (RMSNorm, RoPE, GQA, SiLU MLP; q/k norms where the roles
     # have them): prompt states can be computed by `dense_forward`, without transformers.
     plain_forward: bool = False
+    # The family's conversation format (a key of vocab.chat_template.CHAT_FORMATS), used for a union
+    # output whose base ships no chat template; None: no template rather than an invented one.
+    chat_format: str | None = None

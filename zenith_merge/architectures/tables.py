@@ -68,6 +68,7 @@ _GQA_LAYOUT_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "r
 
 DEEPSEEK_V3 = Architecture(
     name="DeepseekV3ForCausalLM",
+    chat_format="deepseek",
     model_type="deepseek_v3",
     moe_layer_rule="first_k_dense",
     scoring="sigmoid",
@@ -124,6 +125,7 @@ DEEPSEEK_V3 = Architecture(
 
 QWEN3_MOE = Architecture(
     name="Qwen3MoeForCausalLM",
+    chat_format="chatml",
     model_type="qwen3_moe",
     moe_layer_rule="sparse_step",
     scoring="softmax",
@@ -150,9 +152,11 @@ QWEN3_MOE = Architecture(
 )
 
 
-def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | None = None) -> Architecture:
+def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | None = None,
+           chat_format: str | None = None) -> Architecture:
     return Architecture(
         name=name,
+        chat_format=chat_format,
         model_type=model_type,
         moe_counterpart=moe_counterpart,
         moe_layer_rule="none",
@@ -166,7 +170,8 @@ def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | Non
     )
 
 
-QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_counterpart="Qwen3MoeForCausalLM")
+QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_counterpart="Qwen3MoeForCausalLM",
+               chat_format="chatml")
 LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False)
 MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False)
 

@@ -4,14 +4,15 @@ The union vocabulary of the flagship merge (merge/config.yml: zen-tiny + qwen3-m
 `tokenizer.source: union`), measured on the demo models:
 
 1. the union's size and make-up, read from `<out>/.zenith/token_map.json` (tokens, padded
-   embedding rows, donor tokens appended, donor merges added and left out to keep the protected
-   text exact, R^2 of the fitted donor-to-base row maps);
+   embedding rows, donor tokens appended, the donor's added tokens that are plain text to the
+   base, R^2 of the fitted donor-to-base row maps);
 2. tokens per byte of the base, donor and union tokenizers on the held-out code and maths
    (and maths in Qwen chat), through transformers' AutoTokenizer without special tokens, and
    whether each text tokenizes to exactly the base's ids;
 3. held-out bits per byte of the flagship merge with `tokenizer.slerp_t` in {0, 0.1, 0.25, 0.5, 1}
    (0 keeps the base's row for shared tokens, 1 takes the donor's, mapped), of the same merge
-   with `tokenizer.source: base` (no union), and of the two sources for reference.
+   with `tokenizer.source: base` (no union), of the opt-in `tokenizer.donor_merges: true` (with
+   `protect: [demo:code]`), and of the two sources for reference.
 
     code vs base = merged_code / base_code - 1   (DESIGN.md "Quality yardstick": within 2%)
     gap closed   = (base - merged) / (base - donor), in bits per byte
@@ -26,7 +27,6 @@ import datetime
 import json
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -65,20 +65,24 @@ def _base_tokenizer(d: dict) -> None:
     d["tokenizer"] = {"source": "base"}
 
 
+def _donor_merges(d: dict) -> None:
+    d["tokenizer"]["donor_merges"] = True
+    d["tokenizer"]["protect"] = ["demo:code"]
+
+
 def vocab_table(token_map: dict) -> str:
-    rows = Counter(t["row"] for t in token_map["tokens"])
+    """The union's make-up, from the token map's header (`.zenith/token_map.json`)."""
     lines = ["| union vocabulary (merge/config.yml) | value |", "| --- | ---: |",
              f"| base tokenizer tokens | {token_map['base_size']} |",
              f"| union tokenizer tokens | {token_map['size']} |",
              f"| padded embedding / lm_head rows | {token_map['padded_size']} |",
-             f"| tokens appended from the donor | {token_map['size'] - token_map['base_size']} |"]
-    for kind, n in sorted(rows.items()):
+             f"| tokens appended from the donor | {token_map['appended']} |",
+             f"| donor added tokens that are plain text to the base | {len(token_map['appended_added'])} "
+             f"({', '.join(token_map['appended_added'])}) |"]
+    for kind, n in sorted(token_map["rows"].items()):
         lines.append(f"| tokens whose row is `{kind}` | {n} |")
-    dropped = token_map["merges_dropped"]
-    lines += [f"| donor merges added | {token_map['merges_added']} |",
-              f"| donor merges left out by `protect` | {len(dropped)}"
-              + (f" ({', '.join(repr(s) for s in dropped[:8])}{' ...' if len(dropped) > 8 else ''})" if dropped else "")
-              + " |"]
+    lines.append(f"| donor merges added | {token_map['merges_added']} (donor_merges: "
+                 f"{str(token_map['donor_merges']).lower()}) |")
     for donor, maps in token_map["maps"].items():
         for which, m in maps.items():
             r2 = "" if m.get("r2") is None else f"R^2 {m['r2']:.3f}, "
@@ -138,6 +142,8 @@ def main() -> None:
     merges = [Merge("graft, tokenizer.source: base (no union)", CONFIG, "cross", _base_tokenizer)]
     merges += [Merge(f"graft, union, slerp_t {t:g}" + (" (merge/config.yml)" if t == flagship_t else ""),
                      CONFIG, "cross", _slerp(t)) for t in ts]
+    merges.append(Merge(f"graft, union, slerp_t {flagship_t:g}, donor_merges: true, protect: [demo:code]",
+                        CONFIG, "cross", _donor_merges))
     with tempfile.TemporaryDirectory(prefix="zenith-merge-union-") as tmp:
         parent = args.keep or Path(tmp)
         flagship = parent / f"union{1 + ts.index(flagship_t)}"
@@ -149,7 +155,8 @@ def main() -> None:
             rows.append((m.label, secs, score(out, texts)))
         token_map = json.loads((flagship / ".zenith" / "token_map.json").read_text())
         tok_table = tokenization_table({f"base {BASE}": base_dir, f"donor {CROSS_DONOR}": donor_dir,
-                                        "union (merged output)": flagship}, texts)
+                                        "union (merged output)": flagship,
+                                        "union, donor_merges: true": parent / f"union{len(merges) - 1}"}, texts)
     report = "\n".join([
         f"date: {datetime.date.today().isoformat()}",
         f"machine: {machine()}",

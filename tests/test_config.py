@@ -44,9 +44,17 @@ def test_flagship_has_base_and_donor_with_thinking_prompts():
     sources = [e.source_model for e in cfg.experts]
     assert sources == ["demo://zen-tiny", "demo://qwen3-moe-tiny"]
     assert any(p.startswith("/think") for p in cfg.experts[1].positive_prompts)
-    assert cfg.tokenizer.source == "union"
-    for switch in ("/think", "/no_think"):
-        assert cfg.tokenizer.tokens[switch].source == "demo://qwen3-moe-tiny" and cfg.tokenizer.tokens[switch].force
+    assert cfg.tokenizer.source == "union" and not cfg.tokenizer.donor_merges and not cfg.tokenizer.protect
+
+
+def test_protect_without_donor_merges_is_refused_naming_the_key(tmp_path):
+    path = tmp_path / "c.yml"
+    path.write_text("base_model: demo://zen-tiny\ngate_mode: random\nexperts: [{source_model: demo://qwen3-moe-tiny}]\n"
+                    "tokenizer: {source: union, protect: [demo:code]}\n")
+    with pytest.raises(ConfigError, match=r"(?s)tokenizer: protect: .*donor_merges: true"):
+        load_config(path)
+    path.write_text(path.read_text().replace("protect:", "donor_merges: true, protect:"))
+    assert load_config(path).tokenizer.protect == ["demo:code"]
 
 
 def test_assembly_needs_one_weight_per_expert_and_a_default():

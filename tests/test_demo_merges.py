@@ -69,11 +69,13 @@ def test_flagship_keeps_the_base_when_the_donor_is_masked_and_slerp_t_is_0(tmp_p
 def test_flagship_union_tokenizer_loads_and_renders_the_thinking_markers(flagship):
     tok = AutoTokenizer.from_pretrained(flagship)
     zen = AutoTokenizer.from_pretrained(ensure_demo("zen-tiny"))
-    code = heldout_text("code")
-    assert tok(code).input_ids == zen(code).input_ids
-    for special in ("<think>", "</think>", "/think", "/no_think", "<|im_start|>", "<|im_end|>"):
+    for text in (heldout_text("code"), heldout_text("maths"), heldout_text("maths", style="r1_chat")):
+        assert tok(text).input_ids == zen(text).input_ids  # the union's encoder is the base's
+    for special in ("<think>", "</think>", "<|im_start|>", "<|im_end|>"):
         ids = tok(special, add_special_tokens=False).input_ids
         assert len(ids) == 1 and tok.decode(ids) == special
+    for switch in ("/think", "/no_think"):  # text, as in Qwen3: split as the base splits it
+        assert tok(switch, add_special_tokens=False).input_ids == zen(switch, add_special_tokens=False).input_ids
     ask = [{"role": "user", "content": "What is 12 + 7?"}]
     on = tok.apply_chat_template(ask, tokenize=False, add_generation_prompt=True, enable_thinking=True)
     off = tok.apply_chat_template(ask, tokenize=False, add_generation_prompt=True, enable_thinking=False)

@@ -19,6 +19,7 @@ from zenith_merge.errors import ConfigError, PlanError
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan import build_plan
 from zenith_merge.vocab.rows import NormStats, match_norms, slerp
+from zenith_merge.vocab.token_map import TokenMap
 
 DONOR_TEXT = ["Solve 12 * 7 step by step: 10 * 7 = 70, 2 * 7 = 14, total 84.\n", "fire and brimstone\n"] * 20
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -52,18 +53,21 @@ def _merge(path: Path):
 
 def _expected_rows(out: Path, part: str, base: torch.Tensor, donor: torch.Tensor) -> torch.Tensor:
     """The union's rows recomputed from the token map and the saved maps, independently of the writer."""
-    tmap = json.loads((out / ".zenith" / "token_map.json").read_text())
+    header = json.loads((out / ".zenith" / "token_map.json").read_text())
+    arrays = load_file(str(out / ".zenith" / "token_map.safetensors"))
     maps = load_file(str(out / ".zenith" / "vocab_maps.safetensors"))
     M = maps.get(f"{part}.donor1")
-    src, dst = NormStats(**tmap["norms"][part]["donor1"]), NormStats(**tmap["norms"][part]["base"])
-    want = torch.zeros(tmap["padded_size"], base.shape[1], dtype=torch.float64)
+    src, dst = NormStats(**header["norms"][part]["donor1"]), NormStats(**header["norms"][part]["base"])
+    want = torch.zeros(header["padded_size"], base.shape[1], dtype=torch.float64)
     want[:base.shape[0]] = base.double()
-    for e in tmap["tokens"]:
-        if e["row"] == "base":
+    for uid in range(header["size"]):
+        rule = header["row_rules"][int(arrays["row"][uid])]
+        if rule == "base":
             continue
-        d = donor[e["donor1"]].double()
+        d = donor[int(arrays["ids.donor1"][uid])].double()
         mapped = match_norms(((M.double() @ d) if M is not None else d)[None], src, dst)
-        want[e["id"]] = mapped[0] if e["row"] == "donor1" else slerp(base[e["base"]][None], mapped, tmap["slerp_t"])[0]
+        b = int(arrays["ids.base"][uid])
+        want[uid] = mapped[0] if rule == "donor1" else slerp(base[b][None], mapped, header["slerp_t"])[0]
     return want
 
 
@@ -112,14 +116,20 @@ def test_tokenizer_command_builds_the_union_and_merge_resume_reuses_it(models, t
     assert main(["merge", str(cfg), "--resume", "--no-progress"]) == 0
     assert tmap.stat().st_mtime_ns == before
     assert "## Vocabulary" in (tmp_path / "out" / "README.md").read_text()
-    entry = next(e for e in json.loads(tmap.read_text())["tokens"] if e["token"] == "<think>")
-    assert entry["row"] == "donor1" and "base" not in entry  # a donor-only token, from the donor as asked
+    token_map = TokenMap.load(tmap.parent)
+    think = AutoTokenizer.from_pretrained(tmp_path / "out").convert_tokens_to_ids("<think>")
+    assert token_map.header["row_rules"][int(token_map.row[think])] == "donor1"  # donor-only, from the donor as asked
+    assert token_map.ids["base"][think] == -1 and token_map.ids["donor1"][think] >= 0
 
 
 def test_token_settings_name_the_token_at_fault(models, tmp_path):
     base, donor = models["base"], models["donor"]
-    with pytest.raises(PlanError, match=r"tokenizer.tokens.'<nope>': '<nope>' is in neither"):
+    with pytest.raises(PlanError, match=r"tokenizer.tokens.'<nope>': '<nope>' is no token of the base's"):
         build_plan(load_config(_config(tmp_path, base, donor, tokens={"<nope>": {"source": "base", "force": True}})))
+    # the flagship's old entries: in real Qwen3 the soft switches are text, not tokens
+    with pytest.raises(PlanError, match=r"tokenizer.tokens.'/think': .* /think and /no_think are plain text"):
+        build_plan(load_config(_config(tmp_path, base, donor, tokens={"/think": {"source": str(donor),
+                                                                                "force": True}})))
     with pytest.raises(PlanError, match=r"tokenizer.tokens.'<\|im_end\|>'.source: .* has no token '<\|im_end\|>'"):
         build_plan(load_config(_config(tmp_path, base, donor, tokens={"<|im_end|>": {"source": "base",
                                                                                     "force": True}})))

@@ -97,9 +97,9 @@ def cmd_align(args) -> int:
         for kind in ("A", "B"):
             print(f"  R^2 {kind}: " + "  ".join(f"{k.split('.', 1)[1]}: {v:.3f}" for k, v in info["r2"][kind].items()))
     if plan.vocab is not None:
-        from .stages.tokenizer import load_token_map
+        from .vocab.token_map import TokenMap
 
-        print("\n".join(format_union(plan, load_token_map(out))))
+        print("\n".join(format_union(plan, TokenMap.load(out / ".zenith").header)))
     if plan.stages.router_offsets:
         from .stages.router_offsets import load_offsets
 
@@ -188,12 +188,12 @@ def cmd_fp8_cast(args) -> int:
 
 def cmd_tokenizer(args) -> int:
     from .pipeline import build_tokenizer, union_dir
-    from .stages.tokenizer import load_token_map
+    from .vocab.token_map import TokenMap
 
     cfg, config_dir = _load(args.config)
     plan = build_tokenizer(cfg, config_dir=config_dir, output_dir=args.output, overwrite=args.overwrite)
     zdir = Path(plan.output_dir) / ".zenith"
-    print("\n".join(format_union(plan, load_token_map(zdir))))
+    print("\n".join(format_union(plan, TokenMap.load(zdir).header)))
     print(f"tokenizer files in {union_dir(Path(plan.output_dir))} (AutoTokenizer.from_pretrained loads them); "
           f"token map {zdir / 'token_map.json'}")
     return 0
@@ -328,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Build the union vocabulary CONFIG asks for (tokenizer.source: union): the "
                                     "base's tokenizer plus the experts' tokens it lacks, with the chat template's "
                                     "thinking switches, into <output>/.zenith/tokenizer/, and the token map "
-                                    "(<output>/.zenith/token_map.json: union id -> source ids and how each row is "
-                                    "made). Prints a summary. `merge` runs this too, and `merge --resume` reuses it.")
+                                    "(<output>/.zenith/token_map.json and token_map.safetensors: union id -> source "
+                                    "ids and how each row is made). Its encoder is the base's: text without the "
+                                    "donors' added tokens tokenizes to the base's ids. Prints a summary. `merge` runs this too, and `merge --resume` reuses it.")
     _config_args(sp)
     sp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     sp.set_defaults(fn=cmd_tokenizer)

@@ -122,11 +122,21 @@ class TokenizerSettings(_Strict):
     tokens: dict[str, TokenSetting] = Field(default_factory=dict)
     pad_to_multiple_of: int = Field(64, ge=1)
     slerp_t: float = Field(0.5, ge=0.0, le=1.0, description="0 keeps the base's row, 1 takes the donor's")
+    donor_merges: bool = Field(
+        False, description="also add the donors' BPE merges after the base's (opt-in): donor subwords are then "
+                           "produced by encoding, and base text no longer always tokenizes as the base does")
     protect: list[str] = Field(
         default_factory=list,
-        description="text that must tokenize exactly as the base tokenizes it (files relative to the config, or "
-                    "demo:code / demo:maths); donor merges that change it are left out. Default: the base's "
-                    "positive prompts")
+        description="with donor_merges: text that must tokenize exactly as the base tokenizes it (files relative "
+                    "to the config, or demo:code / demo:maths); donor merges that change it are left out. "
+                    "Default: the base's positive prompts")
+
+    @model_validator(mode="after")
+    def _protect_needs_donor_merges(self) -> TokenizerSettings:
+        if self.protect and not self.donor_merges:
+            raise ValueError("protect: guards text against donor merges, which are off; the union already "
+                             "tokenizes every text as the base does (set donor_merges: true, or drop protect)")
+        return self
 
     @field_validator("tokens")
     @classmethod

@@ -18,28 +18,31 @@ from .io.manifest import write_text_atomic
 def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
     if plan.vocab is None or token_map is None:
         return ["## Vocabulary", "", "The base model's tokenizer, unchanged: token ids are the base's.", ""]
-    from .stages.tokenizer import appended_tokens, row_counts
-
     vp = plan.vocab
-    rows = row_counts(token_map)
-    appended, specials = appended_tokens(token_map)
+    rows, specials = token_map["rows"], token_map["appended_specials"]
     names = {key: plan.sources[key].ref for key in ("base", *vp.donors)}
     how = {"base": "copied from the base", "slerp": f"SLERP of the base row and the mapped donor row, t={vp.slerp_t}"}
+    if token_map["donor_merges"]:
+        encoding = (f"Donor subwords are BPE tokens produced by {token_map['merges_added']} donor merges ranked "
+                    f"after the base's; {len(token_map['merges_dropped'])} were left out because they changed how "
+                    f"protected text splits. Base text can tokenize differently from the base.")
+    else:
+        encoding = ("The encoder is the base's (same normaliser, pre-tokenizer and merges): any text without the "
+                    "donors' added tokens tokenizes to exactly the base's ids. Donor subwords are in the "
+                    "vocabulary, so the model can emit them and they decode, but encoding never produces them.")
     lines = ["## Vocabulary", "",
              f"A union of the base's tokenizer and {', '.join(names[k] for k in vp.donors)}'s: "
              f"{token_map['size']} tokens (ids 0-{token_map['base_size'] - 1} are the base's, unchanged; "
-             f"{len(appended)} donor tokens follow), embedding and lm_head padded to {vp.padded_size} rows.",
-             f"Donor subwords are BPE tokens produced by {token_map['merges_added']} donor merges ranked after "
-             f"the base's; {len(token_map['merges_dropped'])} were left out because they changed how protected "
-             f"text splits.",
+             f"{token_map['appended']} donor tokens follow), embedding and lm_head padded to {vp.padded_size} rows.",
+             encoding,
              f"Special tokens added: {', '.join(f'`{s}`' for s in specials) or 'none'}.", "",
              "| rows | tokens | made as |", "|---|---:|---|"]
     for rule, n in rows.items():
         kind, _, donor = rule.partition(":")
         what = how.get(kind, f"transferred from {names.get(rule, rule)} (mapped, norm matched to the base's)")
         lines.append(f"| `{rule}` | {n} | {what if kind != 'slerp' else how['slerp'] + f' ({names[donor]})'} |")
-    lines += ["", "`.zenith/token_map.json` maps every union id to its id in each source (`base`, "
-              + ", ".join(f"`{k}` = {names[k]}" for k in vp.donors) + ") and names how its rows were made.", ""]
+    lines += ["", "`.zenith/token_map.safetensors` maps every union id to its id in each source (`base`, "
+              + ", ".join(f"`{k}` = {names[k]}" for k in vp.donors) + ") and how its rows were made; `.zenith/token_map.json` describes it.", ""]
     return lines
 
 

@@ -677,9 +677,9 @@ def run_merge(
 
     token_map = None
     if plan.vocab is not None:
-        from .stages.tokenizer import load_token_map
+        from .vocab.token_map import TokenMap
 
-        token_map = load_token_map(out / ".zenith")
+        token_map = TokenMap.load(out / ".zenith").header
     from .routing_report import load_routing
 
     write_model_card(plan, out, token_map, load_routing(out))

@@ -44,6 +44,19 @@ def format_plan(plan) -> str:
                      + ", ".join(f"{k} {m}" for k, m in v.maps.items())
                      + (f"; forced: {', '.join(t for t, r in v.tokens.items() if r.force)}"
                         if any(r.force for r in v.tokens.values()) else ""))
+        if v.donor_merges:
+            lines.append("  encoding: the base's merges, then the donors' (donor_merges: true): base text can "
+                         "tokenize differently from the base" + (" outside the protected text" if v.protect else ""))
+        else:
+            lines.append("  encoding: the base's (same normaliser, pre-tokenizer, merges): text tokenizes to the "
+                         "base's ids unless it contains the added tokens below")
+        if v.plain_text_added:
+            shown = ", ".join(v.plain_text_added[:12]) + (" ..." if len(v.plain_text_added) > 12 else "")
+            lines.append(f"  donor added tokens that are plain text to the base ({len(v.plain_text_added)}): {shown}; "
+                         f"text containing them tokenizes differently from the base")
+        for donor, n in v.subwords_left_out.items():
+            lines.append(f"  {donor}: {n} subwords not appended (the base's BPE would reach them without a merge); "
+                         f"their text encodes through the base's tokens")
     lines += format_expert_table(plan)
     if plan.method == "assembly":
         lines.append("assembly (tensors per recipe):")
@@ -121,19 +134,24 @@ def format_expert_table(plan) -> list[str]:
 
 
 def format_union(plan, token_map: dict) -> list[str]:
-    """A readable summary of a built union vocabulary: sizes, merges, specials, row rules, maps."""
-    from .stages.tokenizer import appended_tokens, row_counts
-
+    """A readable summary of a built union vocabulary (the token map's header): sizes, merges, specials, rows, maps."""
     vp = plan.vocab
-    rows = row_counts(token_map)
-    appended, specials = appended_tokens(token_map)
+    rows, specials = token_map["rows"], token_map["appended_specials"]
+    plain = [t for t in token_map["appended_added"]]
+    if token_map["donor_merges"]:
+        dropped = token_map["merges_dropped"]
+        merges = (f"  donor merges (opt-in): {token_map['merges_added']} added after the base's, {len(dropped)} left "
+                  f"out to keep protected text exact" + (f" ({', '.join(map(repr, dropped[:8]))}"
+                                                         f"{' ...' if len(dropped) > 8 else ''})" if dropped else ""))
+    else:
+        merges = ("  encoding: the base's (no donor merges): every text without the added tokens below tokenizes "
+                  "to the base's ids")
     lines = [f"union tokenizer: {token_map['size']} tokens ({token_map['base_size']} base ids kept, "
-             f"{len(appended)} appended from {', '.join(token_map['donors'])}), embedding rows {vp.padded_size}",
-             f"  donor merges: {token_map['merges_added']} added after the base's, "
-             f"{len(token_map['merges_dropped'])} left out to keep protected text exact"
-             + (f" ({', '.join(map(repr, token_map['merges_dropped'][:8]))}"
-                f"{' ...' if len(token_map['merges_dropped']) > 8 else ''})" if token_map["merges_dropped"] else ""),
+             f"{token_map['appended']} appended from {', '.join(token_map['donors'])}), embedding rows "
+             f"{vp.padded_size}", merges,
              f"  special tokens added: {', '.join(specials) or 'none'}",
+             f"  added tokens that are plain text to the base ({len(plain)}): "
+             + (", ".join(plain[:12]) + (" ..." if len(plain) > 12 else "") if plain else "none"),
              "  rows: " + ", ".join(f"{n} {rule}" for rule, n in rows.items()) + f" (slerp_t {vp.slerp_t})"]
     lines += [f"  forced: {tok!r} from {rule.source}" for tok, rule in vp.tokens.items() if rule.force]
     for donor, parts in token_map["maps"].items():

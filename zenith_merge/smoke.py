@@ -447,8 +447,8 @@ def _update_model_card(folder: Path, report: SmokeReport, routing: dict | None) 
         return
     plan = Plan.load(folder)
     token_map = None
-    if plan.vocab is not None and (folder / ".zenith" / "token_map.json").is_file():
-        from .stages.tokenizer import load_token_map
+    if plan.vocab is not None:
+        from .vocab.token_map import token_map_header
 
-        token_map = load_token_map(folder / ".zenith")
+        token_map = token_map_header(folder / ".zenith")
     write_model_card(plan, folder, token_map, routing, smoke=report_table(report))

@@ -40,8 +40,16 @@ class VocabPlan(BaseModel):
     maps: dict[str, Literal["identity", "fit"]] = Field(description="donor -> how its rows reach the base's space")
     slerp_t: float
     tokens: dict[str, TokenRule] = Field(default_factory=dict)
+    donor_merges: bool = Field(False, description="the donors' merges join the base's (opt-in)")
     protect: tuple[str, ...] = Field((), description="tokenizer.protect: files or demo:<domain> kept exact")
-    protect_prompts: tuple[str, ...] = Field((), description="without tokenizer.protect: the base's prompts")
+    protect_prompts: tuple[str, ...] = Field((), description="with donor merges, without tokenizer.protect: "
+                                                             "the base's prompts")
+    plain_text_added: tuple[str, ...] = Field(
+        (), description="donor added tokens that are ordinary text to the base: text containing them tokenizes "
+                        "differently from the base")
+    subwords_left_out: dict[str, int] = Field(
+        default_factory=dict, description="donor -> subwords not appended (the base's BPE would reach them "
+                                          "without a merge: ignore_merges, or single characters)")
     ridge: float = 1e-2
 
 
@@ -84,14 +92,15 @@ def plan_vocab(cfg: MergeConfig, config_dir: Path | None, folders: dict[str, Pat
             raise PlanError(f"align.mode: identity, but {key}'s hidden size {widths[key]} differs from the base's "
                             f"{widths['base']}; the union's donor rows need a fitted map (align.mode: fit or auto)")
         maps[key] = "identity" if same and cfg.align.mode != "fit" else "fit"
-    prompts = () if tok.protect else tuple(p for e in cfg.experts for p in e.positive_prompts
+    prompts = () if tok.protect or not tok.donor_merges else tuple(p for e in cfg.experts for p in e.positive_prompts
                                            if resolve_model(e.source_model, config_dir, build_demo=False).path
                                            == folders["base"])
     padded = max(vocab.padded_size, base_rows)
     return VocabPlan(sources={k: _sha(f / "tokenizer.json") for k, f in folders.items()}, donors=vocab.donors,
                      size=vocab.size, padded_size=padded, appended=len(vocab.appended()), maps=maps,
-                     slerp_t=tok.slerp_t, tokens=rules, protect=tuple(tok.protect), protect_prompts=prompts,
-                     ridge=cfg.align.ridge)
+                     slerp_t=tok.slerp_t, tokens=rules, donor_merges=tok.donor_merges, protect=tuple(tok.protect),
+                     protect_prompts=prompts, plain_text_added=tuple(t.spelling for t in vocab.plain_text_added()),
+                     subwords_left_out=vocab.subwords_left_out, ridge=cfg.align.ridge)
 
 
 def resolve_token_rules(cfg: MergeConfig, config_dir: Path | None, folders: dict[str, Path],
@@ -103,7 +112,8 @@ def resolve_token_rules(cfg: MergeConfig, config_dir: Path | None, folders: dict
         where = f"tokenizer.tokens.{token!r}"
         found = vocab.find(token)
         if found is None:
-            raise PlanError(f"{where}: {token!r} is in neither the base's nor any expert's tokenizer")
+            raise PlanError(f"{where}: {token!r} is no token of the base's tokenizer nor of any expert's (in "
+                            f"Qwen3, /think and /no_think are plain text that the chat template reads, not tokens)")
         if setting.source is None:
             continue
         if setting.source == "base":

@@ -4,8 +4,9 @@ Zen's (shared by the zen parent and both children) follows DeepSeek-V3: numbers 
 runs of up to three digits, DeepSeek's special tokens, a BOS token added to every encoding
 and an R1-style chat template. Qwen's follows Qwen3: another vocabulary (other data mix,
 other size), digits split one by one, `<|im_start|>` / `<|im_end|>` chat turns, and
-`<think>`, `</think>`, `/think`, `/no_think` as single added tokens, with a chat template
-that honours `enable_thinking`. Both save as tokenizer.json + tokenizer_config.json +
+`<think>`, `</think>` as single added tokens, with a chat template that honours
+`enable_thinking`. As in real Qwen3, `/think` and `/no_think` are plain text (soft switches
+the model reads), not tokens. Both save as tokenizer.json + tokenizer_config.json +
 special_tokens_map.json and load with `AutoTokenizer.from_pretrained` and no custom code.
 """
 
@@ -96,7 +97,7 @@ QWEN_TOKENIZER = TokenizerRecipe(
     name="qwen",
     vocab_size=1536,
     specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-    added=("<think>", "</think>", "/think", "/no_think"),
+    added=("<think>", "</think>"),
     bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False,
     patterns=QWEN_PATTERNS, chat_template=QWEN_CHAT_TEMPLATE,
     data=(("maths", "qwen_chat", 300_000), ("maths", "plain", 100_000), ("code", "plain", 100_000)),

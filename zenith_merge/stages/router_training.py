@@ -187,10 +187,7 @@ def _teacher(plan, out_dir: Path, texts: Sequence[str], steps: int, batch_size: 
     if plan.vocab is None or key not in plan.vocab.donors:
         raise ValueError(f"align.teacher_data: the teacher's tokens reach the merge through the union vocabulary; "
                          f"set tokenizer.source: union with {key} in it")
-    to_union = {}
-    for entry in load_token_map(out_dir / ".zenith")["tokens"]:
-        if key in entry:
-            to_union[entry[key]] = entry["id"]
+    to_union = load_token_map(out_dir / ".zenith").to_union(key)
     with block_fp8_loaded_as_read(Path(path)):
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for p in teacher.parameters():

@@ -5,9 +5,10 @@ Writes into `<output>/.zenith/`:
 
 - `tokenizer/`: the union's tokenizer.json, tokenizer_config.json (chat template with the
   thinking switches), special_tokens_map.json, generation_config.json (copied to the output);
-- `token_map.json`: for every union id, the token, its id in each source, and how its
-  embedding and lm_head rows are made (`row`: base | slerp:<donor> | <donor>); rows past
-  the union's tokens are padding (the base's own padding rows where it has them, else zero);
+- `token_map.json` + `token_map.safetensors` (format: `vocab.token_map`): for every union id,
+  its id in each source and how its embedding and lm_head rows are made (base | slerp:<donor> |
+  <donor>); rows past the union's tokens are padding (the base's own padding rows where it has
+  them, else zero);
 - `vocab_maps.safetensors`: per donor, `embed.<donor>` and `head.<donor>` (d_base, d_donor),
   ridge fits over the tokens both vocabularies share (their rows are paired samples of the
   two spaces), absent where the widths agree and the map is the identity.
@@ -17,7 +18,6 @@ The writer builds the embedding and lm_head from these (see `union_rows`).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -28,25 +28,34 @@ from safetensors.torch import load_file, save_file
 
 from ..architectures import ARCHITECTURES, tensor_name
 from ..errors import OutputError
-from ..io.manifest import file_sha256, write_json_atomic
+from ..io.manifest import file_sha256
 from ..io.reader import Checkpoint
 from ..ridge import RidgeAccumulator
+from ..vocab.chat_template import check_union_template
 from ..vocab.output_files import (
+    THINK_CLOSE,
+    THINK_OPEN,
     dumps,
     union_generation_config,
     union_special_tokens_map,
     union_tokenizer_config,
 )
 from ..vocab.rows import NormStats, match_norms, slerp
-from ..vocab.tokenizer_json import TokenizerFiles, TokenizerModel
+from ..vocab.token_map import (
+    FORMAT_VERSION,
+    TOKEN_ARRAYS,
+    TOKEN_MAP,
+    TokenMap,
+    row_rule_names,
+    token_map_header,
+)
+from ..vocab.tokenizer_json import TokenizerError, TokenizerFiles, TokenizerModel
 from ..vocab.union import UnionToken, UnionVocab, union_tokenizer, union_vocabulary
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
-TOKEN_MAP = "token_map.json"
 VOCAB_MAPS = "vocab_maps.safetensors"
-FORMAT_VERSION = 1
 # Rows handled at a time when fitting maps and building the union's rows (float64 work copies).
 CHUNK_ROWS = 4096
 # Mapped donor rows sampled to measure their norm distribution (evenly spaced, deterministic).
@@ -74,6 +83,30 @@ def token_rules(vocab: UnionVocab, rules: dict[str, Any]) -> dict[int, str]:
         force = rule["force"] if isinstance(rule, dict) else rule.force
         (forced if force else chosen)[tok.id] = source
     return {uid: _row_rule(t, vocab.donors, forced, chosen) for uid, t in vocab.tokens.items()}
+
+
+def _token_map(vocab: UnionVocab, rules: dict[int, str], header: dict[str, Any]) -> TokenMap:
+    """The token map's arrays (each source's id per union id, the row rule's code) and its header."""
+    sources = ["base", *vocab.donors]
+    ids = {k: torch.full((vocab.size,), -1, dtype=torch.int32) for k in sources}
+    for uid, t in vocab.tokens.items():
+        for key, sid in t.sources.items():
+            ids[key][uid] = sid
+    names = row_rule_names(vocab.donors)
+    code = {name: i for i, name in enumerate(names)}
+    row = torch.zeros(vocab.size, dtype=torch.int16)
+    for uid, rule in rules.items():
+        row[uid] = code[rule]
+    counts = {name: int((row == i).sum()) for i, name in enumerate(names)}
+    appended = vocab.appended()
+    header = {**header, "format_version": FORMAT_VERSION, "size": vocab.size, "base_size": vocab.base_size,
+              "donors": list(vocab.donors), "row_rules": names, "rows": {k: v for k, v in counts.items() if v},
+              "appended": len(appended), "appended_added": [t.text for t in appended if t.added],
+              "appended_specials": [t.text for t in appended if t.special],
+              "appended_examples": [t.text for t in appended if not t.added][:16],
+              "unrepresentable": {k: len(v) for k, v in vocab.unrepresentable.items()},
+              "subwords_left_out": vocab.subwords_left_out}
+    return TokenMap(header, ids, row)
 
 
 def rows_tensor(ckpt: Checkpoint, arch_name: str, part: str) -> str:
@@ -117,8 +150,8 @@ def build_union(plan, protect: list[str], zdir: Path, *, key: str) -> dict[str, 
     """Build (or reuse, when built for plan `key`) the union tokenizer, token map and row maps; their sha256s."""
     vp = plan.vocab
     zdir = Path(zdir)
-    tmap_path = zdir / TOKEN_MAP
-    if tmap_path.is_file() and json.loads(tmap_path.read_text()).get("plan_key") == key:
+    header = token_map_header(zdir)
+    if header is not None and header.get("plan_key") == key and (zdir / TOKEN_ARRAYS).is_file():
         return _artefacts(zdir)
     folders = {k: Path(plan.sources[k].path) for k in vp.sources}
     models = {k: TokenizerModel.load(f) for k, f in folders.items()}
@@ -127,14 +160,24 @@ def build_union(plan, protect: list[str], zdir: Path, *, key: str) -> dict[str, 
     if vocab.size != vp.size or vocab.donors != vp.donors:
         raise OutputError(f"the sources' tokenizers changed since the plan was made (union of {vocab.size} tokens, "
                           f"planned {vp.size}); plan again")
-    built = union_tokenizer(models["base"], donors, vocab, protect)
+    built = union_tokenizer(models["base"], donors, vocab, protect, donor_merges=vp.donor_merges)
     files = {k: TokenizerFiles.load(f) for k, f in folders.items()}
     rules = token_rules(vocab, {t: r.model_dump() for t, r in vp.tokens.items()})
 
     maps, meta = _fit_maps(plan, vocab, rules)
     tdir = zdir / TOKENIZER_DIR
     tdir.mkdir(parents=True, exist_ok=True)
-    tok_cfg, jinja = union_tokenizer_config(vocab, files["base"])
+    chat_format = ARCHITECTURES[plan.sources["base"].architecture].chat_format
+    tok_cfg, jinja = union_tokenizer_config(vocab, files["base"], chat_format)
+    template = jinja if jinja is not None else tok_cfg.get("chat_template")
+    if isinstance(template, str) and template != files["base"].chat_template:
+        try:
+            check_union_template(template, bos_token=files["base"].token_content("bos_token"),
+                                 eos_token=files["base"].token_content("eos_token"), open_tag=THINK_OPEN,
+                                 close_tag=THINK_CLOSE)
+        except ValueError as err:
+            raise TokenizerError(f"{folders['base'] / 'tokenizer_config.json'}: its chat template cannot take the "
+                                 f"donors' thinking switches: {err}") from None
     out_files = {"tokenizer.json": dumps(built.data), "tokenizer_config.json": dumps(tok_cfg),
                  "generation_config.json": dumps(union_generation_config(vocab, files, models))}
     stm = union_special_tokens_map(vocab, files["base"])
@@ -150,20 +193,17 @@ def build_union(plan, protect: list[str], zdir: Path, *, key: str) -> dict[str, 
     save_file({k: v.contiguous() for k, v in maps.items()} or {"none": torch.zeros(0)}, str(tensors_tmp))
     tensors_tmp.replace(zdir / VOCAB_MAPS)
 
-    entries = [{"id": uid, "token": t.text, **({"special": True} if t.special else {}), **t.sources,
-                "row": rules[uid]} for uid, t in sorted(vocab.tokens.items())]
-    write_json_atomic(tmap_path, {
-        "format_version": FORMAT_VERSION, "plan_key": key, "size": vocab.size, "padded_size": vp.padded_size,
-        "base_size": vocab.base_size, "donors": list(vocab.donors), "slerp_t": vp.slerp_t,
-        "merges_added": built.merges_added, "merges_dropped": built.merges_dropped,
-        "unrepresentable": {k: len(v) for k, v in vocab.unrepresentable.items()}, **meta, "tokens": entries})
+    token_map = _token_map(vocab, rules, {
+        "plan_key": key, "padded_size": vp.padded_size, "slerp_t": vp.slerp_t, "donor_merges": vp.donor_merges,
+        "merges_added": built.merges_added, "merges_dropped": built.merges_dropped, **meta})
+    token_map.save(zdir)
     log.info("union tokenizer: %d tokens (%d appended, %d donor merges, %d left out to keep protected text exact)",
              vocab.size, len(vocab.appended()), built.merges_added, len(built.merges_dropped))
     return _artefacts(zdir)
 
 
 def _artefacts(zdir: Path) -> dict[str, str]:
-    return {TOKEN_MAP: file_sha256(zdir / TOKEN_MAP), VOCAB_MAPS: file_sha256(zdir / VOCAB_MAPS)}
+    return {name: file_sha256(zdir / name) for name in (TOKEN_MAP, TOKEN_ARRAYS, VOCAB_MAPS)}
 
 
 def _fit_maps(plan, vocab: UnionVocab, rules: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -202,30 +242,13 @@ def _fit_maps(plan, vocab: UnionVocab, rules: dict[int, str]) -> tuple[dict[str,
     return maps, {"maps": fits, "norms": norms}
 
 
-def row_counts(token_map: dict[str, Any]) -> dict[str, int]:
-    """How many union tokens each row rule made (base, slerp:<donor>, <donor>)."""
-    counts: dict[str, int] = {}
-    for entry in token_map["tokens"]:
-        counts[entry["row"]] = counts.get(entry["row"], 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def appended_tokens(token_map: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The token map's entries appended after the base's ids, and the special tokens among them."""
-    appended = [e for e in token_map["tokens"] if e["id"] >= token_map["base_size"]]
-    return appended, [e["token"] for e in appended if e.get("special")]
-
-
-def load_token_map(zdir: Path) -> dict[str, Any]:
-    """`<zdir>/token_map.json`, with an error naming it when missing."""
-    path = Path(zdir) / TOKEN_MAP
-    if not path.is_file():
-        raise OutputError(f"{path}: missing; run the merge (or `zenith-merge tokenizer`) again without --resume")
-    return json.loads(path.read_text())
+def load_token_map(zdir: Path) -> TokenMap:
+    """The token map in `zdir`, with an error naming the file when missing."""
+    return TokenMap.load(zdir)
 
 
 def union_rows(part: str, out: torch.Tensor, base_rows: torch.Tensor, donor_rows: dict[str, torch.Tensor],
-               token_map: dict[str, Any], maps: dict[str, torch.Tensor]) -> torch.Tensor:
+               token_map: TokenMap, maps: dict[str, torch.Tensor]) -> torch.Tensor:
     """Fill `out` (padded_size, d_base) with the union's embedding (`part` embed) or lm_head (`head`) rows.
 
     Base rows (and the base's own padding rows) are copied; a slerp:<donor> token gets
@@ -234,25 +257,22 @@ def union_rows(part: str, out: torch.Tensor, base_rows: torch.Tensor, donor_rows
     """
     n = min(base_rows.shape[0], out.shape[0])
     out[:n] = base_rows[:n].to(out.dtype)
-    t = token_map["slerp_t"]
-    base_stats = NormStats(**token_map["norms"][part]["base"])
+    header = token_map.header
+    t = header["slerp_t"]
+    base_stats = NormStats(**header["norms"][part]["base"])
     for key, rows in donor_rows.items():
-        slerped, moved = [], []
-        for entry in token_map["tokens"]:
-            if entry["row"] == f"slerp:{key}" and t > 0:
-                slerped.append((entry["id"], entry["base"], entry[key]))
-            elif entry["row"] == key:
-                moved.append((entry["id"], entry[key]))
         M = maps.get(f"{part}.{key}")
-        donor_stats = NormStats(**token_map["norms"][part][key])
+        donor_stats = NormStats(**header["norms"][part][key])
+        moved = token_map.rule_ids(key)
         for start in range(0, len(moved), CHUNK_ROWS):
-            chunk = moved[start:start + CHUNK_ROWS]
-            mapped = match_norms(_mapped(rows[[d for _, d in chunk]], M), donor_stats, base_stats)
-            out[[u for u, _ in chunk]] = mapped.to(out.dtype)
+            uids = moved[start:start + CHUNK_ROWS]
+            mapped = match_norms(_mapped(rows[token_map.ids[key][uids].long()], M), donor_stats, base_stats)
+            out[uids] = mapped.to(out.dtype)
+        slerped = token_map.rule_ids(f"slerp:{key}") if t > 0 else torch.zeros(0, dtype=torch.long)
         for start in range(0, len(slerped), CHUNK_ROWS):
-            chunk = slerped[start:start + CHUNK_ROWS]
-            mapped = match_norms(_mapped(rows[[d for _, _, d in chunk]], M), donor_stats, base_stats)
-            out[[u for u, _, _ in chunk]] = slerp(base_rows[[b for _, b, _ in chunk]], mapped, t).to(out.dtype)
+            uids = slerped[start:start + CHUNK_ROWS]
+            mapped = match_norms(_mapped(rows[token_map.ids[key][uids].long()], M), donor_stats, base_stats)
+            out[uids] = slerp(base_rows[token_map.ids["base"][uids].long()], mapped, t).to(out.dtype)
     return out
 
 

@@ -59,15 +59,23 @@ def _new_specials(vocab: UnionVocab) -> list[str]:
     return [t.spelling for t in vocab.appended() if t.added and t.special]
 
 
-def union_tokenizer_config(vocab: UnionVocab, base: TokenizerFiles) -> tuple[dict[str, Any], str | None]:
-    """tokenizer_config.json of the union, and chat_template.jinja's text where the base keeps its template there."""
+def union_tokenizer_config(vocab: UnionVocab, base: TokenizerFiles, chat_format: str | None = None
+                           ) -> tuple[dict[str, Any], str | None]:
+    """tokenizer_config.json of the union, and chat_template.jinja's text where the base keeps its template there.
+
+    The file reads in transformers 4.x as in 5.x: transformers 5 writes `extra_special_tokens` as a
+    list, which 4.x cannot read (it wants a dict of named tokens), so a list moves to
+    `additional_special_tokens`, the key both read. `chat_format`: the base family's conversation
+    format, used where the base ships no template.
+    """
     cfg = copy.deepcopy(base.tokenizer_config)
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del cfg["extra_special_tokens"]
+        cfg["additional_special_tokens"] = _with_specials(cfg.get("additional_special_tokens"), extra)
     specials = _new_specials(vocab)
-    list_key = "extra_special_tokens" if isinstance(cfg.get("extra_special_tokens"), list) \
-        else "additional_special_tokens"
     if specials:
-        present = [s if isinstance(s, str) else s.get("content") for s in cfg.get(list_key) or []]
-        cfg[list_key] = [*(cfg.get(list_key) or []), *[s for s in specials if s not in present]]
+        cfg["additional_special_tokens"] = _with_specials(cfg.get("additional_special_tokens"), specials)
     if isinstance(cfg.get("added_tokens_decoder"), dict):
         for t in vocab.appended():
             if t.added:
@@ -76,13 +84,26 @@ def union_tokenizer_config(vocab: UnionVocab, base: TokenizerFiles) -> tuple[dic
                     "single_word": False, "special": t.special}
     template = base.chat_template
     if vocab.find(THINK_OPEN) is not None and vocab.find(THINK_CLOSE) is not None:
-        template = union_chat_template(template, open_tag=THINK_OPEN, close_tag=THINK_CLOSE)
+        template = union_chat_template(template, chat_format=chat_format, open_tag=THINK_OPEN,
+                                       close_tag=THINK_CLOSE)
     if base.chat_template_file is not None:
         cfg.pop("chat_template", None)
         return cfg, template
     if template is not None:
         cfg["chat_template"] = template
     return cfg, None
+
+
+def _with_specials(listed: list | None, more: list) -> list:
+    """A special-token list (strings or AddedToken dicts) with `more` appended where not yet listed."""
+    out = list(listed or [])
+    present = {s if isinstance(s, str) else s.get("content") for s in out}
+    for s in more:
+        content = s if isinstance(s, str) else s.get("content")
+        if content not in present:
+            out.append(s)
+            present.add(content)
+    return out
 
 
 def union_special_tokens_map(vocab: UnionVocab, base: TokenizerFiles) -> dict[str, Any] | None:
@@ -92,9 +113,7 @@ def union_special_tokens_map(vocab: UnionVocab, base: TokenizerFiles) -> dict[st
     out = copy.deepcopy(base.special_tokens_map)
     specials = _new_specials(vocab)
     if specials:
-        present = [s if isinstance(s, str) else s.get("content") for s in out.get("additional_special_tokens") or []]
-        out["additional_special_tokens"] = [*(out.get("additional_special_tokens") or []),
-                                            *[s for s in specials if s not in present]]
+        out["additional_special_tokens"] = _with_specials(out.get("additional_special_tokens"), specials)
     return out
 
 

@@ -99,6 +99,7 @@ class TokenizerModel:
                 raise TokenizerError(f"{path}: BPE with {key} {model[key]!r} (word-piece style) is not supported")
         self.kind: TokenizerKind = _kind(data, path)
         self.byte_fallback = bool(model.get("byte_fallback"))
+        self.ignore_merges = bool(model.get("ignore_merges"))  # whole pre-tokens found in the vocab skip BPE
         self.vocab: dict[str, int] = dict(model.get("vocab") or {})
         raw = model.get("merges") or []
         self.merges_as_strings = bool(raw) and isinstance(raw[0], str)
@@ -152,6 +153,14 @@ class TokenizerModel:
             if self.byte_fallback and len(surface) == 1:
                 return f"<0x{surface[0]:02X}>"
             return None
+
+    def can_append(self, spelling: str) -> bool:
+        """Whether a token spelt so can join this model's vocabulary without changing how any text encodes:
+        not under `ignore_merges` (whole pre-tokens are looked up), and not a single character in a
+        non-byte-level vocabulary (BPE starts from characters, so it would replace byte fallback)."""
+        if self.ignore_merges:
+            return False
+        return self.kind == "byte_level" or len(spelling) > 1
 
     def special_ids(self) -> list[int]:
         """Ids of the added tokens flagged special."""

@@ -1,21 +1,31 @@
 """The union vocabulary: the base's tokenizer, extended with the donors' tokens it lacks.
 
-Base ids never change. Each donor token whose bytes no base token stands for is appended
-(donors in `experts[]` order, each in its own id order). Ordinary donor subwords join the
-BPE model itself, produced by the donor's own merges ranked after all of the base's, so
-base text splits as before; only donor specials and added tokens (`<|im_start|>`, `/think`)
-become added tokens. (mergekit's union adds donor subwords as added tokens, which are
-matched before BPE runs and so re-split base text: "hello there" became `hell`, `o`, `there`.)
+The union's encoder is the base's: the same normaliser, pre-tokenizer and BPE merges. So on
+any text that contains none of the donors' added-token strings, the union gives exactly the
+base's ids (the invariant the tests check on real DeepSeek and Qwen3 text).
 
-A donor merge ranked after the base's can still fire on base text, wherever the base leaves
-two tokens side by side that the donor joins. `protect` text guards against that: donor
-merges that change how it tokenizes are left out (their tokens stay in the vocabulary, to
-decode and to generate, but encoding no longer produces them).
+Base ids never change. Each donor token whose bytes no base token stands for is appended
+(donors in `experts[]` order, each in its own id order). Donor subwords join the BPE model's
+vocabulary, so the model can emit them and they decode, but no merge produces them; donor
+specials and added tokens (`<|im_start|>`, `<tool_call>`) become added tokens, matched in the
+raw text before BPE runs, as in the donor. (mergekit's union adds donor subwords as added
+tokens, which re-splits base text: "hello there" became `hell`, `o`, `there`.)
+
+`donor_merges=True` (opt-in) also appends the donors' merges that produce their subwords,
+ranked after all of the base's. They fire wherever the base leaves two pieces side by side
+that a donor joins: on Python source 9.9% of DeepSeek's tokens change under Qwen3's merges.
+`protect` text then guards what it is given: donor merges that change how it tokenizes are
+left out.
+
+Two kinds of donor subword would be reached without a merge, and are not appended (their
+text still encodes through the base's tokens), so the invariant holds for every base: any
+subword where the base's BPE model has `ignore_merges` (Llama 3 style: a pre-token found whole
+in the vocabulary skips BPE), and single characters where the base is not byte-level (BPE
+starts from characters, and the base would have spelt a missing one with byte fallback).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,6 +60,8 @@ class UnionVocab:
     padded_size: int
     donors: tuple[str, ...]  # donors whose vocabulary joined (others share the base's)
     unrepresentable: dict[str, list[int]] = field(default_factory=dict)  # donor -> ids the base cannot spell
+    subwords_left_out: dict[str, int] = field(default_factory=dict)  # donor -> subwords not appended (ignore_merges)
+    _by_text: dict[bytes, UnionToken] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -57,14 +69,22 @@ class UnionVocab:
         return max(self.tokens) + 1
 
     def appended(self) -> list[UnionToken]:
-        """The donor tokens added after the base's ids."""
-        return [t for i, t in sorted(self.tokens.items()) if i >= self.base_size]
+        """The donor tokens added after the base's ids, in id order."""
+        return [self.tokens[i] for i in range(self.base_size, self.size) if i in self.tokens]
 
     def find(self, text: str) -> UnionToken | None:
-        """The union token whose surface is `text` (an added token first), or None."""
-        surface = text.encode()
-        hits = [t for t in self.tokens.values() if t.surface == surface]
-        return min(hits, key=lambda t: (not t.added, t.id)) if hits else None
+        """The union token whose surface is `text` (an added token first, then the lowest id), or None."""
+        if self._by_text is None:
+            self._by_text = {}
+            for t in sorted(self.tokens.values(), key=lambda t: (not t.added, t.id), reverse=True):
+                self._by_text[t.surface] = t
+        return self._by_text.get(text.encode())
+
+    def plain_text_added(self) -> list[UnionToken]:
+        """Appended added tokens: donor strings (`<|im_start|>`) that are ordinary text to the base, split
+        into pieces there. Text containing them tokenizes differently from the base: the one exception to
+        the union's exactness."""
+        return [t for t in self.appended() if t.added]
 
 
 def same_vocabulary(a: TokenizerModel, b: TokenizerModel) -> bool:
@@ -81,6 +101,7 @@ def union_vocabulary(base: TokenizerModel, donors: dict[str, TokenizerModel], *,
         by_surface[t.surface, t.added] = i
     joining = tuple(k for k, d in donors.items() if not same_vocabulary(base, d))
     unrepresentable: dict[str, list[int]] = {}
+    left_out: dict[str, int] = {}
     next_id = base.size
     for key in joining:
         donor = donors[key]
@@ -94,12 +115,15 @@ def union_vocabulary(base: TokenizerModel, donors: dict[str, TokenizerModel], *,
             if spelling is None:
                 unrepresentable.setdefault(key, []).append(did)
                 continue
+            if not t.added and not base.can_append(spelling):
+                left_out[key] = left_out.get(key, 0) + 1
+                continue
             tokens[next_id] = UnionToken(next_id, spelling, t.surface, t.added, t.special, {key: did})
             by_surface[t.surface, t.added] = next_id
             next_id += 1
     size = max(tokens) + 1
     padded = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
-    return UnionVocab(tokens, base.size, padded, joining, unrepresentable)
+    return UnionVocab(tokens, base.size, padded, joining, unrepresentable, left_out)
 
 
 @dataclass
@@ -140,20 +164,25 @@ def _donor_merges(base: TokenizerModel, donors: dict[str, TokenizerModel], vocab
 
 
 def union_tokenizer(base: TokenizerModel, donors: dict[str, TokenizerModel], vocab: UnionVocab,
-                    protect: list[str] = ()) -> UnionTokenizer:
-    """The union's tokenizer.json: the base's, with the appended tokens, their merges and added tokens.
+                    protect: list[str] = (), *, donor_merges: bool = False) -> UnionTokenizer:
+    """The union's tokenizer.json: the base's, with the appended tokens and added tokens.
 
-    `protect`: texts that must tokenize exactly as the base tokenizes them; donor merges that
-    change them are left out, repeatedly, until none does.
+    By default no merge is added, so the union encodes as the base does. `donor_merges`: also
+    the donors' merges that produce their subwords, ranked after the base's; `protect` then
+    names texts that must still tokenize exactly as the base tokenizes them, and donor merges
+    that change them are left out, repeatedly, until none does.
     """
     from tokenizers import Tokenizer
 
-    data = copy.deepcopy(base.data)
-    model = data["model"]
+    # A shallow copy with fresh containers where the union writes: a deep copy of a 129K-token file costs seconds.
+    data = dict(base.data)
+    model = data["model"] = dict(base.data["model"])
+    model["vocab"] = dict(model.get("vocab") or {})
+    data["added_tokens"] = [dict(a) for a in base.data.get("added_tokens") or []]
     for t in vocab.appended():
         if t.added:
             key, did = next(iter(t.sources.items()))
-            data.setdefault("added_tokens", []).append(_added_entry(donors[key], did, t.id))
+            data["added_tokens"].append(_added_entry(donors[key], did, t.id))
     # Every token goes into the model's vocabulary under its id: the tokenizers library gives an added
     # token that the vocabulary lacks the next id after the vocabulary's size, whatever its entry says,
     # which would move the base's added tokens once donor tokens follow them. An added token's entry is
@@ -161,7 +190,9 @@ def union_tokenizer(base: TokenizerModel, donors: dict[str, TokenizerModel], voc
     for t in sorted(vocab.tokens.values(), key=lambda t: t.id):
         if t.spelling not in model["vocab"]:
             model["vocab"][t.spelling] = t.id
-    donor_merges = _donor_merges(base, donors, vocab, model["vocab"])
+    if not donor_merges:
+        return UnionTokenizer(data, 0, [])
+    merges = _donor_merges(base, donors, vocab, model["vocab"])
 
     def with_merges(merges: dict[str, tuple[str, str]]) -> dict[str, Any]:
         pairs = [*base.merges, *merges.values()]
@@ -175,13 +206,13 @@ def union_tokenizer(base: TokenizerModel, donors: dict[str, TokenizerModel], voc
         want = [e.ids for e in base_tok.encode_batch(texts, add_special_tokens=False)]
         spelling_of = {t.id: t.spelling for t in vocab.appended() if not t.added}
         while True:
-            union_tok = Tokenizer.from_str(json.dumps(with_merges(donor_merges)))
+            union_tok = Tokenizer.from_str(json.dumps(with_merges(merges)))
             got = [e.ids for e in union_tok.encode_batch(texts, add_special_tokens=False)]
             firing = {spelling_of[i] for ids, ref in zip(got, want) if ids != ref for i in ids
-                      if i in spelling_of and spelling_of[i] in donor_merges}
+                      if i in spelling_of and spelling_of[i] in merges}
             if not firing:
                 break
             for s in sorted(firing):
-                del donor_merges[s]
+                del merges[s]
                 dropped.append(s)
-    return UnionTokenizer(with_merges(donor_merges), len(donor_merges), dropped)
+    return UnionTokenizer(with_merges(merges), len(merges), dropped)

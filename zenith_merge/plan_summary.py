@@ -5,6 +5,8 @@ The command line prints them; the model card quotes them.
 
 from __future__ import annotations
 
+import math
+
 
 def human(n: int) -> str:
     """A byte count in binary units (1.5 MiB)."""
@@ -57,15 +59,14 @@ def format_plan(plan) -> str:
         for donor, n in v.subwords_left_out.items():
             lines.append(f"  {donor}: {n} subwords not appended (the base's BPE would reach them without a merge); "
                          f"their text encodes through the base's tokens")
+    lines += _format_extra_layers(plan)
+    lines += _format_fp8(plan)
     lines += format_expert_table(plan)
     if plan.method == "assembly":
         lines.append("assembly (tensors per recipe):")
         counts: dict[str, int] = {}
         for t in plan.tensors:
-            r = t.recipe
-            what = (f"copied from {r.source}" if r.kind == "copy" else
-                    f"{r.tensor_class}{' (RegMean)' if r.regmean else ''}: "
-                    + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
+            what = recipe_label(t.recipe)
             counts[what] = counts.get(what, 0) + 1
         lines += [f"  {n:>6}  {what}" for what, n in sorted(counts.items())]
         for key, st in plan.stages.regmean.items():
@@ -75,6 +76,48 @@ def format_plan(plan) -> str:
                          f"weights on {', '.join(st.data)} (at most {st.max_tokens} tokens{passes}, "
                          f"{human(st.sum_bytes)} of sums at once)")
     return "\n".join(lines)
+
+
+def recipe_label(r) -> str:
+    """A short description of how one output tensor is made, for counting tensors per recipe.
+
+    Covers every kind in `plan.Recipe` (copy, expert, router, assemble, vocab, fp8_scale); a kind this
+    function does not know yet is shown by its name rather than failing.
+    """
+    kind = getattr(r, "kind", type(r).__name__)
+    if kind == "copy":
+        return f"copied from {r.source}" + (" (zero-padded)" if r.pad else "")
+    if kind == "assemble":
+        return (f"{r.tensor_class}{' (RegMean)' if r.regmean else ''}: "
+                + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
+    if kind == "expert":
+        return f"routed expert {r.proj} (expert table)"
+    if kind == "router":
+        return f"router {r.part} (expert table)"
+    if kind == "vocab":
+        return f"union vocabulary {'embedding' if r.part == 'embed' else 'lm_head'}"
+    if kind == "fp8_scale":
+        return "block scales (fp8_output)"
+    return str(kind)
+
+
+def _format_fp8(plan) -> list[str]:
+    """fp8_output: how many output weights become block FP8, and their float32 scale tensors."""
+    scales = [t for t in plan.tensors if getattr(t.recipe, "kind", None) == "fp8_scale"]
+    fp8 = [t for t in plan.tensors if t.dtype == "F8_E4M3"]
+    if not scales and not fp8 and not plan.config.get("fp8_output"):
+        return []
+    q = plan.target_config.get("quantization_config") or {}
+    block = "x".join(map(str, q.get("weight_block_size") or ())) or "?"
+    vias = sorted({t.recipe.via for t in scales})
+    fp8_bytes = sum(math.prod(t.shape) for t in fp8)
+    scale_bytes = sum(4 * math.prod(t.shape) for t in scales)
+    return [f"fp8_output: {len(fp8)} of {len(plan.tensors)} tensors written as F8_E4M3 ({human(fp8_bytes)}), "
+            f"{len(scales)} block scales (fp8_output) beside them: float32 weight_scale_inv, one per {block} "
+            f"block ({human(scale_bytes)})",
+            f"  each weight rounded to {', '.join(vias) or '?'} before quantising (amax / 448 per block); "
+            f"config.json gets quantization_config {q.get('quant_method', '?')} {q.get('fmt', '?')}; "
+            f"the other tensors as planned"]
 
 
 def _slot_range(slots) -> str:
@@ -89,6 +132,32 @@ def _slot_range(slots) -> str:
     if ids == list(range(ids[0], ids[0] + len(ids))):
         return f"{where} e{ids[0]}-e{ids[-1]}" if len(ids) > 1 else f"{where} e{ids[0]}"
     return f"{where} e" + ",".join(map(str, ids))
+
+
+def _format_extra_layers(plan) -> list[str]:
+    """A line per extra layer of the output (DeepSeek-V3's MTP modules): where its tensors come from."""
+    from .architectures import ARCHITECTURES, classify, extra_layer_indices
+
+    arch = ARCHITECTURES.get(plan.target_config.get("architectures", [None])[0])
+    if arch is None or arch.extra_layers is None:
+        return []
+    names = [t.name for t in plan.tensors]
+    lines = []
+    for layer in extra_layer_indices(arch, plan.target_config, names):
+        recipes = [t.recipe for t in plan.tensors if (tid := classify(arch, t.name)) is not None and tid.layer == layer]
+        sources: dict[str, int] = {}
+        for r in recipes:
+            what = (f"from {r.source}" if r.kind == "copy" else "assembled" if r.kind == "assemble"
+                    else "block scales" if r.kind == "fp8_scale" else "union vocabulary" if r.kind == "vocab"
+                    else "expert table")
+            sources[what] = sources.get(what, 0) + 1
+        line = (f"{arch.extra_layers.kind.upper()} layer {layer} ({arch.extra_layers.count_key}): {len(recipes)} tensors: "
+                + ", ".join(f"{n} {what}" for what, n in sources.items()))
+        row = next((le for le in plan.expert_table if le.layer == layer), None)
+        if row is not None and row.like is not None:
+            line += f"; its experts follow MoE layer {row.like}'s table (grafted slots, maps and router rows alike)"
+        lines.append(line)
+    return lines
 
 
 def format_expert_table(plan) -> list[str]:

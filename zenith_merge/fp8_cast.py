@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.writer import WriteResult, prepare_output_dir, write_checkpoint
 from .kernels.fp8 import DEFAULT_BLOCK, dequantize, quantize, scale_shape
+from .sources import copy_file_atomic
 
 # The tensor classes whose 2-D weights DeepSeek-V3 stores as block FP8 (its routers, norms,
 # embeddings and head stay in BF16/F32).
@@ -47,10 +47,11 @@ def quantization_config(block: tuple[int, int]) -> dict:
 
 
 def quantizable(arch, name: str, shape: tuple[int, ...]) -> bool:
-    """True for a weight the FP8 form stores quantised: a 2-D projection of attention, an MLP or an expert."""
+    """True for a weight the FP8 form stores quantised: a 2-D projection of attention, an MLP or an expert, or a
+    role the architecture table lists as FP8 (DeepSeek-V3's MTP eh_proj)."""
     tid = classify(arch, name)
-    return (tid is not None and tid.tensor_class in QUANTIZED_CLASSES and len(shape) == 2
-            and name.endswith(".weight"))
+    return (tid is not None and (tid.tensor_class in QUANTIZED_CLASSES or tid.role in arch.fp8_roles)
+            and len(shape) == 2 and name.endswith(".weight"))
 
 
 @dataclass
@@ -194,8 +195,6 @@ def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "
         config["quantization_config"] = quantization_config(block)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.suffix not in WEIGHT_FILES and f.name not in SKIPPED_FILES:
-            tmp = dst / f".{f.name}.tmp"
-            shutil.copyfile(f, tmp)
-            tmp.replace(dst / f.name)
+            copy_file_atomic(f, dst / f.name)
     write_json_atomic(dst / "config.json", config)
     return result

@@ -46,6 +46,25 @@ def _vocabulary(plan, token_map: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _files(plan) -> list[str]:
+    """The side files beside the weights and where each came from (the plan's `side_files`)."""
+    if not plan.side_files:
+        return []
+    from .plan import UNION_SIDE_FILES
+    from .sources import side_file_kind
+
+    def origin(key: str) -> str:
+        if key == UNION_SIDE_FILES:
+            return "the union tokenizer (`zenith-merge tokenizer` stage)"
+        return f"{key} (`{plan.sources[key].ref}`)" if key in plan.sources else key
+
+    lines = ["## Files", "", "Beside the weights, each a byte-for-byte copy of its origin's (config.json is written "
+             "from the plan's target config):", "",
+             "| file | what | from |", "|---|---|---|"]
+    lines += [f"| `{name}` | {side_file_kind(name)} | {origin(key)} |" for name, key in sorted(plan.side_files.items())]
+    return [*lines, ""]
+
+
 def _plan_summary(plan) -> list[str]:
     from .plan_summary import format_expert_table, human
 
@@ -77,13 +96,14 @@ def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str,
              f"# {Path(plan.output_dir).name}", "",
              f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method}`, plan `{plan.plan_id[:12]}`).",
              "", "## Sources", "",
-             "Fingerprint: sha256 over each source's config, index, safetensors headers and file sizes (what the "
-             "plan was made from; `zenith-merge merge --resume` refuses a changed source).", "",
+             "Fingerprint: sha256 over each source's config, index, safetensors headers, file sizes and a fixed "
+             "sample of each shard's data (what the plan was made from; `zenith-merge merge --resume` refuses a "
+             "changed or swapped source).", "",
              "| key | model | architecture | fingerprint (sha256) |", "|---|---|---|---|"]
     lines += [f"| {key} | {s.ref} | {s.architecture} | `{s.fingerprint}` |" for key, s in plan.sources.items()]
     smoke_lines = ["## Smoke test", "", "`zenith-merge smoke-test` on this folder (report.md has the samples):", "",
                    *smoke, ""] if smoke else []
-    lines += ["", *_plan_summary(plan), *_vocabulary(plan, token_map), *_routing(routing), *smoke_lines,
+    lines += ["", *_plan_summary(plan), *_vocabulary(plan, token_map), *_files(plan), *_routing(routing), *smoke_lines,
               "## Configuration", "", "```yaml",
               yaml.safe_dump(plan.config, sort_keys=False, allow_unicode=True).strip(), "```", ""]
     return "\n".join(lines)

@@ -116,3 +116,38 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(folder / file, "pt") as f:
             out[name] = f.get_tensor(name)
     return out
+
+
+def add_mtp_layer(folder: Path, *, seed: int = 1) -> Path:
+    """Give a tiny DeepSeek-V3 folder the release's multi-token-prediction layer, as DeepSeek ships it: layer
+    `num_hidden_layers` holds a copy of the last decoder layer's tensors (perturbed, seeded) plus the MTP's own
+    embed_tokens, enorm, hnorm, eh_proj, shared_head.norm and shared_head.head, in a shard of its own, and
+    config.json says num_nextn_predict_layers: 1."""
+    from safetensors.torch import save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    depth, hidden, vocab = config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]
+    tensors = tensors_of(folder)
+    gen = torch.Generator().manual_seed(seed)
+    last, mtp = f"model.layers.{depth - 1}.", f"model.layers.{depth}."
+    dtype = tensors["model.embed_tokens.weight"].dtype
+    extra = {mtp + name.removeprefix(last): (t.float() + 0.01 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+             for name, t in tensors.items() if name.startswith(last)}
+    extra.update({
+        mtp + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+        mtp + "enorm.weight": torch.ones(hidden, dtype=dtype),
+        mtp + "hnorm.weight": torch.ones(hidden, dtype=dtype),
+        mtp + "eh_proj.weight": (0.02 * torch.randn(hidden, 2 * hidden, generator=gen)).to(dtype),
+        mtp + "shared_head.norm.weight": torch.ones(hidden, dtype=dtype),
+        mtp + "shared_head.head.weight": (0.02 * torch.randn(vocab, hidden, generator=gen)).to(dtype),
+    })
+    shard = "model-mtp.safetensors"
+    save_file({k: v.contiguous() for k, v in extra.items()}, str(folder / shard), metadata={"format": "pt"})
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {
+        "metadata": {}, "weight_map": {n: "model.safetensors" for n in tensors}}
+    index["weight_map"].update({k: shard for k in extra})
+    index_path.write_text(json.dumps(index, indent=2))
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

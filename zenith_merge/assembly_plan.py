@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .architectures import classify, set_dim, shared_input_of
+from .architectures import classify, extra_layer_indices, set_dim, shared_input_of
 from .config import MergeConfig
 from .errors import PlanError
 from .plan import (
@@ -73,6 +73,16 @@ def _regmean_stage(source: _Source, names: list[str], regmean) -> RegMeanStage:
                         sum_bytes=max(sum(8 * size[n] ** 2 for n in g) for g in groups))
 
 
+def mtp_weights(weights: dict[str, list[float]], tensor_class: str) -> list[float]:
+    """The weights of a tensor of an extra (MTP) layer: `assembly.weights.mtp` when given, for the whole layer;
+    otherwise its own class's, as in the layers it extends (its attention as attention, its experts as
+    routed_experts), and MTP's own projection (eh_proj, class mtp) as attention."""
+    if "mtp" in weights:
+        return weights["mtp"]
+    own = "attention" if tensor_class == "mtp" else tensor_class
+    return weights.get(own, weights["default"])
+
+
 def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sources: list[_Source]) -> Plan:
     """Every base tensor, interpolated across the `experts[]` parents with the config's per-class weights."""
     for s in sources:
@@ -85,11 +95,14 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
     regmean = settings.regmean
     needs_grams: dict[str, list[str]] = {}
     tensors, input_bytes = [], {}
+    extra = set(extra_layer_indices(base.arch, base.ckpt.config, base.ckpt.names()))
     for name in base.ckpt.names():
         info = base.ckpt.info(name)
         tid = classify(base.arch, name)
         tclass = tid.tensor_class if tid else "other"
-        weights = settings.weights.get(tclass, settings.weights["default"])
+        in_extra = tid is not None and tid.layer in extra
+        weights = mtp_weights(settings.weights, tclass) if in_extra else \
+            settings.weights.get(tclass, settings.weights["default"])
         used = [(s, w) for s, w in zip(sources, weights) if w > 0]
         for s, _ in used:
             if name not in s.ckpt or s.ckpt.info(name).shape != info.shape:
@@ -100,8 +113,9 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
         if len(used) == 1 and (settings.threshold == 0 or keys[0] == "base"):
             recipe = CopyRecipe(source=keys[0], tensor=name)
         else:
+            # an MTP layer never runs in transformers' forward pass, so it has no RegMean statistics: interpolated
             solve = (regmean is not None and tclass in regmean.classes and len(used) > 1 and len(info.shape) == 2
-                     and name.endswith(".weight"))
+                     and name.endswith(".weight") and not in_extra)
             recipe = AssembleRecipe(tensor=name, tensor_class=tclass, sources=keys,
                                     weights=tuple(w for _, w in used), threshold=settings.threshold, regmean=solve,
                                     off_diagonal=regmean.off_diagonal if solve else 1.0,

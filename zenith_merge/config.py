@@ -148,7 +148,7 @@ class TokenizerSettings(_Strict):
 
 
 TENSOR_CLASSES = ("embeddings", "lm_head", "norms", "attention", "router", "routed_experts", "shared_experts",
-                  "dense_mlp", "other")
+                  "dense_mlp", "mtp", "other")
 
 
 class AlignSettings(_Strict):

@@ -8,7 +8,6 @@ into bytes, one tensor at a time, in whichever process writes its shard.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +105,9 @@ class PlanTensorSource:
         """The bytes (same dtype: raw copy) or tensor (converted) for one output tensor."""
         recipe = self._recipe(spec.name)
         if isinstance(recipe, Fp8ScaleRecipe):
-            return self._fp8(recipe.tensor)[1]
+            return self._fp8_copy(recipe.tensor, spec, "_scale_inv") or self._fp8(recipe.tensor)[1]
         if spec.dtype == "F8_E4M3":
-            return self._fp8(spec.name)[0]
+            return self._fp8_copy(spec.name, spec) or self._fp8(spec.name)[0]
         if isinstance(recipe, CopyRecipe):
             ckpt = self._checkpoint(recipe.source)
             if ckpt.info(recipe.tensor).dtype == spec.dtype and not recipe.pad:
@@ -133,6 +132,23 @@ class PlanTensorSource:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
 
+    def _fp8_copy(self, name: str, spec: TensorSpec, suffix: str = ""):
+        """The stored bytes of an FP8 output weight (or of its scales, `suffix` _scale_inv) that the plan copies
+        from a source holding it in the same block FP8: copied, not quantised again, so a copy keeps both its
+        weight and scale bytes exactly. None where the weight is computed, or its source stores it otherwise."""
+        from .kernels.fp8 import DEFAULT_BLOCK
+
+        recipe = self._recipe(name)
+        if not isinstance(recipe, CopyRecipe) or recipe.pad:
+            return None
+        ckpt = self._checkpoint(recipe.source)
+        if not ckpt.is_fp8(recipe.tensor) or tuple(ckpt.fp8_block) != tuple(DEFAULT_BLOCK):
+            return None
+        stored = ckpt.stored_info(recipe.tensor + suffix)
+        if tuple(stored.shape) != tuple(spec.shape) or stored.dtype != spec.dtype:
+            return None
+        return ckpt.stored_byte_range(recipe.tensor + suffix) or ckpt.read_stored(recipe.tensor + suffix)
+
     def _fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, scale_inv) of an output weight written as block FP8; computed once for the weight and its scales."""
         if self._fp8_last is None or self._fp8_last[0] != name:
@@ -152,7 +168,7 @@ class PlanTensorSource:
 
     def _expert(self, r: ExpertRecipe) -> torch.Tensor:
         slot = self.plan.slot(r.layer, r.slot)
-        A, B = self.maps(slot.source, r.layer, slot.source_layer)
+        A, B = self.maps(slot.source, self._stage_layer(r.layer), slot.source_layer)
         return fold_projection(self.source_weight(r.layer, r.slot, r.proj), r.proj, A=A, B=B, scale=slot.scale)
 
     def source_weight(self, layer: int, slot_index: int, proj: str) -> torch.Tensor:
@@ -178,7 +194,8 @@ class PlanTensorSource:
 
     def _router(self, r: RouterRecipe) -> torch.Tensor:
         self._router_cache.clear()
-        if ROUTER_TRAINED in self.plan.artefacts:  # router training's rows replace the gate mode's
+        if ROUTER_TRAINED in self.plan.artefacts and self.plan.layer_experts(r.layer).like is None:
+            # router training's rows replace the gate mode's (training runs no MTP layer: those keep theirs)
             from .stages.router_training import read_trained
 
             arch = ARCHITECTURES[self.plan.target_config["architectures"][0]]
@@ -192,25 +209,31 @@ class PlanTensorSource:
         return torch.stack([self._router_row(r, j, slot, base_rows)
                             for j, slot in enumerate(self.plan.layer_experts(r.layer).slots)])
 
+    def _stage_layer(self, layer: int) -> int:
+        """The layer whose maps, prompt vectors and offsets `layer`'s grafted slots use (an MTP layer: the last
+        MoE layer's)."""
+        return self.plan.layer_experts(layer).stage_layer
+
     def _router_row(self, r: RouterRecipe, j: int, slot, base_rows: torch.Tensor | None) -> torch.Tensor:
         """One slot's router row (or score correction): the base's own, or the gate mode's for a grafted expert."""
         if slot.source == "base" and slot.kind == "routed":
             return base_rows[slot.expert]
         mode = self.plan.config.get("gate_mode", "random")
+        layer = self._stage_layer(r.layer)
         if r.part == "bias":
-            return self._bias_row(slot, r.layer, mode, base_rows) + self._offset(slot.source, r.layer)
+            return self._bias_row(slot, layer, mode, base_rows) + self._offset(slot.source, layer)
         if mode in PROMPT_GATE_MODES:
             # mergekit's prompt-based row: the source's unit prompt vector, at the base rows' mean norm where
             # the base has a router; a routed donor expert adds its own mapped row, which orders the donor's
             # experts among themselves (all of one source share the prompt vector)
-            row = self._prompt_vector(slot.source, r.layer)
+            row = self._prompt_vector(slot.source, layer)
             if base_rows is not None:
                 row = row * base_rows.norm(dim=-1).mean()
             if slot.kind == "routed" and source_router(self.plan, slot, "weight") is not None:
-                row = row + self._mapped_row(slot, r.layer)
+                row = row + self._mapped_row(slot, layer)
             return row
         if mode == "transfer":
-            return self._mapped_row(slot, r.layer)
+            return self._mapped_row(slot, layer)
         width = facts(self.plan.target_config).hidden_size
         std = float(base_rows.std()) if base_rows is not None and base_rows.numel() > 1 else width ** -0.5
         return random_router_row(width, std, self.plan.config.get("seed", 0), r.layer, j,
@@ -257,7 +280,7 @@ class PlanTensorSource:
             self._union = (load_token_map(zdir), load_maps(zdir))
         token_map, maps = self._union
         base = self._checkpoint("base")
-        base_rows = base.read(rows_tensor(base, self.plan.sources["base"].architecture, r.part))
+        base_rows = base.read(r.tensor or rows_tensor(base, self.plan.sources["base"].architecture, r.part))
         donors = {}
         for key in self.plan.vocab.donors:
             ckpt = self._checkpoint(key)
@@ -331,13 +354,18 @@ class MergeResult:
 
 
 def write_side_files(plan: Plan, out_dir: Path) -> None:
-    """Copy tokenizer and generation files from their sources (or the union's, from the tokenizer stage) and
-    write the target config.json."""
+    """Copy the plan's side files byte for byte: tokenizer, chat-template and generation files from their
+    source (or the union's, from the tokenizer stage) and the custom-code modules the config's `auto_map`
+    names, from the base; then write the target config.json. A planned file gone from its source since the
+    plan (a folder edited during the merge) is an error naming it, not a traceback."""
+    from .sources import copy_file_atomic
+
     for name, key in plan.side_files.items():
         src = union_dir(out_dir) / name if key == UNION_SIDE_FILES else Path(plan.sources[key].path) / name
-        tmp = out_dir / f".{name}.tmp"
-        shutil.copyfile(src, tmp)
-        tmp.replace(out_dir / name)
+        if not src.is_file():
+            raise OutputError(f"{src}: side file {name} (from {key}) is missing; the plan found it there: restore "
+                              f"it, or plan again")
+        copy_file_atomic(src, out_dir / name)
     write_json_atomic(out_dir / "config.json", plan.target_config)
 
 
@@ -437,7 +465,7 @@ def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progr
     """Compute (or reuse) the sources' prompt vectors for prompt-based router rows; their sha256."""
     from .stages import prompt_vectors as pv
 
-    layers = [le.layer for le in plan.expert_table]
+    layers = [le.layer for le in plan.expert_table if le.like is None]  # MTP layers use the last layer's
     if pv.saved_key(zdir) != key:
         prompts = {s: (plan.transforms[s].prompts, plan.transforms[s].negative_prompts)
                    for s in plan.stages.prompt_vectors}
@@ -549,7 +577,7 @@ def _router_offsets(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str) -> st
 
     if load_offsets(zdir, key) is None:
         arch = ARCHITECTURES[plan.sources["base"].architecture]
-        layers = [le.layer for le in plan.expert_table]
+        layers = [le.layer for le in plan.expert_table if le.like is None]  # MTP layers use the last layer's
         prompts = {k: list(t.prompts) for k, t in plan.transforms.items() if t.prompts}
         states = prompt_states(Path(plan.sources["base"].path), layers, prompts, mlp_module=arch.mlp_module,
                                load=calibration_load(cfg))
@@ -559,7 +587,7 @@ def _router_offsets(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str) -> st
         specs = {t.name: t.spec for t in plan.tensors}
         offsets = {}
         try:
-            for le in plan.expert_table:
+            for le in (le for le in plan.expert_table if le.like is None):
                 rows = source.produce(specs[tensor_name(out_arch, "router", le.layer)]).float()
                 bias = source.produce(specs[tensor_name(out_arch, "router_bias", le.layer)]).float()
                 offsets[le.layer] = calibrate_layer(
@@ -627,6 +655,23 @@ def write_routing_report(cfg: MergeConfig, plan: Plan, out: Path, *, config_dir:
         save_routing(report, out)
 
 
+def _check_resumed_sources(cfg: MergeConfig, config_dir: Path | None, output_dir: str | Path | None) -> None:
+    """Refuse a resume whose sources changed since the interrupted run (its `.zenith/plan.json`), naming the
+    source: a parent swapped for another of the same layout would otherwise be written beside the old one's
+    finished shards. Nothing to check where no readable plan is there (the writer's plan-id check remains)."""
+    from .plan import PLAN_FILE, output_path
+    from .sources import check_unchanged
+
+    out = output_path(cfg, config_dir, output_dir)
+    if not (out / PLAN_FILE).is_file():
+        return
+    try:
+        earlier = Plan.load(out)
+    except ValueError:  # pydantic's ValidationError: another version's plan, whose plan id the writer refuses
+        return
+    check_unchanged(earlier.sources, out)
+
+
 def run_merge(
     cfg: MergeConfig,
     *,
@@ -641,8 +686,12 @@ def run_merge(
 
     With router or alignment training, the merge is written first (the model trains from it), then
     the shards holding the routers (and the experts whose maps train) are written again; a resumed run picks up at
-    whichever of those steps was cut short.
+    whichever of those steps was cut short. A resume first checks that every source of the interrupted run
+    still has the fingerprint it was planned with (`sources.check_unchanged`), before a stage runs or the
+    plan is saved over the interrupted one.
     """
+    if resume:
+        _check_resumed_sources(cfg, config_dir, output_dir)
     plan = prepare_stages(cfg, config_dir=config_dir, output_dir=output_dir, resume=resume, overwrite=overwrite,
                           progress=progress)
     out = Path(plan.output_dir)

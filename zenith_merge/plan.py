@@ -26,6 +26,7 @@ from .architectures import (
     architecture_of,
     classify,
     expected_shape,
+    extra_layer_indices,
     facts,
     set_dim,
     tensor_name,
@@ -112,10 +113,13 @@ class AssembleRecipe(_Frozen):
 
 class VocabRecipe(_Frozen):
     """The embedding (`embed`) or lm_head (`head`) of the union vocabulary, row by row from the token map:
-    base rows copied, shared tokens SLERPed toward the mapped donor row, donor-only tokens transferred."""
+    base rows copied, shared tokens SLERPed toward the mapped donor row, donor-only tokens transferred.
+    `tensor`: the base's tensor whose rows are taken, where not the model's own (an MTP layer's embedding
+    or head)."""
 
     kind: Literal["vocab"] = "vocab"
     part: Literal["embed", "head"]
+    tensor: str | None = None
 
 
 class Fp8ScaleRecipe(_Frozen):
@@ -144,10 +148,22 @@ class ExpertSlot(_Frozen):
 
 
 class LayerExperts(_Frozen):
-    """The experts of one output MoE layer, slot by slot."""
+    """The experts of one output MoE layer, slot by slot.
+
+    An extra layer (DeepSeek-V3's MTP module, past num_hidden_layers) follows the last MoE layer: the base's
+    slots hold the extra layer's own experts, the other sources' slots the same experts as in the last
+    layer, and `like` names that layer, whose alignment maps, prompt vectors and selection offsets its
+    grafted slots and router rows take (no forward pass runs an MTP layer to compute its own).
+    """
 
     layer: int
     slots: tuple[ExpertSlot, ...]
+    like: int | None = None
+
+    @property
+    def stage_layer(self) -> int:
+        """The layer whose stage artefacts (maps, prompt vectors, offsets) this layer's slots use."""
+        return self.layer if self.like is None else self.like
 
 
 class SourceTransform(_Frozen):
@@ -497,6 +513,9 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
         from .vocab.output_files import union_file_names
 
         side_files = {name: UNION_SIDE_FILES for name in union_file_names(base.model.path)}
+    from .sources import custom_code_files  # auto_map's modules: from the base, with or without the union
+
+    side_files |= dict.fromkeys(custom_code_files(base.model.path, target), "base")
     plan = Plan(
         method=method, config=cfg.model_dump(mode="json"), output_dir=str(output_path(cfg, config_dir, output_dir)),
         sources=planned, target_config=target, side_files=side_files,
@@ -748,6 +767,7 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="shared",
                                       scale=scaled(compensation(None, out_routing), s.entry)))
         table.append(LayerExperts(layer=layer, slots=tuple(row)))
+    table += _extra_layer_rows(cfg, base, base_entry, table) if not converting else []
 
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
     vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_GATE_MODES
@@ -761,6 +781,24 @@ def _plan_concat(cfg, config_dir, output_dir, base: _Source, sources: list[_Sour
                                                            router_offsets=offsets,
                                                            train_routers=_training_steps(cfg, donors, align),
                                                            train_maps=tuple(align) if cfg.align.train_steps else ()))
+
+
+def _extra_layer_rows(cfg: MergeConfig, base: _Source, base_entry: _Source | None, table: list[LayerExperts]
+                      ) -> list[LayerExperts]:
+    """Expert-table rows of the base's extra layers (MTP): each follows the last MoE layer (see LayerExperts),
+    so the output's expert count holds in them too, as vLLM and SGLang load MTP modules with the model's
+    config."""
+    extra = extra_layer_indices(base.arch, base.ckpt.config, base.ckpt.names())
+    if not extra or not table:
+        return []
+    if base_entry is not None and base_entry.entry.keep != "all":
+        raise PlanError(f"experts.{base_entry.index}.keep: the base's MTP layer(s) {list(extra)} would need their own "
+                        f"expert usage, which no forward pass measures; keep all of the base's experts")
+    last = table[-1]
+    return [LayerExperts(layer=layer, like=last.layer,
+                         slots=tuple(s.model_copy(update={"source_layer": layer})
+                                     if s.source == "base" and s.kind == "routed" else s for s in last.slots))
+            for layer in extra]
 
 
 def _vocab_plan(cfg: MergeConfig, config_dir: Path | None, base: _Source, sources: list[_Source]) -> VocabPlan | None:
@@ -819,6 +857,11 @@ def _calibrated_sources(cfg: MergeConfig, sources: list[_Source], arch: Architec
     return tuple(s.key for s in grafted if s.entry.positive_prompts)
 
 
+# Roles with a row per token, rebuilt for a union vocabulary: role -> (part, the model's own embed/head?)
+_VOCAB_ROLES = {"embed": ("embed", True), "lm_head": ("head", True), "mtp_embed": ("embed", False),
+                "mtp_head": ("head", False)}
+
+
 def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], table: list[LayerExperts],
                     arch: Architecture, vocab: VocabPlan | None = None,
                     sources: list[_Source] = ()) -> tuple[list[PlannedTensor], dict[str, int]]:
@@ -840,8 +883,9 @@ def _concat_tensors(cfg: MergeConfig, base: _Source, target: dict[str, Any], tab
                     input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32 work copies: source, map, result
             continue
         t = _copy_tensor(base, name, cfg, target)
-        if vocab is not None and tid is not None and tid.role in ("embed", "lm_head"):
-            t = t.model_copy(update={"recipe": VocabRecipe(part="embed" if tid.role == "embed" else "head")})
+        if vocab is not None and tid is not None and tid.role in _VOCAB_ROLES:
+            part, own = _VOCAB_ROLES[tid.role]
+            t = t.model_copy(update={"recipe": VocabRecipe(part=part, tensor=None if own else name)})
             tensors.append(t)
             input_bytes[name] = _vocab_input_bytes(name, t.shape, base, sources, vocab)
             continue

@@ -30,6 +30,7 @@ __all__ = [
     "classify",
     "dim",
     "expected_shape",
+    "extra_layer_indices",
     "facts",
     "set_dim",
     "shared_input_of",
@@ -163,6 +164,19 @@ def facts(config: dict[str, Any], *, where: str = "config.json") -> ModelFacts:
     )
 
 
+def extra_layer_indices(arch: Architecture, config: dict[str, Any], names: Sequence[str]) -> tuple[int, ...]:
+    """The extra layers (DeepSeek-V3's MTP modules) a checkpoint carries: num_hidden_layers + i for each i below
+    the config's count (`num_nextn_predict_layers`) whose tensors the checkpoint has. Checkpoints saved by
+    transformers drop them though their config keeps the count, so presence is read from the names."""
+    spec = arch.extra_layers
+    if spec is None or not config.get(spec.count_key):
+        return ()
+    depth = dim(config, arch, "layers") or 0
+    wanted = {arch.layer_module.format(layer=i) + ".": i for i in range(depth, depth + int(config[spec.count_key]))}
+    found = {i for name in names for prefix, i in wanted.items() if name.startswith(prefix)}
+    return tuple(sorted(found))
+
+
 @dataclass(frozen=True)
 class TensorId:
     """What a tensor name means in its architecture: role, layer and expert (None where not applicable)."""
@@ -230,8 +244,10 @@ def expected_shape(config: dict[str, Any], name: str) -> tuple[int, ...] | None:
     tid = classify(arch, name)
     if tid is None or arch.roles[tid.role].shape is None:
         return None
-    if tid.layer is not None and tid.layer >= (dim(config, arch, "layers") or 0):
-        return None  # extra layers such as DeepSeek's multi-token-prediction module are not described
+    depth = dim(config, arch, "layers") or 0
+    extra = int(config.get(arch.extra_layers.count_key) or 0) if arch.extra_layers is not None else 0
+    if tid.layer is not None and tid.layer >= depth + extra:
+        return None  # a layer the config does not describe (past its decoder and MTP layers)
     shape = tuple(dim(config, arch, s) for s in arch.roles[tid.role].shape)
     return None if any(s is None for s in shape) else shape
 

@@ -18,7 +18,8 @@ MoeLayerRule = Literal["first_k_dense", "sparse_step", "none"]
 
 # Tensor classes: the groups that same-family assembly gives one lambda each.
 TensorClass = Literal[
-    "embeddings", "lm_head", "norms", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "other"
+    "embeddings", "lm_head", "norms", "attention", "router", "routed_experts", "shared_experts", "dense_mlp", "mtp",
+    "other"
 ]
 
 
@@ -33,6 +34,18 @@ class TensorRole:
     pattern: str
     tensor_class: TensorClass
     shape: tuple[str | int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ExtraLayers:
+    """Decoder layers a checkpoint carries past `num_hidden_layers`, which transformers' model does not run:
+    DeepSeek-V3's multi-token-prediction (MTP) modules. Each is a decoder layer of the model's own kind
+    (attention, norms, an MoE block) at index num_hidden_layers + i, plus tensors of its own (`roles`, also
+    in `Architecture.roles` so that names classify)."""
+
+    kind: str  # "mtp": its class in assembly.weights and its name in the plan
+    count_key: str  # the config key that says how many (num_nextn_predict_layers)
+    roles: tuple[str, ...]  # the extra layer's own roles, beyond a decoder layer's
 
 
 @dataclass(frozen=True)
@@ -78,3 +91,7 @@ class Architecture:
     # The family's conversation format (a key of vocab.chat_template.CHAT_FORMATS), used for a union
     # output whose base ships no chat template; None: no template rather than an invented one.
     chat_format: str | None = None
+    # Layers past num_hidden_layers (DeepSeek-V3's MTP modules); None: the architecture has none.
+    extra_layers: ExtraLayers | None = None
+    # Roles stored as block FP8 in the FP8 release beyond the quantised classes' 2-D weights (MTP's eh_proj).
+    fp8_roles: tuple[str, ...] = ()

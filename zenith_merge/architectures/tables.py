@@ -7,7 +7,7 @@ transformers writes with `save_pretrained` and what vLLM and SGLang load.
 
 from __future__ import annotations
 
-from .spec import Architecture, TensorRole
+from .spec import Architecture, ExtraLayers, TensorRole
 
 L = "model.layers.{layer}."
 
@@ -93,6 +93,7 @@ DEEPSEEK_V3 = Architecture(
         "kv_a_out": ("kv_lora_rank + qk_rope_head_dim",),
         "kv_b_out": ("heads * (qk_nope_head_dim + v_head_dim)",),
         "o_in": ("heads * v_head_dim",),
+        "eh_in": ("hidden * 2",),
     },
     defaults={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_shared_experts": 0, "tie_word_embeddings": False,
               "norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1},
@@ -103,7 +104,20 @@ DEEPSEEK_V3 = Architecture(
     # MLA: q_a_proj (or q_proj without a q LoRA) and kv_a_proj_with_mqa both read the normalised hidden state
     shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, ("shared_gate", "shared_up"),
                    ("q_a_proj", "q_proj", "kv_a_proj")),
+    # The release's multi-token-prediction module: model.layers.<num_hidden_layers + i> is a full MoE decoder
+    # layer plus its own embedding, the two norms of its inputs, the projection of their concatenation
+    # (eh_proj: [enorm(embed(t_{i+1})); hnorm(h_i)] -> hidden) and its own head; eh_proj ships as block FP8.
+    extra_layers=ExtraLayers(kind="mtp", count_key="num_nextn_predict_layers",
+                             roles=("mtp_embed", "mtp_enorm", "mtp_hnorm", "mtp_eh_proj", "mtp_head_norm",
+                                    "mtp_head")),
+    fp8_roles=("mtp_eh_proj",),
     roles={
+        "mtp_embed": TensorRole(L + "embed_tokens.weight", "embeddings", ("vocab", "hidden")),
+        "mtp_enorm": TensorRole(L + "enorm.weight", "norms", ("hidden",)),
+        "mtp_hnorm": TensorRole(L + "hnorm.weight", "norms", ("hidden",)),
+        "mtp_eh_proj": TensorRole(L + "eh_proj.weight", "mtp", ("hidden", "eh_in")),
+        "mtp_head_norm": TensorRole(L + "shared_head.norm.weight", "norms", ("hidden",)),
+        "mtp_head": TensorRole(L + "shared_head.head.weight", "lm_head", ("vocab", "hidden")),
         **_COMMON_ROLES,
         **_DENSE_MLP_ROLES,
         **_ROUTED_EXPERT_ROLES,

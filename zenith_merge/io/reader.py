@@ -373,6 +373,13 @@ class Checkpoint:
         info = self.info(name)
         return None if self._pickled or name in self._fp8 else ByteRange(info.file, info.offset, info.nbytes)
 
+    def stored_byte_range(self, name: str) -> ByteRange | None:
+        """Where a tensor's bytes lie on disk as stored: a block-FP8 weight's float8 bytes, or (for
+        `<weight>_scale_inv`) its scales'. The writer copies them untouched: an FP8 copy keeps both its
+        weight and its scale bytes exactly. None for pickled tensors."""
+        info = self.stored_info(name)
+        return None if self._pickled else ByteRange(info.file, info.offset, info.nbytes)
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in memory of its own (not a view of a mapped file); block-FP8 weights dequantised to BF16."""
         if name in self._fp8:
@@ -383,8 +390,8 @@ class Checkpoint:
         return self._stored(self.info(name))
 
     def read_stored(self, name: str) -> torch.Tensor:
-        """A tensor as stored: for a block-FP8 weight, its float8 values (its scales: `read_scale`)."""
-        return self._stored(self._fp8[name][0] if name in self._fp8 else self.info(name))
+        """A tensor as stored: for a block-FP8 weight, its float8 values; for `<weight>_scale_inv`, its scales."""
+        return self._stored(self.stored_info(name))
 
     def read_stored_into(self, name: str, buffer, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A tensor as stored (as `read_stored`), or its rows [start, stop), read into the start of `buffer`

@@ -144,7 +144,7 @@ def _trainable_maps(model, plan, arch) -> dict[tuple[str, int, int], tuple[torch
     source = PlanTensorSource(plan)
     maps = {}
     try:
-        for le in plan.expert_table:
+        for le in (le for le in plan.expert_table if le.like is None):  # no forward pass runs an MTP layer
             for key in plan.stages.train_maps:
                 slots = [j for j, s in enumerate(le.slots) if s.source == key]
                 if not slots:

@@ -1,0 +1,167 @@
+"""DeepSeek-V3's multi-token-prediction (MTP) layer, as the release lays it out (`model.layers.<depth>.*` with
+its own embed_tokens, enorm, hnorm, eh_proj and shared head): described by the architecture table, copied,
+assembled per class (or by `assembly.weights.mtp`), grafted with the expert table of the last MoE layer,
+and kept in the FP8 classes; and FP8 copies that keep their weight and scale bytes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import add_mtp_layer, make_tiny_deepseek, make_tiny_qwen3_moe, tensors_of, write_config
+from safetensors import safe_open
+
+from zenith_merge.architectures import ARCHITECTURES, classify, extra_layer_indices
+from zenith_merge.config import load_config
+from zenith_merge.demo import ensure_demo
+from zenith_merge.fp8_cast import quantizable
+from zenith_merge.pipeline import run_merge
+from zenith_merge.plan import build_plan
+from zenith_merge.plan_summary import format_plan
+
+V3 = ARCHITECTURES["DeepseekV3ForCausalLM"]
+MTP = "model.layers.3."  # the tiny models have 3 decoder layers
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory):
+    """Two children of one tiny DeepSeek-V3 (other seeds), each with an MTP layer; and a Qwen3-MoE donor."""
+    root = tmp_path_factory.mktemp("mtp")
+    a = add_mtp_layer(make_tiny_deepseek(root / "a", seed=0), seed=1)
+    b = add_mtp_layer(make_tiny_deepseek(root / "b", seed=0), seed=2)
+    donor = make_tiny_qwen3_moe(root / "donor", seed=3, hidden=32)
+    return a, b, donor
+
+
+def _merge(tmp_path: Path, **data) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = write_config(tmp_path, output_dir=str(tmp_path / "out"), **{"gate_mode": "random", **data})
+    return run_merge(load_config(cfg), config_dir=cfg.parent, progress=False).output_dir
+
+
+def test_the_table_describes_the_mtp_layer_and_finds_it_by_its_tensors(parents):
+    a, _, _ = parents
+    config = json.loads((a / "config.json").read_text())
+    names = list(tensors_of(a))
+    assert extra_layer_indices(V3, config, names) == (3,)
+    assert extra_layer_indices(V3, config, [n for n in names if not n.startswith(MTP)]) == ()  # config alone: none
+    roles = {n.removeprefix(MTP): classify(V3, n).role for n in names if n.startswith(MTP)}
+    assert roles["eh_proj.weight"] == "mtp_eh_proj" and roles["shared_head.head.weight"] == "mtp_head"
+    assert roles["enorm.weight"] == "mtp_enorm" and roles["mlp.experts.0.gate_proj.weight"] == "expert_gate"
+    assert quantizable(V3, MTP + "eh_proj.weight", (32, 64))  # FP8 in the release, like the projections
+    assert not quantizable(V3, MTP + "shared_head.head.weight", (320, 32))
+
+
+def test_a_chimera_takes_the_mtp_layer_per_class_or_whole_by_assembly_weights_mtp(parents, tmp_path):
+    a, b, _ = parents
+    experts = [{"source_model": str(a)}, {"source_model": str(b)}]
+    out = _merge(tmp_path / "per-class", base_model=str(a), merge_method="assembly", experts=experts,
+                 assembly={"weights": {"default": [1, 0], "routed_experts": [0, 1]}})
+    got, ta, tb = tensors_of(out), tensors_of(a), tensors_of(b)
+    assert got.keys() == ta.keys()
+    for name, t in got.items():
+        want = tb[name] if classify(V3, name).tensor_class == "routed_experts" else ta[name]
+        assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), name  # MTP experts follow the class
+    out = _merge(tmp_path / "whole", base_model=str(a), merge_method="assembly", experts=experts,
+                 assembly={"weights": {"default": [1, 0], "mtp": [0, 1]}})
+    got = tensors_of(out)
+    for name, t in got.items():
+        want = tb[name] if name.startswith(MTP) else ta[name]
+        assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), name
+    plan = json.loads((out / ".zenith" / "plan.json").read_text())
+    mtp_recipes = [t["recipe"] for t in plan["tensors"] if t["name"].startswith(MTP)]
+    assert mtp_recipes and all(r["kind"] == "copy" and r["source"] == "donor1" for r in mtp_recipes)
+
+
+def test_a_graft_gives_the_mtp_layer_the_last_layers_expert_table(parents, tmp_path):
+    a, _, donor = parents
+    out = _merge(tmp_path, base_model=str(a), gate_mode="random", experts_per_token=2,
+                 experts=[{"source_model": str(a)}, {"source_model": str(donor)}])
+    config = json.loads((out / "config.json").read_text())
+    n = config["n_routed_experts"]
+    assert n == 8 and config["num_nextn_predict_layers"] == 1
+    got, base = tensors_of(out), tensors_of(a)
+    plan = build_plan(load_config(tmp_path / "merge.yml"))
+    assert "MTP layer 3 (num_nextn_predict_layers): " in format_plan(plan)
+    assert "its experts follow MoE layer 2's table" in format_plan(plan)
+    mtp = plan.layer_experts(3)
+    assert mtp.like == 2 and [s.source for s in mtp.slots] == [s.source for s in plan.layer_experts(2).slots]
+    for j, slot in enumerate(mtp.slots):
+        for proj in ("gate", "up", "down"):
+            name = f"mlp.experts.{j}.{proj}_proj.weight"
+            if slot.source == "base":  # the MTP layer's own experts, in place
+                assert torch.equal(got[MTP + name], base[MTP + name])
+            else:  # the donor's experts as grafted into the last layer
+                assert torch.equal(got[MTP + name], got["model.layers.2." + name])
+    rows = got[MTP + "mlp.gate.weight"]
+    assert rows.shape == (n, 32) and torch.equal(rows[:4], base[MTP + "mlp.gate.weight"])
+    for own in ("eh_proj.weight", "enorm.weight", "shared_head.head.weight", "self_attn.o_proj.weight"):
+        assert torch.equal(got[MTP + own], base[MTP + own])
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and all(k.startswith(MTP) for k in info["unexpected_keys"])
+
+
+def test_fp8_output_keeps_eh_proj_in_fp8_with_its_scale(parents, tmp_path):
+    a, _, _ = parents
+    out = _merge(tmp_path, base_model=str(a), experts=[{"source_model": str(a)}], fp8_output=True)
+    with safe_open(str(next(f for f in out.glob("*.safetensors")
+                            if MTP + "eh_proj.weight" in safe_open(str(f), "pt").keys())), "pt") as f:
+        assert f.get_slice(MTP + "eh_proj.weight").get_dtype() == "F8_E4M3"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert MTP + "eh_proj.weight_scale_inv" in index and MTP + "shared_head.head.weight_scale_inv" not in index
+
+
+def _stored(folder: Path) -> dict[str, bytes]:
+    """Every tensor of a folder as stored: name -> raw bytes (FP8 weights and their scales as they are)."""
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def _with_release_like_scales(src: Path, dst: Path, seed: int) -> Path:
+    """A copy of an FP8 folder whose block scales are not amax / 448 of their blocks (as the release's are
+    not): each scale times a seeded factor in [1, 1.5). Quantising such a weight again changes its bytes."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    gen = torch.Generator().manual_seed(seed)
+    for file in dst.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+        for n, t in tensors.items():
+            if n.endswith("_scale_inv"):
+                tensors[n] = t * (1 + 0.5 * torch.rand(t.shape, generator=gen))
+        save_file(tensors, str(file), metadata=meta)
+    return dst
+
+
+def test_an_fp8_chimera_of_whole_classes_is_byte_identical_to_its_parents_tensor_by_tensor(tmp_path):
+    v3 = _with_release_like_scales(ensure_demo("zen-tiny-fp8"), tmp_path / "v3", seed=1)
+    r1 = _with_release_like_scales(ensure_demo("zen-r1-tiny-fp8"), tmp_path / "r1", seed=2)
+    out = _merge(tmp_path, base_model=str(v3), merge_method="assembly", fp8_output=True,
+                 experts=[{"source_model": str(v3)}, {"source_model": str(r1)}],
+                 assembly={"weights": {"default": [1, 0], "routed_experts": [0, 1], "attention": [0, 1]}})
+    got, a, b = _stored(out), _stored(v3), _stored(r1)
+    assert got.keys() == a.keys()
+    scales = [n for n in got if n.endswith("_scale_inv")]
+    assert scales
+    for name, data in got.items():
+        weight = classify(ARCHITECTURES["DeepseekV3ForCausalLM"], name.removesuffix("_scale_inv"))
+        from_r1 = weight is not None and weight.tensor_class in ("routed_experts", "attention")
+        assert data == (b if from_r1 else a)[name], name  # weight bytes and scale bytes alike
+
+
+def test_a_copied_fp8_tensor_whose_source_is_bf16_is_quantised(tmp_path):
+    bf16 = make_tiny_deepseek(tmp_path / "bf16")
+    out = _merge(tmp_path, base_model=str(bf16), experts=[{"source_model": str(bf16)}], fp8_output=True)
+    got = _stored(out)
+    assert any(n.endswith("_scale_inv") for n in got)
+    shutil.rmtree(out)

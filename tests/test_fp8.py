@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-import zenith_merge.fp8_cast as fp8_cast_module
+import zenith_merge.io.dequantize as dequantize_module
 import zenith_merge.kernels.fp8 as fp8_kernels
 from zenith_merge.config import load_config
 from zenith_merge.errors import CheckpointError
@@ -222,7 +222,7 @@ def test_reader_reads_stored_tensors_and_their_rows_into_a_given_buffer(fp8_mode
 def test_fp8_cast_source_reuses_its_buffers_and_pickles_without_them(fp8_model, monkeypatch):
     """Weights come back as views of one BF16 buffer, read a block row at a time (the smallest chunk),
     with the values of a whole-tensor dequantisation; a pickled source carries no buffer."""
-    monkeypatch.setattr(fp8_cast_module, "READ_CHUNK_BYTES", 1)
+    monkeypatch.setattr(dequantize_module, "READ_CHUNK_BYTES", 1)
     source = CastSource(str(fp8_model), "bf16", BLOCK)
     with Checkpoint.open(fp8_model) as ckpt:
         names = sorted((n for n in ckpt.names() if ckpt.is_fp8(n)), key=lambda n: -ckpt.info(n).nbytes)
@@ -235,7 +235,7 @@ def test_fp8_cast_source_reuses_its_buffers_and_pickles_without_them(fp8_model, 
             pointers.add(got.data_ptr())
     assert len(names) > 2 and len(pointers) == 1
     copy = pickle.loads(pickle.dumps(source))
-    assert copy._out is None and copy._stored is None and copy._ckpt is None
+    assert copy._dequantizer is None and copy._ckpt is None
     source.close()
 
 

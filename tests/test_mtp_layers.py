@@ -51,7 +51,8 @@ def test_the_table_describes_the_mtp_layer_and_finds_it_by_its_tensors(parents):
     roles = {n.removeprefix(MTP): classify(V3, n).role for n in names if n.startswith(MTP)}
     assert roles["eh_proj.weight"] == "mtp_eh_proj" and roles["shared_head.head.weight"] == "mtp_head"
     assert roles["enorm.weight"] == "mtp_enorm" and roles["mlp.experts.0.gate_proj.weight"] == "expert_gate"
-    assert quantizable(V3, MTP + "eh_proj.weight", (32, 64))  # FP8 in the release, like the projections
+    assert quantizable(V3, MTP + "self_attn.o_proj.weight", (32, 32))  # the MTP decoder layer: FP8 as elsewhere
+    assert not quantizable(V3, MTP + "eh_proj.weight", (32, 64))  # BF16 in the release (a plain Linear in vLLM)
     assert not quantizable(V3, MTP + "shared_head.head.weight", (320, 32))
 
 
@@ -106,14 +107,19 @@ def test_a_graft_gives_the_mtp_layer_the_last_layers_expert_table(parents, tmp_p
     assert not info["missing_keys"] and all(k.startswith(MTP) for k in info["unexpected_keys"])
 
 
-def test_fp8_output_keeps_eh_proj_in_fp8_with_its_scale(parents, tmp_path):
+def test_fp8_output_writes_the_mtp_layer_as_the_release_does(parents, tmp_path):
+    """Its decoder layer's projections block FP8 with scales; eh_proj, embedding, head and norms BF16."""
     a, _, _ = parents
     out = _merge(tmp_path, base_model=str(a), experts=[{"source_model": str(a)}], fp8_output=True)
-    with safe_open(str(next(f for f in out.glob("*.safetensors")
-                            if MTP + "eh_proj.weight" in safe_open(str(f), "pt").keys())), "pt") as f:
-        assert f.get_slice(MTP + "eh_proj.weight").get_dtype() == "F8_E4M3"
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
-    assert MTP + "eh_proj.weight_scale_inv" in index and MTP + "shared_head.head.weight_scale_inv" not in index
+    dtypes = {}
+    for file in set(index.values()):
+        with safe_open(str(out / file), "pt") as f:
+            dtypes.update({n: f.get_slice(n).get_dtype() for n in f.keys()})
+    assert dtypes[MTP + "self_attn.o_proj.weight"] == "F8_E4M3" and MTP + "self_attn.o_proj.weight_scale_inv" in index
+    assert dtypes[MTP + "mlp.experts.0.down_proj.weight"] == "F8_E4M3"
+    for own in ("eh_proj.weight", "shared_head.head.weight", "embed_tokens.weight", "enorm.weight"):
+        assert dtypes[MTP + own] == "BF16" and MTP + own + "_scale_inv" not in index
 
 
 def _stored(folder: Path) -> dict[str, bytes]:

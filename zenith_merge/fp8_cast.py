@@ -26,11 +26,12 @@ import torch
 
 from .architectures import architecture_of, classify
 from .errors import CheckpointError
+from .io.dequantize import StreamingDequantizer
 from .io.layout import ShardSpec, TensorSpec
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.writer import WriteResult, prepare_output_dir, write_checkpoint
-from .kernels.fp8 import DEFAULT_BLOCK, dequantize, quantize, scale_shape
+from .kernels.fp8 import DEFAULT_BLOCK, quantize, scale_shape
 from .sources import copy_file_atomic
 
 # The tensor classes whose 2-D weights DeepSeek-V3 stores as block FP8 (its routers, norms,
@@ -38,7 +39,6 @@ from .sources import copy_file_atomic
 QUANTIZED_CLASSES = ("attention", "routed_experts", "shared_experts", "dense_mlp")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 SKIPPED_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json")
-READ_CHUNK_BYTES = 4 * 2**20  # FP8 bytes read at a time when dequantising (whole block rows)
 
 
 def quantization_config(block: tuple[int, int]) -> dict:
@@ -47,11 +47,11 @@ def quantization_config(block: tuple[int, int]) -> dict:
 
 
 def quantizable(arch, name: str, shape: tuple[int, ...]) -> bool:
-    """True for a weight the FP8 form stores quantised: a 2-D projection of attention, an MLP or an expert, or a
-    role the architecture table lists as FP8 (DeepSeek-V3's MTP eh_proj)."""
+    """True for a weight the FP8 form stores quantised: a 2-D projection of attention, an MLP or an expert
+    (an MTP layer's included; its eh_proj, class mtp, stays BF16 as in the release)."""
     tid = classify(arch, name)
-    return (tid is not None and (tid.tensor_class in QUANTIZED_CLASSES or tid.role in arch.fp8_roles)
-            and len(shape) == 2 and name.endswith(".weight"))
+    return (tid is not None and tid.tensor_class in QUANTIZED_CLASSES and len(shape) == 2
+            and name.endswith(".weight"))
 
 
 @dataclass
@@ -64,8 +64,7 @@ class CastSource:
     block: tuple[int, int]
     _ckpt: Checkpoint | None = None
     _last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-    _stored: bytearray | None = None  # reused: FP8 bytes of a few block rows of the weight being cast
-    _out: torch.Tensor | None = None  # reused between weights: the BF16 values (flat)
+    _dequantizer: StreamingDequantizer | None = None  # reused buffers (to BF16)
 
     def _checkpoint(self) -> Checkpoint:
         if self._ckpt is None:
@@ -84,30 +83,10 @@ class CastSource:
         return ckpt.byte_range(spec.name) or ckpt.read_bytes(spec.name)
 
     def _dequantized(self, name: str) -> torch.Tensor:
-        """A block-FP8 weight as BF16, dequantised into a buffer that the next weight reuses, from its FP8
-        bytes read a few block rows at a time (about READ_CHUNK_BYTES) into another.
-
-        Reuse is safe because the writer is done with a tensor before it asks for the next:
-        `write_shard` waits on `sink.write(...).result()`, after which the bytes are both written to the
-        file and hashed, and drops the tensor before its next `produce`. Each worker process unpickles
-        a source of its own, without buffers. The output buffer only grows, to the largest weight;
-        smaller ones are views of its start. Each block row's values depend on its bytes and scales
-        alone, so dequantising piece by piece gives the bytes of one whole pass.
-        """
-        ckpt = self._checkpoint()
-        (rows, cols), (b0, _) = ckpt.stored_info(name).shape, ckpt.fp8_block
-        step = max(1, READ_CHUNK_BYTES // max(cols, 1) // b0) * b0
-        if self._stored is None or len(self._stored) < min(step, rows) * cols:
-            self._stored = None  # free the smaller buffer before allocating the larger one
-            self._stored = bytearray(min(step, rows) * cols)  # one byte per e4m3 value
-        if self._out is None or self._out.numel() < rows * cols:
-            self._out = None
-            self._out = torch.empty(rows * cols, dtype=torch.bfloat16)
-        out, scale = self._out[:rows * cols].view(rows, cols), ckpt.read_scale(name)
-        for r in range(0, rows, step):
-            q = ckpt.read_stored_into(name, self._stored, rows=(r, min(r + step, rows)))
-            dequantize(q, scale[r // b0:-(-(r + len(q)) // b0)], ckpt.fp8_block, out=out[r:r + len(q)])
-        return out
+        """A block-FP8 weight as BF16, in flat memory (`StreamingDequantizer`: reused buffers)."""
+        if self._dequantizer is None:
+            self._dequantizer = StreamingDequantizer()
+        return self._dequantizer(self._checkpoint(), name)
 
     def _quantized(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, scale_inv) of one weight, computed once for the weight and its scale (written next to each other)."""
@@ -119,10 +98,10 @@ class CastSource:
         if self._ckpt is not None:
             self._ckpt.close()
             self._ckpt = None
-        self._last = self._stored = self._out = None
+        self._last = self._dequantizer = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_ckpt": None, "_last": None, "_stored": None, "_out": None}
+        return {**self.__dict__, "_ckpt": None, "_last": None, "_dequantizer": None}
 
 
 def cast_plan(ckpt: Checkpoint, to: Literal["bf16", "fp8"], block: tuple[int, int]) -> list[ShardSpec]:

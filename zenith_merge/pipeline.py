@@ -17,6 +17,7 @@ from .architectures import ARCHITECTURES, facts, tensor_name
 from .config import PROMPT_GATE_MODES, MergeConfig, resolve_path
 from .errors import ConfigError, OutputError, PlanError, ZenithError
 from .graft_math import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
+from .io.dequantize import StreamingDequantizer
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.safetensors_format import torch_dtype
@@ -59,6 +60,7 @@ class PlanTensorSource:
         self._align_info: dict[str, dict] = {}
         self._union: tuple[dict, dict] | None = None  # the token map and row maps, read once
         self._grams = None  # RegMean's saved statistics, each file opened once
+        self._dequantizer = StreamingDequantizer()  # FP8 copies written as BF16, in reused buffers
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -111,6 +113,8 @@ class PlanTensorSource:
         if isinstance(recipe, CopyRecipe):
             ckpt = self._checkpoint(recipe.source)
             if ckpt.info(recipe.tensor).dtype == spec.dtype and not recipe.pad:
+                if ckpt.is_fp8(recipe.tensor) and spec.dtype == "BF16":  # dequantised in flat memory
+                    return self._dequantizer(ckpt, recipe.tensor)
                 return ckpt.byte_range(recipe.tensor) or ckpt.read_bytes(recipe.tensor)
         return self.tensor(spec)
 
@@ -316,6 +320,7 @@ class PlanTensorSource:
         self._union = None
         self._fp8_last = None
         self._grams = None
+        self._dequantizer.clear()
 
 
 _PROJ_INDEX = {"gate": 0, "up": 1, "down": 2}

@@ -93,5 +93,4 @@ class Architecture:
     chat_format: str | None = None
     # Layers past num_hidden_layers (DeepSeek-V3's MTP modules); None: the architecture has none.
     extra_layers: ExtraLayers | None = None
-    # Roles stored as block FP8 in the FP8 release beyond the quantised classes' 2-D weights (MTP's eh_proj).
-    fp8_roles: tuple[str, ...] = ()
+

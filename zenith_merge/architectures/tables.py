@@ -106,11 +106,11 @@ DEEPSEEK_V3 = Architecture(
                    ("q_a_proj", "q_proj", "kv_a_proj")),
     # The release's multi-token-prediction module: model.layers.<num_hidden_layers + i> is a full MoE decoder
     # layer plus its own embedding, the two norms of its inputs, the projection of their concatenation
-    # (eh_proj: [enorm(embed(t_{i+1})); hnorm(h_i)] -> hidden) and its own head; eh_proj ships as block FP8.
+    # (eh_proj: [enorm(embed(t_{i+1})); hnorm(h_i)] -> hidden) and its own head. The FP8 release keeps eh_proj
+    # in BF16 (vLLM and SGLang build it as a plain Linear), while its decoder layer's projections are FP8.
     extra_layers=ExtraLayers(kind="mtp", count_key="num_nextn_predict_layers",
                              roles=("mtp_embed", "mtp_enorm", "mtp_hnorm", "mtp_eh_proj", "mtp_head_norm",
                                     "mtp_head")),
-    fp8_roles=("mtp_eh_proj",),
     roles={
         "mtp_embed": TensorRole(L + "embed_tokens.weight", "embeddings", ("vocab", "hidden")),
         "mtp_enorm": TensorRole(L + "enorm.weight", "norms", ("hidden",)),

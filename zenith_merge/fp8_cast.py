@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +25,7 @@ import torch
 
 from .architectures import architecture_of, classify
 from .errors import CheckpointError
-from .io.dequantize import StreamingDequantizer
+from .io.dequantize import StreamingDequantizer, torch_threads
 from .io.layout import ShardSpec, TensorSpec
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
@@ -128,24 +127,6 @@ def _cast_id(ckpt: Checkpoint, to: str, block: tuple[int, int]) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads set to `n` for the block, then restored.
-
-    Dequantising to BF16 runs one thread: its slab-sized ops are short, and with two or more each
-    one is an OpenMP parallel region that waits for every thread of the team to be scheduled,
-    which on a busy machine costs a time slice per region. Measured on 2 cores busy with another
-    process: 97 s with 2 threads, 25 s with 1, for the 2 GiB input of bench/fp8_cast.py. The
-    hashing thread and the writes use the other cores; `workers` parallelises across shards.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "bf16",
              block: tuple[int, int] | None = None, resume: bool = False, overwrite: bool = False,
              workers: int = 1, progress: bool = True) -> WriteResult:
@@ -164,7 +145,7 @@ def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "
     prepare_output_dir(dst, resume=resume, overwrite=overwrite, source_dirs=[src])
     source = CastSource(str(src), to, block)
     try:
-        with _torch_threads(1) if to == "bf16" else contextlib.nullcontext():
+        with torch_threads(1) if to == "bf16" else contextlib.nullcontext():
             result = write_checkpoint(dst, shards, source, plan_id=cast_id, resume=resume, workers=workers,
                                       progress=progress)
     finally:

@@ -9,12 +9,36 @@ buffer that only grows to the largest weight.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ..kernels.fp8 import dequantize
 from .reader import Checkpoint
 
 READ_CHUNK_BYTES = 4 * 2**20  # FP8 bytes read at a time (whole block rows)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block, then restored.
+
+    Dequantising runs one thread: its slab-sized ops are short, and with two or more each one is an
+    OpenMP parallel region that waits for every thread of the team to be scheduled, which on a busy
+    machine costs a time slice per region. Measured on 2 cores busy with another process: 97 s with
+    2 threads, 25 s with 1, for the 2 GiB input of bench/fp8_cast.py. The writer's hashing thread and
+    its writes use the other cores; `workers` parallelises across shards.
+    """
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class StreamingDequantizer:
@@ -42,9 +66,10 @@ class StreamingDequantizer:
             self._out = None
             self._out = torch.empty(rows * cols, dtype=torch.bfloat16)
         out, scale = self._out[:rows * cols].view(rows, cols), ckpt.read_scale(name)
-        for r in range(0, rows, step):
-            q = ckpt.read_stored_into(name, self._stored, rows=(r, min(r + step, rows)))
-            dequantize(q, scale[r // b0:-(-(r + len(q)) // b0)], ckpt.fp8_block, out=out[r:r + len(q)])
+        with torch_threads(1):
+            for r in range(0, rows, step):
+                q = ckpt.read_stored_into(name, self._stored, rows=(r, min(r + step, rows)))
+                dequantize(q, scale[r // b0:-(-(r + len(q)) // b0)], ckpt.fp8_block, out=out[r:r + len(q)])
         return out
 
     def clear(self) -> None:

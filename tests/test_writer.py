@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -428,70 +426,3 @@ def test_prepare_output_dir_allows(tmp_path):
     prepare_output_dir(tmp_path / "out", resume=False, overwrite=True, source_dirs=[])
     assert list((tmp_path / "out").iterdir()) == []
 
-
-class _Slices:
-    """Each tensor is a byte range of one source file (its name says where it starts)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def produce(self, spec):
-        return ByteRange(self.path, int(spec.name.split("@")[1]), spec.nbytes)
-
-
-def _range_shards(path: Path) -> tuple[list, bytes]:
-    data = torch.randint(0, 256, (3 * 2**20 + 4099,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    path.write_bytes(data.numpy().tobytes())
-    specs = (TensorSpec("a@0", "U8", (1_000_003,)), TensorSpec("b@4099", "U8", (2 * 2**20,)),
-             TensorSpec("c@1234567", "U8", (5,)))
-    return [ShardSpec("s.safetensors", specs)], path.read_bytes()
-
-
-@pytest.mark.parametrize("kernel", ["copy_file_range", "EXDEV", "through memory"])
-def test_byte_ranges_copied_in_the_kernel_or_through_memory_give_the_same_shard(tmp_path, monkeypatch, kernel):
-    """Ranges at unaligned offsets, copied by copy_file_range (hashed through a mapping), by the fallback a
-    refusal (EXDEV) switches to, or through memory only: the same bytes and the same recorded sha256."""
-    import zenith_merge.io.writer as writer_module
-
-    shards, src = _range_shards(tmp_path / "src.bin")
-    calls = []
-    real = os.copy_file_range
-
-    def copy_file_range(*args):
-        calls.append(args[2])
-        if kernel == "EXDEV":
-            raise OSError(errno.EXDEV, "cross-device")
-        return real(*args)
-
-    if kernel == "through memory":  # a platform without copy_file_range (macOS)
-        monkeypatch.delattr(writer_module.os, "copy_file_range", raising=False)
-    else:
-        monkeypatch.setattr(writer_module.os, "copy_file_range", copy_file_range, raising=False)
-    write_checkpoint(tmp_path / "o", shards, _Slices(tmp_path / "src.bin"), plan_id="x", progress=False)
-    out = (tmp_path / "o" / "s.safetensors").read_bytes()
-    with safe_open(str(tmp_path / "o" / "s.safetensors"), "pt") as f:
-        for spec in shards[0].tensors:
-            start = int(spec.name.split("@")[1])
-            assert f.get_tensor(spec.name).numpy().tobytes() == src[start:start + spec.nbytes]
-    manifest = json.loads((tmp_path / "o" / ".zenith" / "manifest.json").read_text())
-    assert manifest["shards"]["s.safetensors"]["sha256"] == hashlib.sha256(out).hexdigest()
-    assert bool(calls) == (kernel != "through memory") and (kernel != "EXDEV" or len(calls) == 1)
-
-
-def test_an_in_kernel_copy_cut_short_leaves_no_shard(tmp_path, monkeypatch):
-    import zenith_merge.io.writer as writer_module
-
-    shards, _ = _range_shards(tmp_path / "src.bin")
-    real = os.copy_file_range
-    seen = []
-
-    def copy_file_range(src, dst, count, offset=None):
-        seen.append(count)
-        if len(seen) == 3:
-            raise OSError(errno.EIO, "I/O error")
-        return real(src, dst, min(count, 4096), offset)  # partial copies, as the kernel may make
-
-    monkeypatch.setattr(writer_module.os, "copy_file_range", copy_file_range, raising=False)
-    with pytest.raises(OutputError, match="in-kernel copy stopped after 8192 of"):
-        write_checkpoint(tmp_path / "o", shards, _Slices(tmp_path / "src.bin"), plan_id="x", progress=False)
-    assert not list((tmp_path / "o").glob("*.safetensors*"))

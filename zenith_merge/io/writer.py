@@ -16,9 +16,7 @@ platform torch ships for, as safetensors requires.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import mmap
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -30,7 +28,7 @@ from typing import Literal, Protocol
 import torch
 from tqdm import tqdm
 
-from ..errors import CheckpointError, OutputError
+from ..errors import OutputError
 from .byte_range import COPY_CHUNK_BYTES, ByteRange, pread_into
 from .layout import ShardSpec, TensorSpec, layout_shards
 from .manifest import (
@@ -65,9 +63,6 @@ __all__ = [
 INDEX_FILE = "model.safetensors.index.json"
 ZENITH_DIR = ".zenith"
 WRITEBACK_BYTES = 8 * 2**20  # written bytes after which their writeback to disk is started
-KERNEL_COPY_CHUNK_BYTES = 64 * 2**20  # bytes of a range copied (and mapped for hashing) at a time
-# copy_file_range errors that mean "not between these files": copy through this process instead
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ENODEV}
 
 
 class TensorSource(Protocol):
@@ -137,28 +132,6 @@ class _HashingSink:
         self._appended()
         return done
 
-    def copy_range(self, src_fd: int, offset: int, nbytes: int, hashed: memoryview, release) -> Future:
-        """Append `nbytes` of file `src_fd` from `offset`, copied inside the kernel (no trip through this
-        process's memory), then hash `hashed`, a view of the same bytes (mapped from the page cache), while
-        the caller goes on; `release()` runs once they are hashed. OSError, with nothing appended, where
-        the kernel cannot copy between these files."""
-        copied = 0
-        try:
-            while copied < nbytes:
-                n = os.copy_file_range(src_fd, self._f.fileno(), nbytes - copied, offset + copied)
-                if n == 0:
-                    raise OutputError(f"source file ended while copying {nbytes} bytes at {offset}")
-                copied += n
-        except OSError:
-            if copied:  # part of the range is in the shard: it cannot be finished, and is removed
-                raise OutputError(f"in-kernel copy stopped after {copied} of {nbytes} bytes") from None
-            release()
-            raise
-        done = self._pool.submit(self._digest.update, hashed)
-        done.add_done_callback(lambda _: release())
-        self._appended()
-        return done
-
     def _appended(self) -> None:
         self._pos = self._f.tell()
         dropped, started = self._streamed
@@ -175,21 +148,18 @@ class _HashingSink:
 
 
 class _RangeCopier:
-    """Streams `ByteRange`s into the shard, source files opened once.
+    """Streams `ByteRange`s into the shard through two alternating chunk buffers (one is hashed while the
+    other is read and written), source files opened once.
 
-    Where the kernel can copy between the two files (Linux `copy_file_range`), each chunk is copied
-    inside the kernel while the hashing thread reads the same bytes through a read-only mapping of
-    the source's page cache: one copy of the data and one hash, where reading and writing through
-    this process costs two copies more (the copy is what `cp` does). Elsewhere, or when the kernel
-    refuses (another filesystem on an old kernel, a special file), through two alternating chunk
-    buffers: one is hashed while the other is read and written.
+    (Copying inside the kernel with copy_file_range while hashing a mapping of the source was tried: on
+    the release-width FP8 Chimera it took 11.5 s against 9.1 s for these buffers, medians of three
+    interleaved runs; bench/RESULTS.md "Release layouts at real widths".)
     """
 
     def __init__(self):
         self._files: dict[Path, object] = {}
         self._bufs: list[memoryview] = []
         self._pending: list[Future | None] = [None, None]
-        self._in_kernel = hasattr(os, "copy_file_range") and hasattr(mmap, "MAP_POPULATE")
 
     def copy(self, spec: TensorSpec, rng: ByteRange, sink: _HashingSink) -> None:
         if rng.nbytes != spec.nbytes:
@@ -200,13 +170,6 @@ class _RangeCopier:
         f = self._files.get(rng.file)
         if f is None:
             f = self._files[rng.file] = open(rng.file, "rb", buffering=0)  # closed in close()
-        if self._in_kernel:
-            try:
-                return self._copy_in_kernel(f, rng, sink, f"tensor {spec.name!r}")
-            except OSError as err:
-                if err.errno not in _NO_KERNEL_COPY:
-                    raise
-                self._in_kernel = False  # and copy through this process from now on
         need = min(COPY_CHUNK_BYTES, rng.nbytes)
         if not self._bufs or len(self._bufs[0]) < need:
             self.wait()
@@ -219,31 +182,6 @@ class _RangeCopier:
             chunk = self._bufs[i][:min(size, rng.nbytes - start)]
             pread_into(f, chunk, rng.offset + start, None, f"tensor {spec.name!r}")
             self._pending[i] = sink.write(chunk)
-
-    def _copy_in_kernel(self, f, rng: ByteRange, sink: _HashingSink, what: str) -> None:
-        if os.fstat(f.fileno()).st_size < rng.offset + rng.nbytes:
-            raise CheckpointError(f"{f.name}: truncated file while reading {what} (did it change after it was "
-                                  f"opened?)")
-        page = mmap.ALLOCATIONGRANULARITY
-        for start in range(0, rng.nbytes, KERNEL_COPY_CHUNK_BYTES):
-            n = min(KERNEL_COPY_CHUNK_BYTES, rng.nbytes - start)
-            offset = rng.offset + start
-            skip = offset % page  # a mapping starts on a page boundary
-            mapped = mmap.mmap(f.fileno(), skip + n, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                               prot=mmap.PROT_READ, offset=offset - skip)
-            view = memoryview(mapped)[skip:skip + n]
-
-            def release(view=view, mapped=mapped) -> None:
-                view.release()
-                mapped.close()
-
-            self._wait_for(sink.copy_range(f.fileno(), offset, n, view, release))
-
-    def _wait_for(self, done: Future) -> None:
-        """Keep at most two chunks in flight (mapped, not yet hashed)."""
-        if self._pending[0] is not None:
-            self._pending[0].result()
-        self._pending = [self._pending[1], done]
 
     def wait(self) -> None:
         """Until every chunk handed to the sink is hashed."""
@@ -272,7 +210,7 @@ def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
     copier = _RangeCopier()
     sink = None
     try:
-        with tmp.open("wb", buffering=0) as f:  # unbuffered: chunks may also be appended inside the kernel
+        with tmp.open("wb", buffering=0) as f:  # unbuffered: chunks go straight to the file
             sink = _HashingSink(f)
             sink.write(header).result()
             for spec in shard.tensors:

@@ -1,23 +1,28 @@
 """The smoke test passes on a good merge and names the failed check on a broken one."""
 
+import argparse
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_index, write_config
+from conftest import add_mtp_layer, make_tiny_deepseek, read_index, write_config
 from safetensors import safe_open
 
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
+from zenith_merge.errors import ZenithError
 from zenith_merge.pipeline import run_merge
-from zenith_merge.smoke import run_smoke_test
+from zenith_merge.smoke import add_arguments, run_smoke_test
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, tiny_deepseek):
     tmp = tmp_path_factory.mktemp("smoke")
-    cfg = load_config(write_config(tmp, base_model=str(tiny_deepseek), output_dir=str(tmp / "out"), max_shard_size="30KB"))
+    cfg = load_config(write_config(tmp, base_model=str(tiny_deepseek), output_dir=str(tmp / "out"),
+                                   max_shard_size="30KB"))
     return run_merge(cfg, config_dir=tmp, progress=False).output_dir
 
 
@@ -31,8 +36,9 @@ def broken(tmp_path, good):
 def test_good_merge_passes_and_generates(good):
     report = run_smoke_test(good)
     assert report.ok, report.checks
-    assert [c.name for c in report.checks] == ["index", "manifest", "planned-tensors", "finite", "config-tokenizer",
-                                               "special-tokens", "loading", "generate", "thinking", "quality"]
+    assert [c.name for c in report.checks] == ["index", "manifest", "planned-tensors", "tensor-names",
+                                               "finite", "config-tokenizer", "special-tokens", "loading",
+                                               "generate", "thinking", "quality"]
     assert report.samples
 
 
@@ -152,9 +158,164 @@ def test_quality_is_measured_on_given_text_for_the_merge_and_its_sources(good, t
     assert report.quality["merge"]["code"] == report.quality["base"]["code"]  # a passthrough: the base itself
 
 
-def test_a_model_larger_than_memory_loads_offloaded_and_generates(good):
+def test_quality_streamed_matches_the_model_in_memory(good):
+    """Bits per byte of a streamed model (bfloat16, weights read as its modules run) and its sources, beside
+    the float32 model loaded whole: the same to within bfloat16's rounding."""
+    text = {"code": "def add(a, b):\n    return a + b\n" * 10}
+    whole = run_smoke_test(good, texts=text).quality
+    streamed = run_smoke_test(good, texts=text, max_memory=60_000).quality
+    assert set(streamed) == {"merge", "base"} and streamed["merge"] == streamed["base"]
+    assert abs(streamed["merge"]["code"] - whole["merge"]["code"]) < 0.01 * whole["merge"]["code"]
+
+
+def test_a_model_larger_than_memory_runs_streamed_and_generates_as_loaded(good):
+    """Over the cap, transformers' model runs with every weight read from disk as its module runs: the same
+    logits as the model loaded whole in bfloat16."""
+    from transformers import AutoModelForCausalLM
+
     from zenith_merge.smoke import greedy, load_model
 
-    model, tok, info = load_model(good, max_memory=20_000)  # far less than the weights: accelerate offloads
-    assert "disk" in set(getattr(model, "hf_device_map", {}).values())
+    model, tok, info = load_model(good, max_memory=60_000)  # less than the 186 kB of float32 weights
+    assert model._zenith_load.mode == "stream" and not any(info.values())
+    assert all(p.is_meta for n, p in model.named_parameters() if "anchor" not in n)  # nothing resident
+    ref = AutoModelForCausalLM.from_pretrained(good, dtype=torch.bfloat16, experts_implementation="eager")
+    ref.eval()
+    ids = tok("def add(a, b):", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    prompt = "def add(a, b):"
+    assert greedy(model, tok, prompt, 4, special=True) == greedy(ref, tok, prompt, 4, special=True)
+
+
+def test_an_architecture_not_streamed_loads_offloaded_by_accelerate(good):
+    from zenith_merge.smoke import greedy, load_model, plan_load
+
+    # 80 kB: less than the 186 kB of float32 weights, more than 3 x the largest module (lm_head, 20 kB)
+    plan = plan_load(good, 80_000, stream=False)
+    model, tok, info = load_model(good, max_memory=80_000, plan=plan)
+    assert plan.mode == "offload" and "disk" in set(getattr(model, "hf_device_map", {}).values())
+    assert model.dtype == torch.bfloat16
     assert not info["missing_keys"] and greedy(model, tok, "def add(a, b):", 4, special=True)
+
+
+def test_streamed_smoke_test_generates_in_one_batch(good):
+    report = run_smoke_test(good, max_memory=60_000)
+    details = {c.name: c.detail for c in report.checks}
+    assert report.ok and report.skipped == ["quality"], report.checks  # no text to measure on: nothing else
+    assert "streamed from disk" in details["loading"]
+    assert "in one batch, 8 new tokens each" in details["generate"]
+    assert report.samples
+
+
+def test_a_cap_below_the_largest_tensor_skips_the_model_checks_with_a_note(good):
+    report = run_smoke_test(good, max_memory=5_000)  # the largest tensor but the vocabulary's, 3 kB, twice
+    assert report.ok and report.skipped == ["loading", "generate", "thinking", "quality"]
+    note = {c.name: c.detail for c in report.checks}["loading"]
+    assert note.startswith("skipped: cannot run within max_memory 5 kB: its largest tensor (model.layers.")
+
+
+def test_a_folder_without_plan_skips_the_plan_checks_and_is_never_written(tmp_path, tiny_deepseek, capsys,
+                                                                          monkeypatch):
+    """A plain Hugging Face folder (a source model): no manifest, no plan; the reports go elsewhere."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the reports of a folder not a merge go
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tiny_deepseek.iterdir())
+    assert main(["smoke-test", str(tiny_deepseek)]) == 0
+    out = capsys.readouterr().out
+    assert "SKIP  manifest" in out and "SKIP  planned-tensors" in out and "PASS  loading" in out
+    report_md = Path(out.split("report: ")[1].split(" (")[0])
+    assert report_md.is_file() and report_md.parent.parent == tmp_path
+    assert "| manifest | skip |" in report_md.read_text()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_deepseek.iterdir()) == before
+    from zenith_merge.smoke import command
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(tiny_deepseek), "--no-generate", "--report", str(tmp_path / "r")])
+    assert command(args) == 0
+    assert (tmp_path / "r" / "report.json").is_file()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_deepseek.iterdir()) == before
+
+
+def test_mtp_layer_is_accepted_as_an_extra_layer(tmp_path):
+    """A release-style MTP layer (layer num_hidden_layers, not run by transformers) passes loading and names.
+    """
+    src = add_mtp_layer(make_tiny_deepseek(tmp_path / "src"))
+    cfg = load_config(write_config(tmp_path, base_model=str(src), gate_mode="random",
+                                   output_dir=str(tmp_path / "out"), experts=[{"source_model": str(src)}]))
+    out = run_merge(cfg, config_dir=tmp_path, progress=False).output_dir
+    assert main(["smoke-test", str(out), "--no-report"]) == 0
+    report = run_smoke_test(out)
+    details = {c.name: c.detail for c in report.checks}
+    assert report.ok and "of extra layer 3 (not run by transformers)" in details["loading"]
+    assert "of extra layer 3" in details["tensor-names"]
+
+
+def test_an_mtp_tensor_missing_or_misplaced_fails_tensor_names(tmp_path):
+    src = add_mtp_layer(make_tiny_deepseek(tmp_path / "src"))
+    _drop(src, "model.layers.3.eh_proj.weight")
+    report = run_smoke_test(src, generate=False)
+    assert report.failed == ["tensor-names"]
+    assert "extra layer 3 lacks mtp_eh_proj" in {c.name: c.detail for c in report.checks}["tensor-names"]
+
+
+def _drop(folder, name):
+    """Remove tensor `name` from its shard and from the index."""
+    from safetensors.torch import save_file
+
+    index = read_index(folder)
+    file = folder / index["weight_map"].pop(name)
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != name}
+    save_file(tensors, file, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_a_missing_weight_fails_loading(broken):
+    _drop(broken, "model.layers.1.self_attn.o_proj.weight")
+    report = run_smoke_test(broken)
+    assert "loading" in report.failed and "planned-tensors" in report.failed
+    assert "o_proj" in {c.name: c.detail for c in report.checks}["loading"]
+
+
+def test_fp8_cast_output_passes_without_a_plan_and_is_not_written(tmp_path, capsys, monkeypatch):
+    from zenith_merge.demo import ensure_demo
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "reports"))
+    (tmp_path / "reports").mkdir()
+
+    out = tmp_path / "bf16"
+    assert main(["fp8-cast", str(ensure_demo("zen-tiny-fp8", progress=False)), str(out)]) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["smoke-test", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "PASS  manifest" in text and "SKIP  planned-tensors" in text and "PASS  generate" in text
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert main(["smoke-test", str(ensure_demo("zen-tiny-fp8", progress=False)), "--no-report"]) == 0  # FP8
+
+
+def test_finite_streams_in_slabs_and_names_every_offender(broken):
+    from zenith_merge.smoke import check_finite
+
+    _rewrite(broken, "model.layers.1.mlp.experts.0.up_proj.weight",
+             lambda t: t.index_fill(0, torch.tensor([0, 5]), float("nan")))
+    _rewrite(broken, "model.norm.weight", lambda t: t.index_fill(0, torch.tensor([3]), float("inf")))
+    with pytest.raises(ZenithError) as err:
+        check_finite(broken, slab_bytes=64)  # a few rows per slab: the offending rows are in different slabs
+    assert "2 tensors with NaN or Inf values" in str(err.value)
+    assert "model.layers.1.mlp.experts.0.up_proj.weight (64 NaN)" in str(err.value)
+    assert "model.norm.weight (1 Inf)" in str(err.value)
+
+
+def test_finite_dequantises_block_fp8_and_names_the_weight_of_a_nan_scale(tmp_path):
+    from zenith_merge.demo import ensure_demo
+
+    folder = tmp_path / "fp8"
+    shutil.copytree(ensure_demo("zen-tiny-fp8", progress=False), folder)
+    scale = sorted(n for n in read_index(folder)["weight_map"] if n.endswith("_scale_inv"))[0]
+    _rewrite(folder, scale, lambda s: s.index_fill(1, torch.tensor([0]), float("nan")))  # a column of blocks
+    report = run_smoke_test(folder, generate=False)
+    assert report.failed == ["manifest", "finite"]  # the shard rewritten: its sha256 changed too
+    weight = scale.removesuffix("_scale_inv")
+    detail = {c.name: c.detail for c in report.checks}["finite"]
+    assert f"1 tensor with NaN or Inf values: {weight} (" in detail

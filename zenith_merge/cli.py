@@ -224,18 +224,9 @@ def cmd_update_config(args) -> int:
 
 
 def cmd_smoke_test(args) -> int:
-    from .smoke import format_report, run_smoke_test
+    from .smoke import command
 
-    texts = _named_texts(args.text)
-    report = run_smoke_test(args.output_dir, generate=not args.no_generate, texts=texts or None,
-                            progress=lambda name: print(f"[smoke] {name} ...", file=sys.stderr))
-    print(format_report(report))
-    if not args.no_report:
-        from .smoke import write_reports
-
-        json_path, md_path = write_reports(report)
-        print(f"  report: {md_path} ({json_path.name})")
-    return 0 if report.ok else 1
+    return command(args)
 
 
 def cmd_chat(args) -> int:
@@ -401,15 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("smoke-test", help="check a merged folder: structure, hashes, values, load and generate",
                         description="Check OUTPUT_DIR: index and shards agree, manifest sha256s verify, tensors "
-                                    "as planned and finite, config and tokenizer agree, the model loads with "
-                                    "transformers and generates. Exits 1 naming the failed check.")
-    sp.add_argument("output_dir", help="a zenith-merge output folder")
-    sp.add_argument("--no-generate", action="store_true", help="skip loading the model and generating")
-    sp.add_argument("--text", action="append", metavar="NAME=FILE",
-                    help="held-out text to measure bits per byte on, for the merge and each source small enough "
-                         "to load (repeatable; default for demo sources: the demo's held-out code and maths)")
-    sp.add_argument("--no-report", action="store_true", help="write no report.json / report.md (nor the model card's "
-                                                             "smoke-test table)")
+                                    "as planned, named as the architecture describes (MTP layers included) and "
+                                    "finite (streamed tensor by tensor), config and tokenizer agree, the model "
+                                    "loads with transformers and generates within --max-memory (larger models "
+                                    "stream their weights from disk). Works on any Hugging Face folder; only a "
+                                    "zenith-merge output is written into. Exits 1 naming the failed check.")
+    from .smoke import add_arguments as smoke_arguments
+
+    smoke_arguments(sp)
     sp.set_defaults(fn=cmd_smoke_test)
 
     sp = sub.add_parser("umoe-demo", help="train a tiny UMoE and a parameter-matched MoE on demo code, compare",

@@ -1,0 +1,204 @@
+"""The smoke test in bounded memory: on a checkpoint of ~650 MB whose largest tensors are its 100 MB
+vocabulary matrices, `smoke-test --max-memory 200MB` (generation on, the model streamed from disk) peaks at
+the interpreter's baseline plus less than twice the largest tensor, not at the model's size; its MTP layer
+passes as an extra layer, a missing weight still fails loading and a NaN is named by the streamed finite
+check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import make_tiny_deepseek, save_tokenizer
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from zenith_merge.errors import ZenithError
+from zenith_merge.smoke import check_loading, run_smoke_test
+
+MB = 10**6
+VOCAB, HIDDEN = 49152, 1024  # each vocabulary matrix: 49152 x 1024 bf16 = 100.7 MB, the largest tensors
+DIMS = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8192, moe_intermediate_size=1024,
+            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=2, topk_group=1, num_attention_heads=8, num_key_value_heads=8,
+            q_lora_rank=384, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+            num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            max_position_embeddings=512, tie_word_embeddings=False)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _names(config: dict) -> list[str]:
+    """Every tensor of a DeepSeek-V3 checkpoint with one MTP layer, from the architecture table."""
+    from zenith_merge.architectures import architecture_of, facts, tensor_name
+
+    arch, f = architecture_of(config), facts(config)
+    attention = ("q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
+
+    def layer(i: int, moe: bool) -> list[str]:
+        roles = ("input_norm", "post_attention_norm", *attention)
+        roles += ("router", "router_bias", "shared_gate", "shared_up", "shared_down") if moe else \
+            ("mlp_gate", "mlp_up", "mlp_down")
+        names = [tensor_name(arch, r, i) for r in roles]
+        if moe:
+            names += [tensor_name(arch, r, i, e) for e in range(f.n_routed_experts)
+                      for r in ("expert_gate", "expert_up", "expert_down")]
+        return names
+
+    names = [tensor_name(arch, "embed")]
+    for i in range(f.num_layers):
+        names += layer(i, i in f.moe_layers)
+    names += [tensor_name(arch, "final_norm"), tensor_name(arch, "lm_head")]
+    mtp = ("mtp_embed", "mtp_enorm", "mtp_hnorm", "mtp_eh_proj", "mtp_head_norm", "mtp_head")
+    return names + layer(f.num_layers, True) + [tensor_name(arch, r, f.num_layers) for r in mtp]
+
+
+def write_wide(folder: Path, *, seed: int = 0, shard_bytes: int = 120 * MB) -> Path:
+    """The test checkpoint: random bf16 weights (std 0.02, norms 1), written shard by shard."""
+    from zenith_merge.architectures import expected_shape
+
+    config = transformers.DeepseekV3Config(**DIMS, dtype="bfloat16")
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    cfg = config.to_dict()
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        shard.clear()
+
+    for name in _names(cfg):
+        shape = expected_shape(cfg, name)
+        if name.endswith("e_score_correction_bias"):
+            t = torch.zeros(shape)
+        elif name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if shard and sum(x.nbytes for x in shard.values()) + t.nbytes > shard_bytes:
+            flush()
+        shard[name] = t
+    flush()
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config.save_pretrained(folder)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    save_tokenizer(folder)
+    return folder
+
+
+def _edited(src: Path, dst: Path, name: str, edit) -> Path:
+    """A copy of `src` (files hard-linked) whose shard holding `name` is rewritten with `edit(tensor)` (None:
+    the tensor removed, from the index too)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        os.link(f, dst / f.name)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    file = index["weight_map"][name]
+    with safe_open(src / file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    new = edit(tensors.pop(name))
+    if new is None:
+        del index["weight_map"][name]
+        (dst / "model.safetensors.index.json").unlink()
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        tensors[name] = new
+    (dst / file).unlink()
+    save_file(tensors, str(dst / file), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    return write_wide(tmp_path_factory.mktemp("wide") / "model")
+
+
+# the child reports its own peak (VmHWM): its ru_maxrss would include the RSS of the parent it was forked from
+_CHILD = ("import atexit, re, runpy, sys\n"
+          "atexit.register(lambda: print('peak-rss-kb', re.search(r'VmHWM:\\s+(\\d+)', "
+          "open('/proc/self/status').read()).group(1)))\n"
+          "sys.argv = ['zenith_merge.smoke', *sys.argv[1:]]\n"
+          "runpy.run_module('zenith_merge.smoke', run_name='__main__')\n")
+
+
+def _smoke_in_child(folder: Path, report: Path, *extra: str) -> tuple[int, int, str]:
+    """(exit status, peak RSS in bytes, output) of `python -m zenith_merge.smoke` in a child process."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), "--report", str(report), *extra],
+                          capture_output=True, env=ENV, text=True)
+    out = proc.stdout + proc.stderr
+    peak = int(proc.stdout.rsplit("peak-rss-kb ", 1)[1].split()[0]) * 1024
+    return proc.returncode, peak, out
+
+
+def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_tensor(wide, tmp_path):
+    from zenith_merge.smoke_model import plan_load
+
+    plan = plan_load(wide, 200 * MB)
+    largest = VOCAB * HIDDEN * 2  # the vocabulary matrices: read by rows (embedding) and slabs (head)
+    assert plan.mode == "stream" and plan.float32_bytes > 7 * largest and plan.stream_bytes < largest
+    tiny = make_tiny_deepseek(tmp_path / "tiny")  # the same code paths on negligible weights: the baseline
+    status, baseline, out = _smoke_in_child(tiny, tmp_path / "tiny-report")
+    assert status == 0, out
+    status, peak, out = _smoke_in_child(wide, tmp_path / "report", "--max-memory", "200MB")
+    assert status == 0, out
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    checks = {c["name"]: c for c in data["checks"]}
+    ran = ("finite", "loading", "generate", "thinking")
+    assert all(checks[n]["ok"] and not checks[n]["skipped"] for n in ran)
+    assert "streamed from disk" in checks["loading"]["detail"] and data["samples"]
+    assert "of extra layer 3 (not run by transformers)" in checks["loading"]["detail"]  # the MTP layer
+    # the float32 weights loaded whole would add about plan.float32_bytes (~750 MB; measured +1.0 GB)
+    assert peak - baseline < 2 * largest, (peak / MB, baseline / MB)
+    assert not any(p.name.startswith("report") for p in wide.iterdir())  # not a merge: never written
+
+
+def test_a_missing_weight_still_fails_loading(wide, tmp_path):
+    name = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    folder = _edited(wide, tmp_path / "missing", name, lambda t: None)
+    with pytest.raises(ZenithError, match=r"1 weights missing: model\.layers\.1\.mlp\.shared_experts\.down"):
+        check_loading(folder, {}, 200 * MB)
+
+
+def test_nan_in_one_tensor_is_named(wide, tmp_path):
+    name = "model.layers.0.mlp.down_proj.weight"
+    folder = _edited(wide, tmp_path / "nan", name,
+                     lambda t: t.index_fill(0, torch.tensor([HIDDEN - 1]), float("nan")))
+    report = run_smoke_test(folder, generate=False)
+    assert report.failed == ["finite"]
+    detail = {c.name: c.detail for c in report.checks}["finite"]
+    assert detail == f"1 tensor with NaN or Inf values: {name} (8192 NaN)"
+
+
+def test_release_layout_fp8_checkpoint_runs_streamed_exactly_as_transformers_loads_it():
+    """DeepSeek-V3 as released (block FP8 with scales in other shards, the MTP layer, YaRN RoPE, the release
+    vocabulary and tokenizer, custom-code files): the smoke test passes streamed, and the streamed model's
+    logits are the ones transformers computes from the model loaded whole."""
+    release_layout = pytest.importorskip("zenith_merge.demo.release_layout")
+    from transformers import AutoModelForCausalLM
+
+    from zenith_merge.calibration import block_fp8_loaded_as_read
+    from zenith_merge.smoke import load_model
+
+    folder = release_layout.release_fixture("deepseek-v3-fp8-small")
+    report = run_smoke_test(folder, max_memory=100 * MB)
+    details = {c.name: c.detail for c in report.checks}
+    assert report.ok and report.skipped == ["manifest", "planned-tensors", "quality"], report.checks
+    assert "streamed from disk" in details["loading"]
+    assert "of extra layer 2 (not run by transformers)" in details["loading"]
+    model, tok, info = load_model(folder, max_memory=100 * MB)
+    with block_fp8_loaded_as_read(folder):
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                   experts_implementation="eager")
+    ids = tok("def fibonacci(n):\n    return", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref.eval()(ids).logits)

@@ -151,3 +151,15 @@ def add_mtp_layer(folder: Path, *, seed: int = 1) -> Path:
     config["num_nextn_predict_layers"] = 1
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def stored_bytes(folder: Path) -> dict[str, bytes]:
+    """Every tensor of a folder as stored: name -> raw bytes (FP8 weights and their scales as they are)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return out

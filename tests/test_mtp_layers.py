@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import add_mtp_layer, make_tiny_deepseek, make_tiny_qwen3_moe, tensors_of, write_config
+from conftest import (
+    add_mtp_layer,
+    make_tiny_deepseek,
+    make_tiny_qwen3_moe,
+    stored_bytes,
+    tensors_of,
+    write_config,
+)
 from safetensors import safe_open
 
 from zenith_merge.architectures import ARCHITECTURES, classify, extra_layer_indices
@@ -122,16 +129,6 @@ def test_fp8_output_writes_the_mtp_layer_as_the_release_does(parents, tmp_path):
         assert dtypes[MTP + own] == "BF16" and MTP + own + "_scale_inv" not in index
 
 
-def _stored(folder: Path) -> dict[str, bytes]:
-    """Every tensor of a folder as stored: name -> raw bytes (FP8 weights and their scales as they are)."""
-    out = {}
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-    return out
-
-
 def _with_release_like_scales(src: Path, dst: Path, seed: int) -> Path:
     """A copy of an FP8 folder whose block scales are not amax / 448 of their blocks (as the release's are
     not): each scale times a seeded factor in [1, 1.5). Quantising such a weight again changes its bytes."""
@@ -155,7 +152,7 @@ def test_an_fp8_chimera_of_whole_classes_is_byte_identical_to_its_parents_tensor
     out = _merge(tmp_path, base_model=str(v3), merge_method="assembly", fp8_output=True,
                  experts=[{"source_model": str(v3)}, {"source_model": str(r1)}],
                  assembly={"weights": {"default": [1, 0], "routed_experts": [0, 1], "attention": [0, 1]}})
-    got, a, b = _stored(out), _stored(v3), _stored(r1)
+    got, a, b = stored_bytes(out), stored_bytes(v3), stored_bytes(r1)
     assert got.keys() == a.keys()
     scales = [n for n in got if n.endswith("_scale_inv")]
     assert scales
@@ -168,6 +165,6 @@ def test_an_fp8_chimera_of_whole_classes_is_byte_identical_to_its_parents_tensor
 def test_a_copied_fp8_tensor_whose_source_is_bf16_is_quantised(tmp_path):
     bf16 = make_tiny_deepseek(tmp_path / "bf16")
     out = _merge(tmp_path, base_model=str(bf16), experts=[{"source_model": str(bf16)}], fp8_output=True)
-    got = _stored(out)
+    got = stored_bytes(out)
     assert any(n.endswith("_scale_inv") for n in got)
     shutil.rmtree(out)

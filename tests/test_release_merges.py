@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
-from safetensors import safe_open
+from conftest import stored_bytes, write_config
 
 from zenith_merge.architectures import ARCHITECTURES, classify
 from zenith_merge.config import load_config
@@ -34,15 +33,6 @@ def _merge(tmp_path: Path, **data) -> Path:
     return run_merge(load_config(cfg), config_dir=cfg.parent, progress=False).output_dir
 
 
-def _stored(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-    return out
-
-
 def _from_r1(name: str) -> bool:
     tid = classify(V3, name.removesuffix("_scale_inv"))
     return tid is not None and tid.tensor_class == "routed_experts"
@@ -52,7 +42,7 @@ def test_an_fp8_chimera_of_release_layout_children_is_byte_identical_to_its_pare
     v3, r1 = children
     out = _merge(tmp_path, base_model=str(v3), merge_method="assembly", fp8_output=True,
                  experts=[{"source_model": str(v3)}, {"source_model": str(r1)}], assembly={"weights": CHIMERA})
-    got, a, b = _stored(out), _stored(v3), _stored(r1)
+    got, a, b = stored_bytes(out), stored_bytes(v3), stored_bytes(r1)
     assert got.keys() == a.keys() and any(n.startswith("model.layers.2.") for n in got)  # the MTP layer too
     for name, data in got.items():
         assert data == (b if _from_r1(name) else a)[name], name
@@ -80,7 +70,7 @@ def test_a_qwen3_moe_release_layout_passes_through_and_loads_with_every_key(tmp_
 
     qwen = release_fixture("qwen3-moe-small")
     out = _merge(tmp_path, base_model=str(qwen), experts=[{"source_model": str(qwen)}])
-    assert _stored(out) == _stored(qwen)
+    assert stored_bytes(out) == stored_bytes(qwen)
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model(torch.tensor([[9707, 1879]])).logits.isfinite().all()

@@ -144,11 +144,14 @@ def test_candidate_weights_override_only_searched_classes():
 
 def test_absolute_paths_keep_demo_references_and_resolve_the_rest(tmp_path):
     data = {"base_model": "demo://zen-tiny", "output_dir": "../out", "experts": [{"source_model": "models/a"}],
-            "align": {"calibration": ["demo:code", "text/c.txt", "/abs/d.txt"]},
-            "tokenizer": {"source": "union", "tokens": {"/think": {"source": "models/a"}}}}
+            "align": {"calibration": ["demo:code", "text/c.txt", "/abs/d.txt"], "teacher_data": ["text/t.txt"]},
+            "tokenizer": {"source": "union", "tokens": {"<think>": {"source": "models/a"}}}}
     out = with_absolute_paths(data, tmp_path)
     assert out["base_model"] == "demo://zen-tiny" and out["output_dir"] == str((tmp_path / "../out").resolve())
     assert out["experts"][0]["source_model"] == str(tmp_path / "models" / "a")
     assert out["align"]["calibration"] == ["demo:code", str(tmp_path / "text" / "c.txt"), "/abs/d.txt"]
-    assert out["tokenizer"]["tokens"]["/think"]["source"] == str(tmp_path / "models" / "a")
+    assert out["tokenizer"]["tokens"]["<think>"]["source"] == str(tmp_path / "models" / "a")
+    assert out["align"]["teacher_data"] == [str(tmp_path / "text" / "t.txt")] and out["tokenizer"]["source"] == "union"
+    other = with_absolute_paths({"tokenizer": {"source": "models/b"}}, tmp_path)
+    assert other["tokenizer"]["source"] == str(tmp_path / "models" / "b")
     assert data["output_dir"] == "../out"  # the input is not modified

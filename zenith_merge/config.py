@@ -444,8 +444,8 @@ def load_config(path: str | Path) -> MergeConfig:
 
 # Config entries that name files or models, relative to the config's folder: (path of keys, is a list).
 _PATH_KEYS = ((("base_model",), False), (("output_dir",), False), (("align", "calibration"), True),
-              (("router", "data"), True), (("tokenizer", "protect"), True), (("search", "keep"), True),
-              (("search", "gain"), True))
+              (("align", "teacher_data"), True), (("router", "data"), True), (("tokenizer", "protect"), True),
+              (("search", "keep"), True), (("search", "gain"), True))
 
 
 def with_absolute_paths(data: dict, config_dir: Path) -> dict:
@@ -472,7 +472,10 @@ def with_absolute_paths(data: dict, config_dir: Path) -> dict:
         for e in out.get(group) or []:
             if isinstance(e, dict) and "source_model" in e:
                 e["source_model"] = fix(e["source_model"])
-    for rule in ((out.get("tokenizer") or {}).get("tokens") or {}).values():
+    tokenizer = out.get("tokenizer") or {}
+    if isinstance(tokenizer, dict) and tokenizer.get("source") not in (None, "union", "base"):
+        tokenizer["source"] = fix(tokenizer["source"])  # a model folder
+    for rule in (tokenizer.get("tokens") or {}).values():
         if isinstance(rule, dict) and "source" in rule:
             rule["source"] = fix(rule["source"])
     regmean = (out.get("assembly") or {}).get("regmean")

@@ -1,7 +1,7 @@
 """The union's chat template, rendered through transformers: the family formats where the base has no
 template (DeepSeek-V3.1's, Qwen3's ChatML), R1-, V3.1- and Qwen3-style base templates wrapped, thinking by
-`enable_thinking` / `thinking` and by the `/think` / `/no_think` switches (latest wins; a false argument
-overrides them, a true one does not), all against prompts written out here; the Jinja subset check; the
+`enable_thinking` / `thinking` and by the `/think` / `/no_think` switches (latest wins; an explicit
+argument overrides them either way), all against prompts written out here; the Jinja subset check; the
 probe check."""
 
 from __future__ import annotations
@@ -111,10 +111,10 @@ CHATML_CASES = [
      "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
      "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\n/think, no wait, /no_think: 3 + 4?<|im_end|>\n"
      "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
-    ("a switch holds against enable_thinking=True", _chat(last="And 3 + 4? /no_think"), {"enable_thinking": True},
+    ("enable_thinking=True overrides a switch", _chat(last="And 3 + 4? /no_think"), {"enable_thinking": True},
      "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
      "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\nAnd 3 + 4? /no_think<|im_end|>\n"
-     "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+     "<|im_start|>assistant\n<think>\n"),
     ("enable_thinking=False overrides a switch", _chat(last="And 3 + 4? /think"), {"enable_thinking": False},
      "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
      "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\nAnd 3 + 4? /think<|im_end|>\n"

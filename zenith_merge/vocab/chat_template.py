@@ -5,13 +5,11 @@ Rules:
 - The base's template renders the conversation. Where the base ships none, its family's format stands in
   (`CHAT_FORMATS`: DeepSeek-V3.1's or Qwen3's ChatML); with no family known there is no template at all,
   never an invented one.
-- Thinking for the answer to come is decided as Qwen3 decides it: `enable_thinking=False` (or V3.1's
-  `thinking=False`, when `enable_thinking` is undefined) is the hard switch, off whatever the messages say;
-  otherwise the latest `/think` or `/no_think` in the user's messages (a later message wins, and within one
-  message the later switch; the text stays in the message); otherwise `enable_thinking=True` (or
-  `thinking=True`) turns it on; with none of these it is undecided and the base's generation prompt stands
-  as it is. (A true argument does not override a switch: llama.cpp passes `enable_thinking=true` on every
-  request, which would silence the soft switches there.)
+- Thinking for the answer to come is decided, in order: an explicit `enable_thinking` (or V3.1's
+  `thinking`, when `enable_thinking` is undefined), true or false; else the latest `/think` or `/no_think`
+  in the user's messages (a later message wins, and within one message the later switch; the text stays
+  in the message); else undecided: the base's generation prompt stands as it is. (llama.cpp passes
+  `enable_thinking` on every request, so there the argument decides and the soft switches do not.)
 - A decision is handed to the base's template as `enable_thinking` and `thinking`, so templates that read
   either (Qwen3's, V3.1's) render the prompt themselves. Where the base ignored it, only the generation
   prompt's tail is fixed: thinking on opens a think block (`<think>\\n`) unless one is open; thinking off
@@ -73,14 +71,11 @@ CHAT_FORMATS = {"deepseek": _DEEPSEEK, "chatml": _CHATML}
 
 # `@THINK@` / `@NO_THINK@` / `@OPEN@` / `@CLOSE@` are filled in by `union_chat_template`.
 _DECIDE = """\
-{%- set zenith = namespace(thinking=none, asked=none) -%}
+{%- set zenith = namespace(thinking=none) -%}
 {%- if enable_thinking is defined and enable_thinking is not none -%}
-{%- set zenith.asked = true if enable_thinking else false -%}
+{%- set zenith.thinking = true if enable_thinking else false -%}
 {%- elif thinking is defined and thinking is not none -%}
-{%- set zenith.asked = true if thinking else false -%}
-{%- endif -%}
-{%- if zenith.asked is false -%}
-{%- set zenith.thinking = false -%}
+{%- set zenith.thinking = true if thinking else false -%}
 {%- else -%}
 {%- for message in messages if message['role'] == 'user' and message['content'] is string -%}
 {%- if '@NO_THINK@' in message['content'] -%}
@@ -89,9 +84,6 @@ _DECIDE = """\
 {%- set zenith.thinking = true -%}
 {%- endif -%}
 {%- endfor -%}
-{%- if zenith.thinking is none -%}
-{%- set zenith.thinking = zenith.asked -%}
-{%- endif -%}
 {%- endif -%}
 {%- if zenith.thinking is not none -%}
 {%- set enable_thinking = zenith.thinking -%}

@@ -11,11 +11,11 @@ generation, thinking, bits per byte) stay within `--max-memory` (a model over it
 by module), or are skipped with a note.
 
 Inputs, without --folder:
-- default: a DeepseekV3ForCausalLM at DeepSeek-V3's widths (hidden 7168, MLA ranks 1536/512, 128 heads,
-  dense MLP 18432, experts of 2048), `--layers` decoder layers (the first dense, the others with 8 routed
-  experts and a shared one) and the release's MTP layer, seeded random bf16 weights (std 0.02, norms 1)
-  written tensor by tensor (bench/common.py), the demo Zen tokenizer (vocabulary 2048): every tensor as large
-  as the release's but the vocabulary matrices; the largest is a dense-MLP projection (7168 x 18432, 264 MB);
+- default: zenith_merge.demo.release_layout's DeepSeek-V3 at the release's widths (hidden 7168, MLA ranks
+  1536/512, 128 heads, dense MLP 18432, experts of 2048) in BF16, `--layers` decoder layers (the first
+  dense, the others with 8 routed experts and a shared one) and the release's MTP layer, with the demo Zen
+  tokenizer (vocabulary 2048): every tensor as large as the release's but the vocabulary matrices; the
+  largest is a dense-MLP projection (7168 x 18432, 264 MB);
 - `--release FAMILY`: zenith_merge.demo.release_layout's checkpoint with `--overrides` (default: DeepSeek-V3
   in block FP8, at hidden 2048 with the release vocabulary and tokenizer: the vocabulary matrices, 530 MB
   each, are the largest tensors).
@@ -44,60 +44,34 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 MB = 10**6
 
-# DeepSeek-V3's widths (MLA, expert and dense-MLP sizes), with 8 routed experts per MoE layer
-RELEASE_WIDTH = dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-                     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-                     first_k_dense_replace=1, num_attention_heads=128, num_key_value_heads=128,
-                     q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
-                     v_head_dim=128, routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid",
-                     topk_method="noaux_tc", rope_interleave=True, max_position_embeddings=4096,
-                     tie_word_embeddings=False)
+# DeepSeek-V3's release config (release_layout) with 8 routed experts in groups of 4 per MoE layer
+WIDE_OVERRIDES = {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+                  "first_k_dense_replace": 1, "max_position_embeddings": 4096}
 # --release deepseek-v3: the release layout (FP8, MTP layer, release tokenizer and vocabulary) at hidden 2048
 RELEASE_OVERRIDES = {"num_hidden_layers": 3, "first_k_dense_replace": 1, "n_routed_experts": 16,
                      "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1024,
                      "num_attention_heads": 16, "num_key_value_heads": 16, "q_lora_rank": 768,
                      "kv_lora_rank": 256}
-ATTENTION = ("q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
-MOE = ("router", "router_bias", "shared_gate", "shared_up", "shared_down")
-MTP = ("mtp_embed", "mtp_enorm", "mtp_hnorm", "mtp_eh_proj", "mtp_head_norm", "mtp_head")
-
-
 def write_wide_deepseek(path: Path, *, hidden: int, vocab: int, layers: int, mtp: bool, tokenizer_from: Path,
                         seed: int = 0) -> Path:
-    """A DeepSeek-V3 folder of random bf16 weights at `hidden` x `vocab`, `layers` decoder layers (the first
-    dense) and, with `mtp`, the release's MTP layer after them; written tensor by tensor, cached at `path`."""
-    import transformers
-    from common import write_random_checkpoint
+    """A DeepSeek-V3 release-layout folder (zenith_merge.demo.release_layout) of BF16 weights at `hidden` x
+    `vocab`, `layers` decoder layers (the first dense) and, with `mtp`, the release's MTP layer after them, with
+    the tokenizer files of `tokenizer_from`; cached at `path`."""
+    from zenith_merge.demo.release_layout import write_release_checkpoint
 
-    from zenith_merge.architectures import architecture_of, expected_shape, facts, tensor_name
-
+    if (path / "config.json").is_file():
+        return path
     special = json.loads((tokenizer_from / "config.json").read_text())
-    config = transformers.DeepseekV3Config(
-        **{**RELEASE_WIDTH, "hidden_size": hidden}, vocab_size=vocab, num_hidden_layers=layers,
-        num_nextn_predict_layers=1 if mtp else 0, bos_token_id=special["bos_token_id"],
-        eos_token_id=special["eos_token_id"], pad_token_id=special["pad_token_id"], initializer_range=0.02,
-        dtype="bfloat16")
-    config.architectures = ["DeepseekV3ForCausalLM"]
-    cfg = config.to_dict()
-    arch, f = architecture_of(cfg), facts(cfg)
-
-    def layer_names(layer: int, moe: bool) -> list[str]:
-        mlp = MOE if moe else ("mlp_gate", "mlp_up", "mlp_down")
-        roles = ("input_norm", "post_attention_norm", *ATTENTION, *mlp)
-        names = [tensor_name(arch, r, layer) for r in roles]
-        if moe:
-            names += [tensor_name(arch, r, layer, e) for e in range(f.n_routed_experts)
-                      for r in ("expert_gate", "expert_up", "expert_down")]
-        return names
-
-    names = [tensor_name(arch, "embed")]
-    for layer in range(layers):
-        names += layer_names(layer, layer in f.moe_layers)
-    names += [tensor_name(arch, "final_norm"), tensor_name(arch, "lm_head")]
-    if mtp:
-        names += layer_names(layers, True) + [tensor_name(arch, r, layers) for r in MTP]
-    return write_random_checkpoint(path, config, [(n, expected_shape(cfg, n)) for n in names], seed=seed,
-                                   shard_bytes=2000 * MB, tokenizer_from=tokenizer_from)
+    overrides = {**WIDE_OVERRIDES, "hidden_size": hidden, "vocab_size": vocab, "num_hidden_layers": layers,
+                 "num_nextn_predict_layers": 1 if mtp else 0,
+                 **{k: special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_release_checkpoint(partial, "deepseek-v3", overrides=overrides, fp8=False, seed=seed, tokenizer=False)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "generation_config.json":
+            shutil.copyfile(f, partial / f.name)
+    return partial.rename(path)
 
 
 def folder_summary(folder: Path) -> tuple[int, int, str]:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from conftest import make_tiny_deepseek, save_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -33,65 +32,13 @@ DIMS = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=8192, moe_in
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _names(config: dict) -> list[str]:
-    """Every tensor of a DeepSeek-V3 checkpoint with one MTP layer, from the architecture table."""
-    from zenith_merge.architectures import architecture_of, facts, tensor_name
-
-    arch, f = architecture_of(config), facts(config)
-    attention = ("q_a_proj", "q_a_norm", "q_b_proj", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj")
-
-    def layer(i: int, moe: bool) -> list[str]:
-        roles = ("input_norm", "post_attention_norm", *attention)
-        roles += ("router", "router_bias", "shared_gate", "shared_up", "shared_down") if moe else \
-            ("mlp_gate", "mlp_up", "mlp_down")
-        names = [tensor_name(arch, r, i) for r in roles]
-        if moe:
-            names += [tensor_name(arch, r, i, e) for e in range(f.n_routed_experts)
-                      for r in ("expert_gate", "expert_up", "expert_down")]
-        return names
-
-    names = [tensor_name(arch, "embed")]
-    for i in range(f.num_layers):
-        names += layer(i, i in f.moe_layers)
-    names += [tensor_name(arch, "final_norm"), tensor_name(arch, "lm_head")]
-    mtp = ("mtp_embed", "mtp_enorm", "mtp_hnorm", "mtp_eh_proj", "mtp_head_norm", "mtp_head")
-    return names + layer(f.num_layers, True) + [tensor_name(arch, r, f.num_layers) for r in mtp]
-
-
 def write_wide(folder: Path, *, seed: int = 0, shard_bytes: int = 120 * MB) -> Path:
-    """The test checkpoint: random bf16 weights (std 0.02, norms 1), written shard by shard."""
-    from zenith_merge.architectures import expected_shape
+    """The test checkpoint: the DeepSeek-V3 release layout (zenith_merge.demo.release_layout) at the widths of
+    DIMS, in BF16, with a small trained tokenizer."""
+    from zenith_merge.demo.release_layout import write_release_checkpoint
 
-    config = transformers.DeepseekV3Config(**DIMS, dtype="bfloat16")
-    config.architectures = ["DeepseekV3ForCausalLM"]
-    cfg = config.to_dict()
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-
-    def flush() -> None:
-        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-        shard.clear()
-
-    for name in _names(cfg):
-        shape = expected_shape(cfg, name)
-        if name.endswith("e_score_correction_bias"):
-            t = torch.zeros(shape)
-        elif name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        if shard and sum(x.nbytes for x in shard.values()) + t.nbytes > shard_bytes:
-            flush()
-        shard[name] = t
-    flush()
-    index = {"metadata": {}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    config.save_pretrained(folder)
-    (folder / "generation_config.json").unlink(missing_ok=True)
+    write_release_checkpoint(folder, "deepseek-v3", overrides=DIMS, fp8=False, seed=seed, shard_bytes=shard_bytes,
+                             tokenizer=False)
     save_tokenizer(folder)
     return folder
 

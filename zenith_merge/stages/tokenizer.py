@@ -88,15 +88,17 @@ def token_rules(vocab: UnionVocab, rules: dict[str, Any]) -> dict[int, str]:
 def _token_map(vocab: UnionVocab, rules: dict[int, str], header: dict[str, Any]) -> TokenMap:
     """The token map's arrays (each source's id per union id, the row rule's code) and its header."""
     sources = ["base", *vocab.donors]
-    ids = {k: torch.full((vocab.size,), -1, dtype=torch.int32) for k in sources}
+    ids = {k: [-1] * vocab.size for k in sources}  # filled as lists: one tensor write per token is slow
     for uid, t in vocab.tokens.items():
         for key, sid in t.sources.items():
             ids[key][uid] = sid
+    ids = {k: torch.tensor(v, dtype=torch.int32) for k, v in ids.items()}
     names = row_rule_names(vocab.donors)
     code = {name: i for i, name in enumerate(names)}
-    row = torch.zeros(vocab.size, dtype=torch.int16)
+    rows = [0] * vocab.size
     for uid, rule in rules.items():
-        row[uid] = code[rule]
+        rows[uid] = code[rule]
+    row = torch.tensor(rows, dtype=torch.int16)
     counts = {name: int((row == i).sum()) for i, name in enumerate(names)}
     appended = vocab.appended()
     header = {**header, "format_version": FORMAT_VERSION, "size": vocab.size, "base_size": vocab.base_size,

@@ -129,6 +129,38 @@ def test_fp8_output_writes_the_mtp_layer_as_the_release_does(parents, tmp_path):
         assert dtypes[MTP + own] == "BF16" and MTP + own + "_scale_inv" not in index
 
 
+def test_an_eh_proj_the_base_stores_in_fp8_stays_fp8_with_its_bytes(parents, tmp_path):
+    """The release keeps eh_proj BF16 (above); a base that quantised it as its other projections keeps it FP8,
+    weight and scale bytes copied from the base, so the output's storage follows the base's."""
+    from safetensors.torch import save_file
+
+    from zenith_merge.fp8_cast import fp8_cast
+    from zenith_merge.kernels.fp8 import quantize
+
+    a, _, _ = parents
+    base = tmp_path / "fp8"
+    fp8_cast(a, base, to="fp8", progress=False)
+    index_path = base / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = base / index["weight_map"][MTP + "eh_proj.weight"]
+    with safe_open(str(shard), "pt") as f:
+        tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    assert tensors[MTP + "eh_proj.weight"].dtype == torch.bfloat16  # fp8-cast keeps the release's form
+    q, scale = quantize(tensors[MTP + "eh_proj.weight"])
+    tensors[MTP + "eh_proj.weight"], tensors[MTP + "eh_proj.weight_scale_inv"] = q, scale * 1.25
+    save_file(tensors, str(shard), metadata=meta)
+    index["weight_map"][MTP + "eh_proj.weight_scale_inv"] = shard.name
+    index_path.write_text(json.dumps(index))
+
+    out = _merge(tmp_path, base_model=str(base), experts=[{"source_model": str(base)}], fp8_output=True)
+    got, want = stored_bytes(out), stored_bytes(base)
+    for name in (MTP + "eh_proj.weight", MTP + "eh_proj.weight_scale_inv"):
+        assert got[name] == want[name], name
+    with safe_open(str(out / json.loads((out / index_path.name).read_text())["weight_map"][MTP + "eh_proj.weight"]),
+                   "pt") as f:
+        assert f.get_slice(MTP + "eh_proj.weight").get_dtype() == "F8_E4M3"
+
+
 def _with_release_like_scales(src: Path, dst: Path, seed: int) -> Path:
     """A copy of an FP8 folder whose block scales are not amax / 448 of their blocks (as the release's are
     not): each scale times a seeded factor in [1, 1.5). Quantising such a weight again changes its bytes."""

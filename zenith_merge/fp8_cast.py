@@ -47,7 +47,8 @@ def quantization_config(block: tuple[int, int]) -> dict:
 
 def quantizable(arch, name: str, shape: tuple[int, ...]) -> bool:
     """True for a weight the FP8 form stores quantised: a 2-D projection of attention, an MLP or an expert
-    (an MTP layer's included; its eh_proj, class mtp, stays BF16 as in the release)."""
+    (an MTP layer's included; its eh_proj, class mtp, stays BF16 as in the release unless a source stores it
+    as FP8)."""
     tid = classify(arch, name)
     return (tid is not None and tid.tensor_class in QUANTIZED_CLASSES and len(shape) == 2
             and name.endswith(".weight"))

@@ -434,9 +434,12 @@ def _output_dtype(code: str, role: str | None, keep_fp32_roles: tuple[str, ...],
 
 
 def _as_fp8(cfg: MergeConfig, stages: StagePlan | None, tensors: list[PlannedTensor], input_bytes: dict[str, int],
-            target: dict[str, Any]) -> tuple[list[PlannedTensor], dict[str, int], dict[str, Any]]:
+            target: dict[str, Any], base: Checkpoint) -> tuple[list[PlannedTensor], dict[str, int], dict[str, Any]]:
     """fp8_output: the projection weights DeepSeek-V3 stores as block FP8 become F8_E4M3, each followed by
-    its float32 `weight_scale_inv`; the output config gets DeepSeek-V3's `quantization_config`."""
+    its float32 `weight_scale_inv`; the output config gets DeepSeek-V3's `quantization_config`. A weight
+    outside those classes that the base stores as FP8 (an MTP `eh_proj` quantised as the other projections)
+    stays FP8 too: the output keeps the base's storage. The DeepSeek-V3 release stores `eh_proj` in BF16
+    (vLLM builds it as an unquantised Linear), and there it stays BF16."""
     from .fp8_cast import quantizable, quantization_config
     from .kernels.fp8 import DEFAULT_BLOCK, scale_shape
 
@@ -446,7 +449,7 @@ def _as_fp8(cfg: MergeConfig, stages: StagePlan | None, tensors: list[PlannedTen
     arch = ARCHITECTURES[target["architectures"][0]]
     out, sizes = [], dict(input_bytes)
     for t in tensors:
-        if not quantizable(arch, t.name, t.shape):
+        if not (quantizable(arch, t.name, t.shape) or base.is_fp8(t.name)):
             out.append(t)
             continue
         scale = f"{t.name}_scale_inv"
@@ -496,7 +499,7 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
             input_bytes: dict[str, int], **extra) -> Plan:
     stages = extra.get("stages")
     if cfg.fp8_output:
-        tensors, input_bytes, target = _as_fp8(cfg, stages, tensors, input_bytes, target)
+        tensors, input_bytes, target = _as_fp8(cfg, stages, tensors, input_bytes, target, base.ckpt)
     specs, break_before = [t.spec for t in tensors], None
     if stages is not None and stages.train_routers:
         # what training changes in shards of their own, after the rest: training rewrites only those

@@ -107,7 +107,8 @@ DEEPSEEK_V3 = Architecture(
     # The release's multi-token-prediction module: model.layers.<num_hidden_layers + i> is a full MoE decoder
     # layer plus its own embedding, the two norms of its inputs, the projection of their concatenation
     # (eh_proj: [enorm(embed(t_{i+1})); hnorm(h_i)] -> hidden) and its own head. The FP8 release keeps eh_proj
-    # in BF16 (vLLM and SGLang build it as a plain Linear), while its decoder layer's projections are FP8.
+    # in BF16 (vLLM and SGLang build it as a plain Linear), while its decoder layer's projections are FP8;
+    # an fp8_output keeps eh_proj as the base stores it.
     extra_layers=ExtraLayers(kind="mtp", count_key="num_nextn_predict_layers",
                              roles=("mtp_embed", "mtp_enorm", "mtp_hnorm", "mtp_eh_proj", "mtp_head_norm",
                                     "mtp_head")),

@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from zenith_merge.demo import bits_per_byte, ensure_demo
 from zenith_merge.demo.evaluate import start_token_id
-from zenith_merge.graft_math import rescaled_to_norm
+from zenith_merge.maths.graft import rescaled_to_norm
 from zenith_merge.stages.align import load_alignment, pair_by_offsets, split_passages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from zenith_merge.config import load_config, parse_config
 from zenith_merge.errors import PlanError
-from zenith_merge.graft_math import fold_projection, pad_to
+from zenith_merge.maths.graft import fold_projection, pad_to
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan import Plan, build_plan
 from zenith_merge.stages.router_training import soft_cross_entropy

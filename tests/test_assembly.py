@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from zenith_merge.config import load_config
 from zenith_merge.errors import PlanError
-from zenith_merge.graft_math import relative_difference
+from zenith_merge.maths.graft import relative_difference
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan import build_plan
 

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from zenith_merge.cli import main
 from zenith_merge.config import load_config, parse_config, with_absolute_paths
 from zenith_merge.demo import ensure_demo, heldout_text
-from zenith_merge.graft_math import interpolate
+from zenith_merge.maths.graft import interpolate
+from zenith_merge.maths.regmean import regmean_merge
 from zenith_merge.pipeline import run_merge
-from zenith_merge.regmean_math import regmean_merge
 from zenith_merge.stages.regmean import grams_file, read_gram
 
 pytestmark = pytest.mark.demo

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zenith_merge.graft_math import expert_forward, fold_projection, interpolate, pad_to, relative_difference
+from zenith_merge.maths.graft import expert_forward, fold_projection, interpolate, pad_to, relative_difference
 
 
 def _expert(gen, hidden, inter):

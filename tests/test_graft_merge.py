@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from zenith_merge.config import GateMode, load_config
 from zenith_merge.errors import PlanError
-from zenith_merge.graft_math import expert_forward, fold_projection, pad_to
+from zenith_merge.maths.graft import expert_forward, fold_projection, pad_to
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan import build_plan
 from zenith_merge.stages.align import load_alignment

@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM
 from zenith_merge.calibration import load_for_calibration
 from zenith_merge.config import load_config, parse_config
 from zenith_merge.errors import ConfigError
-from zenith_merge.graft_math import interpolate
+from zenith_merge.maths.graft import interpolate
+from zenith_merge.maths.regmean import regmean_merge
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan import build_plan
 from zenith_merge.plan_summary import format_plan
-from zenith_merge.regmean_math import regmean_merge
 from zenith_merge.stages.regmean import grams_file, input_grams, read_gram
 
 ROOT = Path(__file__).resolve().parents[1]

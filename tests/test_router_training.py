@@ -11,8 +11,8 @@ from conftest import tensors_of, write_config
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.errors import ConfigError
+from zenith_merge.maths.routing import RoutingSpec, route
 from zenith_merge.pipeline import run_merge
-from zenith_merge.routing import RoutingSpec, route
 from zenith_merge.stages.router_training import balance_bias
 
 TEXT = ("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"

@@ -17,6 +17,7 @@ from typing import Any
 from .architectures import classify, extra_layer_indices, set_dim, shared_input_of
 from .config import MergeConfig
 from .errors import PlanError
+from .maths.regmean import gram_groups
 from .plan import (
     AssembleRecipe,
     CopyRecipe,
@@ -29,7 +30,6 @@ from .plan import (
     _Source,
     _target_dtype_keys,
 )
-from .regmean_math import gram_groups
 
 # Config values that must agree between parents for their tensors to line up (beyond the attention layout).
 _SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .architectures import ModelFacts
 from .errors import PlanError
-from .routing import RoutingSpec, routed_total
+from .maths.routing import RoutingSpec, routed_total
 
 
 def candidate_layers(f: ModelFacts) -> tuple[int, ...]:

@@ -16,12 +16,12 @@ import torch
 from .architectures import ARCHITECTURES, facts, tensor_name
 from .config import PROMPT_GATE_MODES, MergeConfig, resolve_path
 from .errors import ConfigError, OutputError, PlanError, ZenithError
-from .graft_math import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
 from .io.dequantize import StreamingDequantizer
 from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
+from .maths.graft import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
 from .output_config import patch_output
 from .plan import (
     UNION_SIDE_FILES,
@@ -301,7 +301,7 @@ class PlanTensorSource:
         if len(parents) == 1:
             return next(iter(parents.values()))
         if r.regmean:
-            from .regmean_math import regmean_merge
+            from .maths.regmean import regmean_merge
             from .stages.regmean import GramReader
 
             if self._grams is None:
@@ -577,7 +577,7 @@ def _router_offsets(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str) -> st
     The rows are the writer's own (the recipes of the plan, before any offset), and the states
     the base model's MoE inputs on every source's prompts.
     """
-    from .routing import routing_spec
+    from .maths.routing import routing_spec
     from .stages.router_offsets import calibrate_layer, load_offsets, prompt_states, save_offsets
 
     if load_offsets(zdir, key) is None:

@@ -36,7 +36,7 @@ from .errors import PlanError
 from .expert_table import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
 from .io.reader import Checkpoint
 from .io.writer import ShardSpec, TensorSpec, layout_shards
-from .routing import RoutingSpec, routing_spec
+from .maths.routing import RoutingSpec, routing_spec
 from .sources import SourceModel, fingerprint, resolve_model, tokenizer_files
 from .vocab_plan import VocabPlan, plan_vocab
 
@@ -562,7 +562,7 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
 
 def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:
     """The alignment fit's statistics at their largest: one group of layer pairs (`align.max_memory`)."""
-    from .ridge import accumulator_bytes, pair_groups
+    from .maths.ridge import accumulator_bytes, pair_groups
 
     d_base, d_donor = base.facts.hidden_size, donor.facts.hidden_size
     group = max(len(g) for g in pair_groups(list(pairs), d_base, d_donor, cfg.align.max_memory))

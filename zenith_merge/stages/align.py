@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError
 from ..io.manifest import file_sha256
-from ..ridge import RidgeAccumulator, RidgeFit, accumulator_bytes, pair_groups
+from ..maths.ridge import RidgeAccumulator, RidgeFit, accumulator_bytes, pair_groups
 
 __all__ = [
     "Alignment",

@@ -36,8 +36,8 @@ from ..errors import CalibrationError, OutputError
 from ..io.manifest import fsync_dir, temp_path
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import build_header, saved_key
-from ..regmean_math import gram_groups
-from ..routing import route, routing_spec
+from ..maths.regmean import gram_groups
+from ..maths.routing import route, routing_spec
 
 log = logging.getLogger(__name__)
 

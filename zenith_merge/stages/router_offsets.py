@@ -27,7 +27,7 @@ import torch
 
 from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
-from ..routing import RoutingSpec, route
+from ..maths.routing import RoutingSpec, route
 
 OFFSETS_FILE = "router_offsets.json"
 # Selection scores are sigmoids in (0, 1): offsets beyond +-1 change nothing more.

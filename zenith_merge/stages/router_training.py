@@ -41,7 +41,7 @@ from ..calibration import block_fp8_loaded_as_read
 from ..errors import ConfigError
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key
-from ..routing import RoutingSpec, route, routing_spec
+from ..maths.routing import RoutingSpec, route, routing_spec
 
 TRAINED_FILE = "router_trained.safetensors"
 MAPS_FILE = "align_trained.safetensors"

@@ -30,7 +30,7 @@ from ..architectures import ARCHITECTURES, tensor_name
 from ..errors import OutputError
 from ..io.manifest import file_sha256
 from ..io.reader import Checkpoint
-from ..ridge import RidgeAccumulator
+from ..maths.ridge import RidgeAccumulator
 from ..vocab.chat_template import check_union_template
 from ..vocab.output_files import (
     THINK_CLOSE,

@@ -19,7 +19,7 @@ from ..architectures import architecture_of, tensor_name
 from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
 from ..io.reader import Checkpoint
-from ..routing import route, routing_spec
+from ..maths.routing import route, routing_spec
 
 USAGE_FILE = "usage.json"
 PROMPTS_PER_PASS = 16  # prompts run together: with offloaded weights, each pass reads the model once

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .architectures import architecture_of, dim
+from ..architectures import architecture_of, dim
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,5 @@
+"""The exact maths of the merge: pure functions of tensors and parameters, no file I/O.
+
+graft (folding a donor expert through alignment maps), ridge (the closed-form fits), regmean (merging
+linear layers from their input Gram matrices), routing (a family's top-k rule and the router spec it
+reads from config.json)."""

@@ -133,7 +133,7 @@ def test_release_layout_fp8_checkpoint_runs_streamed_exactly_as_transformers_loa
     release_layout = pytest.importorskip("zenith_merge.demo.release_layout")
     from transformers import AutoModelForCausalLM
 
-    from zenith_merge.calibration import block_fp8_loaded_as_read
+    from zenith_merge.forward.calibration import block_fp8_loaded_as_read
     from zenith_merge.smoke import load_model
 
     folder = release_layout.release_fixture("deepseek-v3-fp8-small")

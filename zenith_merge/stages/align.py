@@ -30,8 +30,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..calibration import CapturedChunk, CapturePoint, capture_hidden, load_for_calibration, release_memory
 from ..errors import CalibrationError
+from ..forward.calibration import (
+    CapturedChunk,
+    CapturePoint,
+    capture_hidden,
+    load_for_calibration,
+    release_memory,
+)
 from ..io.manifest import file_sha256
 from ..maths.ridge import RidgeAccumulator, RidgeFit, accumulator_bytes, pair_groups
 

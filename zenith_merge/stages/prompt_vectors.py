@@ -23,9 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .. import dense_forward
 from ..architectures import architecture_of, tensor_name
-from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory, stored_dtype
+from ..forward import dense as dense_forward
+from ..forward.calibration import (
+    CapturePoint,
+    capture_batch,
+    load_for_calibration,
+    release_memory,
+    stored_dtype,
+)
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import save_keyed
 from ..io.safetensors_format import saved_key as _saved_key

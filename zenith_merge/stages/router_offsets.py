@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
+from ..forward.calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
 from ..maths.routing import RoutingSpec, route
 

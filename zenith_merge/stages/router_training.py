@@ -37,8 +37,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..architectures import ARCHITECTURES, facts, tensor_name
-from ..calibration import block_fp8_loaded_as_read
 from ..errors import ConfigError
+from ..forward.calibration import block_fp8_loaded_as_read
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key
 from ..maths.routing import RoutingSpec, route, routing_spec

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError, CheckpointError
+from ..errors import CalibrationError, CheckpointError
 
 __all__ = ["CapturePoint", "CapturedChunk", "load_for_calibration", "capture_hidden", "capture_batch",
            "bnb_8bit_unavailable", "fix_mmap_threshold"]
@@ -205,8 +205,8 @@ def block_fp8_loaded_as_read(path: Path) -> Iterator[None]:
     exactly as its BF16 cast does. Where transformers keeps the weights in FP8 (CUDA), nothing
     changes.
     """
-    from .io.reader import block_fp8_scheme
-    from .kernels.fp8 import dequantize, scale_shape
+    from ..io.reader import block_fp8_scheme
+    from ..kernels.fp8 import dequantize, scale_shape
 
     try:
         block = block_fp8_scheme(json.loads((path / "config.json").read_text()), str(path / "config.json"))
@@ -265,7 +265,7 @@ def _checkpoints_read_not_mapped() -> Iterator[None]:
 def _has_experts(path: Path) -> bool:
     import json
 
-    from .architectures import ARCHITECTURES
+    from ..architectures import ARCHITECTURES
 
     config = json.loads((Path(path) / "config.json").read_text())
     arch = ARCHITECTURES.get((config.get("architectures") or [None])[0])

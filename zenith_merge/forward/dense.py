@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .architectures import ARCHITECTURES, tensor_name
-from .io.reader import Checkpoint
+from ..architectures import ARCHITECTURES, tensor_name
+from ..io.reader import Checkpoint
 
 
 def _rope_theta(config: dict[str, Any]) -> float | None:
@@ -140,6 +140,6 @@ def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], 
 
 def bos_text(folder: str | Path) -> str:
     """The text of the model's BOS token from its tokenizer files ('' when it has none)."""
-    from .vocab.tokenizer_json import TokenizerFiles
+    from ..vocab.tokenizer_json import TokenizerFiles
 
     return TokenizerFiles.load(folder).token_content("bos_token") or ""

@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 from merge_quality import emit, report_head
 
+from zenith_merge.checks.plots import lambda_sweep_plot
 from zenith_merge.config import parse_config
 from zenith_merge.demo import heldout_text
-from zenith_merge.plots import lambda_sweep_plot
 from zenith_merge.search import CandidateScorer, check_searchable, run_search
 
 ROOT = Path(__file__).resolve().parents[1]

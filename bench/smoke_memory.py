@@ -91,7 +91,7 @@ def child(folder: str, generate: bool, max_memory: int | None, result: str) -> N
     """Run the smoke test on `folder` in this process; per-check wall and peak RSS go to `result` (json)."""
     import re
 
-    from zenith_merge.smoke import run_smoke_test
+    from zenith_merge.checks.smoke import run_smoke_test
 
     def hwm() -> int:
         return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -167,7 +167,7 @@ def table(folder: Path, data: dict, max_memory: int | None) -> str:
 
 def parse_size(text: str) -> int:
     """'2GB', '512MB', '1.5GiB' or a byte count."""
-    from zenith_merge.smoke import parse_memory
+    from zenith_merge.checks.smoke import parse_memory
 
     return parse_memory(text)
 

@@ -190,7 +190,7 @@ def test_smoke_report_renders_with_the_routing_heatmap(flagship, tmp_path):
 def test_interactive_chat_through_the_template_with_think(flagship):
     import io
 
-    from zenith_merge.chat import chat
+    from zenith_merge.checks.chat import chat
 
     out = io.StringIO()
     n = chat(flagship, stdin=io.StringIO("/think What is 12 + 30?\n\n"), stdout=out, max_new_tokens=8,
@@ -203,7 +203,7 @@ def test_interactive_chat_through_the_template_with_think(flagship):
 def test_thinking_check_fails_when_the_merge_no_longer_opens_think(flagship, tmp_path):
     import shutil
 
-    from zenith_merge.smoke import run_smoke_test
+    from zenith_merge.checks.smoke import run_smoke_test
 
     out = tmp_path / "copy"
     shutil.copytree(flagship, out)

@@ -379,7 +379,7 @@ def test_bad_fp8_inputs_are_refused_naming_the_tensor(tmp_path, fp8_model):
 
 
 def test_fp8_output_equals_fp8_cast_of_the_bf16_merge_and_passes_the_smoke_test(tmp_path, bf16_model):
-    from zenith_merge.smoke import run_smoke_test
+    from zenith_merge.checks.smoke import run_smoke_test
 
     sibling = make_tiny_deepseek(tmp_path / "sib", seed=5)
     outs = {}

@@ -11,10 +11,10 @@ import torch
 from conftest import tensors_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from zenith_merge.checks.routing_report import load_routing, slot_owners
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.pipeline import run_merge
-from zenith_merge.routing_report import load_routing, slot_owners
 
 pytestmark = pytest.mark.demo
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import torch
 from conftest import add_mtp_layer, make_tiny_deepseek, read_index, write_config
 from safetensors import safe_open
 
+from zenith_merge.checks.smoke import add_arguments, run_smoke_test
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.errors import ZenithError
 from zenith_merge.pipeline import run_merge
-from zenith_merge.smoke import add_arguments, run_smoke_test
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_a_model_larger_than_memory_runs_streamed_and_generates_as_loaded(good):
     logits as the model loaded whole in bfloat16."""
     from transformers import AutoModelForCausalLM
 
-    from zenith_merge.smoke import greedy, load_model
+    from zenith_merge.checks.smoke import greedy, load_model
 
     model, tok, info = load_model(good, max_memory=60_000)  # less than the 186 kB of float32 weights
     assert model._zenith_load.mode == "stream" and not any(info.values())
@@ -188,7 +188,7 @@ def test_a_model_larger_than_memory_runs_streamed_and_generates_as_loaded(good):
 
 
 def test_an_architecture_not_streamed_loads_offloaded_by_accelerate(good):
-    from zenith_merge.smoke import greedy, load_model, plan_load
+    from zenith_merge.checks.smoke import greedy, load_model, plan_load
 
     # 80 kB: less than the 186 kB of float32 weights, more than 3 x the largest module (lm_head, 20 kB)
     plan = plan_load(good, 80_000, stream=False)
@@ -226,7 +226,7 @@ def test_a_folder_without_plan_skips_the_plan_checks_and_is_never_written(tmp_pa
     assert report_md.is_file() and report_md.parent.parent == tmp_path
     assert "| manifest | skip |" in report_md.read_text()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_deepseek.iterdir()) == before
-    from zenith_merge.smoke import command
+    from zenith_merge.checks.smoke import command
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -295,7 +295,7 @@ def test_fp8_cast_output_passes_without_a_plan_and_is_not_written(tmp_path, caps
 
 
 def test_finite_streams_in_slabs_and_names_every_offender(broken):
-    from zenith_merge.smoke import check_finite
+    from zenith_merge.checks.smoke import check_finite
 
     _rewrite(broken, "model.layers.1.mlp.experts.0.up_proj.weight",
              lambda t: t.index_fill(0, torch.tensor([0, 5]), float("nan")))

@@ -18,8 +18,8 @@ from conftest import make_tiny_deepseek, save_tokenizer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from zenith_merge.checks.smoke import check_loading, run_smoke_test
 from zenith_merge.errors import ZenithError
-from zenith_merge.smoke import check_loading, run_smoke_test
 
 MB = 10**6
 VOCAB, HIDDEN = 49152, 1024  # each vocabulary matrix: 49152 x 1024 bf16 = 100.7 MB, the largest tensors
@@ -74,12 +74,12 @@ def wide(tmp_path_factory) -> Path:
 _CHILD = ("import atexit, re, runpy, sys\n"
           "atexit.register(lambda: print('peak-rss-kb', re.search(r'VmHWM:\\s+(\\d+)', "
           "open('/proc/self/status').read()).group(1)))\n"
-          "sys.argv = ['zenith_merge.smoke', *sys.argv[1:]]\n"
-          "runpy.run_module('zenith_merge.smoke', run_name='__main__')\n")
+          "sys.argv = ['zenith_merge.checks.smoke', *sys.argv[1:]]\n"
+          "runpy.run_module('zenith_merge.checks.smoke', run_name='__main__')\n")
 
 
 def _smoke_in_child(folder: Path, report: Path, *extra: str) -> tuple[int, int, str]:
-    """(exit status, peak RSS in bytes, output) of `python -m zenith_merge.smoke` in a child process."""
+    """(exit status, peak RSS in bytes, output) of `python -m zenith_merge.checks.smoke` in a child process."""
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), "--report", str(report), *extra],
                           capture_output=True, env=ENV, text=True)
     out = proc.stdout + proc.stderr
@@ -88,7 +88,7 @@ def _smoke_in_child(folder: Path, report: Path, *extra: str) -> tuple[int, int, 
 
 
 def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_tensor(wide, tmp_path):
-    from zenith_merge.smoke_model import plan_load
+    from zenith_merge.checks.smoke_model import plan_load
 
     plan = plan_load(wide, 200 * MB)
     largest = VOCAB * HIDDEN * 2  # the vocabulary matrices: read by rows (embedding) and slabs (head)
@@ -133,8 +133,8 @@ def test_release_layout_fp8_checkpoint_runs_streamed_exactly_as_transformers_loa
     release_layout = pytest.importorskip("zenith_merge.demo.release_layout")
     from transformers import AutoModelForCausalLM
 
+    from zenith_merge.checks.smoke import load_model
     from zenith_merge.forward.calibration import block_fp8_loaded_as_read
-    from zenith_merge.smoke import load_model
 
     folder = release_layout.release_fixture("deepseek-v3-fp8-small")
     report = run_smoke_test(folder, max_memory=100 * MB)

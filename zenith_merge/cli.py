@@ -155,8 +155,8 @@ def cmd_search(args) -> int:
 
 
 def cmd_routing(args) -> int:
+    from .checks.routing_report import prompt_domains, routing_table, routing_usage, save_routing
     from .plan import Plan
-    from .routing_report import prompt_domains, routing_table, routing_usage, save_routing
 
     out = Path(args.output_dir)
     domains = prompt_domains(Plan.load(out))
@@ -224,13 +224,13 @@ def cmd_update_config(args) -> int:
 
 
 def cmd_smoke_test(args) -> int:
-    from .smoke import command
+    from .checks.smoke import command
 
     return command(args)
 
 
 def cmd_chat(args) -> int:
-    from .chat import chat
+    from .checks.chat import chat
 
     chat(args.output_dir, max_new_tokens=args.max_new_tokens, show_prompt=args.show_prompt)
     return 0
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "loads with transformers and generates within --max-memory (larger models "
                                     "stream their weights from disk). Works on any Hugging Face folder; only a "
                                     "zenith-merge output is written into. Exits 1 naming the failed check.")
-    from .smoke import add_arguments as smoke_arguments
+    from .checks.smoke import add_arguments as smoke_arguments
 
     smoke_arguments(sp)
     sp.set_defaults(fn=cmd_smoke_test)

@@ -636,7 +636,7 @@ def _write(plan: Plan, out: Path, **kwargs) -> WriteResult:
 
 def routing_domains(cfg: MergeConfig, plan: Plan, config_dir: Path | None) -> dict[str, list[str]]:
     """The texts the routing report runs: each source's positive prompts, and each calibration text."""
-    from .routing_report import prompt_domains
+    from .checks.routing_report import prompt_domains
 
     domains = prompt_domains(plan)
     for item, text in zip(cfg.align.calibration, read_texts(cfg.align.calibration, "align.calibration", config_dir)):
@@ -647,7 +647,7 @@ def routing_domains(cfg: MergeConfig, plan: Plan, config_dir: Path | None) -> di
 def write_routing_report(cfg: MergeConfig, plan: Plan, out: Path, *, config_dir: Path | None,
                          progress: bool) -> None:
     """The routing report of a written MoE merge, unless one for the same bytes is there already."""
-    from .routing_report import load_routing, routing_usage, save_routing
+    from .checks.routing_report import load_routing, routing_usage, save_routing
 
     if load_routing(out) is not None:
         return
@@ -727,14 +727,14 @@ def run_merge(
     patch_output(out)
     if cfg.routing_report:
         write_routing_report(cfg, plan, out, config_dir=config_dir, progress=progress)
-    from .model_card import write_model_card
+    from .checks.model_card import write_model_card
 
     token_map = None
     if plan.vocab is not None:
         from .vocab.token_map import TokenMap
 
         token_map = TokenMap.load(out / ".zenith").header
-    from .routing_report import load_routing
+    from .checks.routing_report import load_routing
 
     write_model_card(plan, out, token_map, load_routing(out))
     log.info("merged %d tensors into %s", len(plan.tensors), out)

@@ -317,9 +317,9 @@ def write_search(result: SearchResult, cfg_data: dict, config_path: Path, out_di
     written whole under temporary names, then renamed."""
     import yaml
 
+    from .checks.plots import lambda_sweep_plot
     from .config import with_absolute_paths
     from .io.manifest import write_json_atomic, write_text_atomic
-    from .plots import lambda_sweep_plot
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ZenithError
+from ..errors import ZenithError
 from .smoke_checks import Skipped, expected_tensor_names, extra_layers_note, is_zenith_output
 
 DEFAULT_MAX_MEMORY = 2 * 2**30  # the smoke test's cap on model weights in memory (--max-memory)
@@ -118,8 +118,8 @@ def plan_load(folder: Path, cap: int, *, stream: bool = True) -> LoadPlan:
     size at the peak of loading (measured with transformers 5.25 on bfloat16 checkpoints: a tensor about 3x,
     its read buffer, the tensor and a copy; a layer's routed experts about 2x, the experts read and the fused
     result), and what is left of the cap holds resident weights."""
-    from .architectures import ARCHITECTURES, classify
-    from .io.reader import Checkpoint
+    from ..architectures import ARCHITECTURES, classify
+    from ..io.reader import Checkpoint
     from .smoke_stream import SLAB_BYTES, STREAMABLE
 
     with Checkpoint.open(folder, check_shapes=False) as ckpt:
@@ -184,14 +184,14 @@ def load_model(folder: Path, *, max_memory: int | None = None, plan: LoadPlan | 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .forward.calibration import (
+    from ..forward.calibration import (
         _checkpoints_read_not_mapped,
         _has_experts,
         _own_buffers,
         block_fp8_loaded_as_read,
         fix_mmap_threshold,
     )
-    from .system import physical_memory
+    from ..system import physical_memory
 
     folder = Path(folder)
     cap = max_memory if max_memory is not None else (physical_memory() or 2**62) // 2
@@ -262,7 +262,7 @@ def check_loading(folder: Path, loaded: dict, max_memory: int | None = None) -> 
     the folder and not loaded by transformers: they pass as such; any other unused or missing weight fails."""
     model, _, info = model_for(folder, loaded, max_memory)
     config = json.loads((folder / "config.json").read_text())
-    from .io.reader import Checkpoint
+    from ..io.reader import Checkpoint
 
     with Checkpoint.open(folder, check_shapes=False) as ckpt:
         expected = expected_tensor_names(config, ckpt.names())
@@ -371,7 +371,7 @@ def opens_thinking(model, tok, message: str = CHAT_PROMPTS[0], reply: list[int] 
 
 def small_sources(folder: Path) -> dict[str, Path]:
     """The plan's sources small enough to load beside the merge, by key (none without a plan)."""
-    from .plan import Plan
+    from ..plan import Plan
 
     if not is_zenith_output(folder):
         return {}
@@ -421,7 +421,7 @@ def check_thinking(folder: Path, loaded: dict, max_memory: int | None = None) ->
 def quality_texts(folder: Path, texts: dict[str, str] | None) -> dict[str, str]:
     """The texts quality is measured on: those given, else the demo's held-out code and maths when every
     source is a demo model (their held-out split: never trained or calibrated on)."""
-    from .plan import Plan
+    from ..plan import Plan
 
     if texts:
         return dict(texts)
@@ -429,7 +429,7 @@ def quality_texts(folder: Path, texts: dict[str, str] | None) -> dict[str, str]:
         return {}
     if not all(s.ref.startswith("demo://") for s in Plan.load(folder).sources.values()):
         return {}
-    from .demo import heldout_text
+    from ..demo import heldout_text
 
     return {"code (demo held-out)": heldout_text("code"), "maths (demo held-out)": heldout_text("maths")}
 
@@ -437,7 +437,7 @@ def quality_texts(folder: Path, texts: dict[str, str] | None) -> dict[str, str]:
 def _bits_per_byte(model, tok, text: str) -> float:
     """bits_per_byte with as many windows per batch as LOGITS_BUDGET allows (8 at most): a 129k vocabulary's
     float32 logits are 130 MB per 256-token window."""
-    from .demo import bits_per_byte
+    from ..demo import bits_per_byte
 
     per_window = 256 * model.config.vocab_size * 4 * 3  # the logits, in float32, and their log-softmax
     return bits_per_byte(model, tok, text, batch_size=max(1, min(8, LOGITS_BUDGET // per_window)))

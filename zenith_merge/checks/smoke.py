@@ -11,7 +11,7 @@ temporary folder that is named on the way out, so that a source model's folder i
 
     report = run_smoke_test(folder, max_memory=2 * 2**30)
     print(format_report(report)); write_reports(report, report_dir=None)
-    python -m zenith_merge.smoke FOLDER [--no-generate] [--max-memory 2GB] [--report DIR] [--text NAME=FILE]
+    python -m zenith_merge.checks.smoke FOLDER [--no-generate] [--max-memory 2GB] [--report DIR] [--text NAME=FILE]
 
 `add_arguments` and `command` are the command line (`zenith-merge smoke-test` without --max-memory and
 --report takes its cap from $ZENITH_SMOKE_MAX_MEMORY, default 2 GiB).
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ZenithError
+from ..errors import ZenithError
 from .smoke_checks import (  # noqa: F401
     INDEX_FILE,
     MANIFEST_FILE,
@@ -191,7 +191,7 @@ def write_reports(report: SmokeReport, report_dir: str | Path | None = None) -> 
     """`report.json` and `report.md` (the checks, the samples, the routing report with its heatmap) in
     `report_dir_for(report, report_dir)`, and the smoke-test table in the model card (README.md) when that is
     the checked folder itself (a merge). Returns the two paths."""
-    from .io.manifest import write_json_atomic, write_text_atomic
+    from ..io.manifest import write_json_atomic, write_text_atomic
 
     folder = report.folder
     out = report_dir_for(report, report_dir)
@@ -233,15 +233,15 @@ def _routing(folder: Path) -> dict | None:
 
 
 def _update_model_card(folder: Path, report: SmokeReport, routing: dict | None) -> None:
+    from ..plan import Plan
     from .model_card import write_model_card
-    from .plan import Plan
 
     if not is_zenith_output(folder):
         return
     plan = Plan.load(folder)
     token_map = None
     if plan.vocab is not None:
-        from .vocab.token_map import token_map_header
+        from ..vocab.token_map import token_map_header
 
         token_map = token_map_header(folder / ".zenith")
     write_model_card(plan, folder, token_map, routing, smoke=report_table(report))
@@ -251,7 +251,7 @@ def _update_model_card(folder: Path, report: SmokeReport, routing: dict | None) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The smoke-test options, for `zenith-merge smoke-test` and `python -m zenith_merge.smoke`."""
+    """The smoke-test options, for `zenith-merge smoke-test` and `python -m zenith_merge.checks.smoke`."""
     parser.add_argument("output_dir", help="a model folder: a zenith-merge merge, an fp8-cast output or any "
                                            "Hugging Face folder (only a merge is ever written into)")
     parser.add_argument("--no-generate", action="store_true", help="skip loading the model and generating")
@@ -294,9 +294,9 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m zenith_merge.smoke FOLDER ...`: the smoke test with every option (exit 2 on a usage error).
+    """`python -m zenith_merge.checks.smoke FOLDER ...`: the smoke test with every option (exit 2 on a usage error).
     """
-    parser = argparse.ArgumentParser(prog="python -m zenith_merge.smoke",
+    parser = argparse.ArgumentParser(prog="python -m zenith_merge.checks.smoke",
                                      description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ZenithError
+from ..errors import ZenithError
 
 STREAMABLE = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM",
               "MistralForCausalLM")  # their transformers names are the checkpoint's, experts fused per layer
@@ -65,7 +65,7 @@ class _Arena:
 
     def read(self, name: str, slot: int, dtype: torch.dtype) -> torch.Tensor:
         """Tensor `name` (block FP8 dequantised to bfloat16) as `dtype`, in buffer `slot` of this depth."""
-        from .kernels.fp8 import dequantize
+        from ..kernels.fp8 import dequantize
 
         ckpt, key = self.ckpt, (self.depth, slot)
         info = ckpt.info(name)
@@ -230,7 +230,7 @@ def stream_model(folder: str | Path, *, dtype: torch.dtype = torch.bfloat16):
     layout it does not handle."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from .io.reader import Checkpoint
+    from ..io.reader import Checkpoint
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ZenithError
+from ..errors import ZenithError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -49,7 +49,7 @@ def _sha256(path: Path) -> str:
 def check_index(folder: Path) -> str:
     """The index names existing shards, and each shard holds exactly the tensors the index gives it (a folder
     with one `model.safetensors` and no index passes when that file's header reads)."""
-    from .io.safetensors_format import read_header
+    from ..io.safetensors_format import read_header
 
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
@@ -96,8 +96,8 @@ def check_manifest(folder: Path) -> str:
 def check_planned_tensors(folder: Path) -> str:
     """Every tensor of the plan is present with the planned shape and dtype, and nothing else (skipped without
     a plan: an `fp8-cast` output or a plain Hugging Face folder)."""
-    from .io.reader import Checkpoint
-    from .plan import Plan
+    from ..io.reader import Checkpoint
+    from ..plan import Plan
 
     if not is_zenith_output(folder):
         raise Skipped(f"no {PLAN_FILE}: not a zenith-merge merge, nothing planned to compare with")
@@ -149,7 +149,7 @@ def expected_tensor_names(config: dict, names: list[str]) -> ExpectedNames | Non
     Why: transformers' DeepSeek-V3 ignores only a hard-coded layer 61 when loading, so the MTP layer of any
     other depth shows up as "unused weights"; the table knows the extra layers by the config's count and the
     checkpoint's names, whatever the depth."""
-    from .architectures import ARCHITECTURES, classify, dim, extra_layer_indices, tensor_name
+    from ..architectures import ARCHITECTURES, classify, dim, extra_layer_indices, tensor_name
 
     arch = ARCHITECTURES.get((config.get("architectures") or [None])[0])
     if arch is None:
@@ -185,7 +185,7 @@ def expected_tensor_names(config: dict, names: list[str]) -> ExpectedNames | Non
 
 
 def _names_and_config(folder: Path) -> tuple[dict, list[str]]:
-    from .io.reader import Checkpoint
+    from ..io.reader import Checkpoint
 
     with Checkpoint.open(folder, check_shapes=False) as ckpt:
         return dict(ckpt.config), ckpt.names()
@@ -242,8 +242,8 @@ def check_finite(folder: Path, *, slab_bytes: int = SLAB_BYTES) -> str:
     memory stays at about two slabs whatever the size of the checkpoint or of its largest tensor."""
     import torch
 
-    from .io.reader import Checkpoint
-    from .kernels.fp8 import dequantize
+    from ..io.reader import Checkpoint
+    from ..kernels.fp8 import dequantize
 
     bad: list[str] = []
     with Checkpoint.open(folder, check_shapes=False) as ckpt:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import architecture_of, tensor_name
-from .forward.calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
-from .io.manifest import read_manifest, write_json_atomic
-from .io.reader import Checkpoint
-from .maths.routing import route, routing_spec
-from .plan import Plan
+from ..architectures import architecture_of, tensor_name
+from ..forward.calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
+from ..io.manifest import read_manifest, write_json_atomic
+from ..io.reader import Checkpoint
+from ..maths.routing import route, routing_spec
+from ..plan import Plan
 
 ROUTING_FILE = "routing.json"
 ROUTING_PNG = "routing.png"

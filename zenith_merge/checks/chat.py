@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .errors import ZenithError
+from ..errors import ZenithError
 
 
 def chat(folder: str | Path, *, stdin: TextIO | None = None, stdout: TextIO | None = None,

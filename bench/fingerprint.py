@@ -1,6 +1,6 @@
 """.venv/bin/python bench/fingerprint.py
 
-The cost of a source's fingerprint (zenith_merge.sources.fingerprint: config, index, headers, sizes and a
+The cost of a source's fingerprint (zenith_merge.plan.sources.fingerprint: config, index, headers, sizes and a
 fixed sample of each shard's data) on one 2 GiB shard of random bytes written under /tmp: cold (the file's
 pages dropped with posix_fadvise first) and warm, medians of 3, beside one full sha256 of the same file, cold.
 """
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zenith_merge.sources import fingerprint
+from zenith_merge.plan.sources import fingerprint
 
 SIZE = 2**31
 

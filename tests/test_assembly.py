@@ -14,7 +14,7 @@ from zenith_merge.config import load_config
 from zenith_merge.errors import PlanError
 from zenith_merge.maths.graft import relative_difference
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
+from zenith_merge.plan.build import build_plan
 
 
 def perturbed_copy(src, dst, seed=0):

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from zenith_merge.cli import main
 from zenith_merge.config import MergeConfig, load_config, with_absolute_paths
-from zenith_merge.plan import (
+from zenith_merge.plan.build import (
     AssembleRecipe,
     CopyRecipe,
     ExpertRecipe,
@@ -30,7 +30,7 @@ from zenith_merge.plan import (
     RouterRecipe,
     VocabRecipe,
 )
-from zenith_merge.plan_summary import recipe_label
+from zenith_merge.plan.summary import recipe_label
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [*sorted((ROOT / "merge").glob("*.yml")), *sorted((ROOT / "merge" / "examples").glob("*.yml"))]

@@ -403,7 +403,7 @@ def test_fp8_output_equals_fp8_cast_of_the_bf16_merge_and_passes_the_smoke_test(
 
 def test_fp8_output_refuses_training_it_cannot_follow(tmp_path, bf16_model, tiny_qwen_moe):
     from zenith_merge.errors import PlanError
-    from zenith_merge.plan import build_plan
+    from zenith_merge.plan.build import build_plan
 
     cfg = write_config(tmp_path, base_model=str(bf16_model), gate_mode="random", fp8_output=True,
                        experts=[{"source_model": str(bf16_model)}, {"source_model": str(tiny_qwen_moe)}],

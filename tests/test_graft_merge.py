@@ -17,7 +17,7 @@ from zenith_merge.config import GateMode, load_config
 from zenith_merge.errors import PlanError
 from zenith_merge.maths.graft import expert_forward, fold_projection, pad_to
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
+from zenith_merge.plan.build import build_plan
 from zenith_merge.stages.align import load_alignment
 
 PROMPTS = ["def add(a, b):\n    return a + b\n", "What is 3 + 4? It is 7.", "class Stack:\n    pass\n"]

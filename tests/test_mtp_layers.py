@@ -26,8 +26,8 @@ from zenith_merge.config import load_config
 from zenith_merge.demo import ensure_demo
 from zenith_merge.fp8_cast import quantizable
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
-from zenith_merge.plan_summary import format_plan
+from zenith_merge.plan.build import build_plan
+from zenith_merge.plan.summary import format_plan
 
 V3 = ARCHITECTURES["DeepseekV3ForCausalLM"]
 MTP = "model.layers.3."  # the tiny models have 3 decoder layers

@@ -15,7 +15,7 @@ from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.errors import OutputError, PlanError
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
+from zenith_merge.plan.build import build_plan
 
 
 def _tensors(folder):
@@ -146,7 +146,7 @@ def test_every_subcommand_has_help(command, capsys):
 
 def test_base_listed_among_experts_means_its_own_experts(tmp_path):
     """The flagship lists the base among `experts` by its demo:// reference; that is not a donor."""
-    from zenith_merge.sources import resolve_model
+    from zenith_merge.plan.sources import resolve_model
 
     assert resolve_model("demo://zen-tiny", build_demo=False).path.name == "zen-tiny"
     from zenith_merge.demo import demo_dir

@@ -18,8 +18,8 @@ from zenith_merge.forward.calibration import load_for_calibration
 from zenith_merge.maths.graft import interpolate
 from zenith_merge.maths.regmean import regmean_merge
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
-from zenith_merge.plan_summary import format_plan
+from zenith_merge.plan.build import build_plan
+from zenith_merge.plan.summary import format_plan
 from zenith_merge.stages.regmean import grams_file, input_grams, read_gram
 
 ROOT = Path(__file__).resolve().parents[1]

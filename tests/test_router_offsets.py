@@ -15,7 +15,7 @@ from zenith_merge.demo import ensure_demo
 from zenith_merge.errors import PlanError
 from zenith_merge.maths.routing import RoutingSpec
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
+from zenith_merge.plan.build import build_plan
 from zenith_merge.stages.router_offsets import GRID, _hit_leak, calibrate_layer
 
 ROOT = Path(__file__).resolve().parents[1]

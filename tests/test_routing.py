@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from zenith_merge.errors import PlanError
-from zenith_merge.expert_table import SourceSlots, compensation, map_layers, routing_groups
 from zenith_merge.maths.routing import RoutingSpec, route, routed_total, routing_spec
+from zenith_merge.plan.experts import SourceSlots, compensation, map_layers, routing_groups
 
 
 @pytest.mark.parametrize("n_group,topk_group,norm", [(1, 1, True), (2, 1, True), (4, 2, False)])

@@ -14,8 +14,8 @@ from conftest import make_tiny_deepseek, make_tiny_qwen3_moe, save_tokenizer, wr
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.errors import PlanError
-from zenith_merge.plan import UNION_SIDE_FILES, build_plan
-from zenith_merge.sources import custom_code_files
+from zenith_merge.plan.build import UNION_SIDE_FILES, build_plan
+from zenith_merge.plan.sources import custom_code_files
 
 # As DeepSeek-V3's release config.json has it.
 AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
@@ -148,7 +148,7 @@ def test_auto_map_forms_lists_remote_references_and_the_tokenizer_config(tmp_pat
     config = {"auto_map": {"AutoConfig": "configuration_x.XConfig",
                            "AutoTokenizer": [None, "tokenization_x_fast.XTokenizerFast"],
                            "AutoModel": "someone/other-repo--modeling_y.YModel"}}
-    with caplog.at_level("INFO", logger="zenith_merge.sources"):
+    with caplog.at_level("INFO", logger="zenith_merge.plan.sources"):
         files = custom_code_files(folder, config)
     assert files == ["configuration_x.py", "helpers.py", "tokenization_x.py", "tokenization_x_fast.py"]
     assert "someone/other-repo--modeling_y.YModel" in caplog.text and "not carried" in caplog.text

@@ -14,7 +14,13 @@ from conftest import write_config
 
 from zenith_merge.cli import main
 from zenith_merge.io.manifest import read_manifest
-from zenith_merge.sources import SAMPLE_BYTES, SAMPLE_RANGES, _safetensors_header, fingerprint, sample_offsets
+from zenith_merge.plan.sources import (
+    SAMPLE_BYTES,
+    SAMPLE_RANGES,
+    _safetensors_header,
+    fingerprint,
+    sample_offsets,
+)
 
 MAX_SAMPLE = (SAMPLE_RANGES + 2) * SAMPLE_BYTES
 

@@ -17,7 +17,7 @@ from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.errors import ConfigError, PlanError
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan import build_plan
+from zenith_merge.plan.build import build_plan
 from zenith_merge.vocab.rows import NormStats, match_norms, slerp
 from zenith_merge.vocab.token_map import TokenMap
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import ZenithError
-from .plan_summary import format_expert_table, format_plan, format_union, human
+from .plan.summary import format_expert_table, format_plan, format_union, human
 
 
 def _load(config: str):
@@ -25,7 +25,7 @@ def _load(config: str):
 
 
 def cmd_plan(args) -> int:
-    from .plan import build_plan
+    from .plan.build import build_plan
 
     cfg, config_dir = _load(args.config)
     plan = build_plan(cfg, config_dir=config_dir, output_dir=args.output)
@@ -52,7 +52,7 @@ def _quiet_transformers() -> None:
 
 def cmd_merge(args) -> int:
     from .pipeline import check_training_inputs, run_merge
-    from .plan import build_plan
+    from .plan.build import build_plan
 
     cfg, config_dir = _load(args.config)
     if args.no_progress:
@@ -128,7 +128,7 @@ def cmd_align(args) -> int:
 def cmd_search(args) -> int:
     import yaml
 
-    from .plan import output_path
+    from .plan.build import output_path
     from .search import check_searchable, run_search, search_table, write_search
 
     cfg, config_dir = _load(args.config)
@@ -156,7 +156,7 @@ def cmd_search(args) -> int:
 
 def cmd_routing(args) -> int:
     from .checks.routing_report import prompt_domains, routing_table, routing_usage, save_routing
-    from .plan import Plan
+    from .plan.build import Plan
 
     out = Path(args.output_dir)
     domains = prompt_domains(Plan.load(out))

@@ -31,7 +31,7 @@ from .io.manifest import write_json_atomic
 from .io.reader import Checkpoint
 from .io.writer import WriteResult, prepare_output_dir, write_checkpoint
 from .kernels.fp8 import DEFAULT_BLOCK, quantize, scale_shape
-from .sources import copy_file_atomic
+from .plan.sources import copy_file_atomic
 
 # The tensor classes whose 2-D weights DeepSeek-V3 stores as block FP8 (its routers, norms,
 # embeddings and head stay in BF16/F32).

@@ -23,7 +23,7 @@ from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
 from .maths.graft import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
 from .output_config import patch_output
-from .plan import (
+from .plan.build import (
     UNION_SIDE_FILES,
     AssembleRecipe,
     CopyRecipe,
@@ -363,7 +363,7 @@ def write_side_files(plan: Plan, out_dir: Path) -> None:
     source (or the union's, from the tokenizer stage) and the custom-code modules the config's `auto_map`
     names, from the base; then write the target config.json. A planned file gone from its source since the
     plan (a folder edited during the merge) is an error naming it, not a traceback."""
-    from .sources import copy_file_atomic
+    from .plan.sources import copy_file_atomic
 
     for name, key in plan.side_files.items():
         src = union_dir(out_dir) / name if key == UNION_SIDE_FILES else Path(plan.sources[key].path) / name
@@ -664,8 +664,8 @@ def _check_resumed_sources(cfg: MergeConfig, config_dir: Path | None, output_dir
     """Refuse a resume whose sources changed since the interrupted run (its `.zenith/plan.json`), naming the
     source: a parent swapped for another of the same layout would otherwise be written beside the old one's
     finished shards. Nothing to check where no readable plan is there (the writer's plan-id check remains)."""
-    from .plan import PLAN_FILE, output_path
-    from .sources import check_unchanged
+    from .plan.build import PLAN_FILE, output_path
+    from .plan.sources import check_unchanged
 
     out = output_path(cfg, config_dir, output_dir)
     if not (out / PLAN_FILE).is_file():

@@ -136,7 +136,7 @@ class CandidateScorer:
         from transformers import AutoTokenizer
 
         from .pipeline import read_texts
-        from .plan import build_plan
+        from .plan.build import build_plan
 
         self.cfg, self.config_dir, self.work_dir = cfg, config_dir, work_dir
         plan = build_plan(cfg, config_dir=config_dir, output_dir=work_dir)
@@ -173,7 +173,7 @@ class CandidateScorer:
         """(keep, gain) bits per byte of the assembly with these `assembly.weights`."""
         from .demo import bits_per_byte
         from .pipeline import PlanTensorSource
-        from .plan import build_plan
+        from .plan.build import build_plan
 
         cfg = self.cfg.model_copy(update={"assembly": self.cfg.assembly.model_copy(update={"weights": weights})})
         plan = build_plan(cfg, config_dir=self.config_dir, output_dir=self.work_dir)

@@ -50,8 +50,8 @@ def _files(plan) -> list[str]:
     """The side files beside the weights and where each came from (the plan's `side_files`)."""
     if not plan.side_files:
         return []
-    from ..plan import UNION_SIDE_FILES
-    from ..sources import side_file_kind
+    from ..plan.build import UNION_SIDE_FILES
+    from ..plan.sources import side_file_kind
 
     def origin(key: str) -> str:
         if key == UNION_SIDE_FILES:
@@ -66,7 +66,7 @@ def _files(plan) -> list[str]:
 
 
 def _plan_summary(plan) -> list[str]:
-    from ..plan_summary import format_expert_table, human
+    from ..plan.summary import format_expert_table, human
 
     e = plan.estimates
     lines = ["## Plan", "", f"Method `{plan.method}`: {e.tensor_count} tensors, {human(e.total_bytes)} in "

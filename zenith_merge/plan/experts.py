@@ -10,9 +10,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .architectures import ModelFacts
-from .errors import PlanError
-from .maths.routing import RoutingSpec, routed_total
+from ..architectures import ModelFacts
+from ..errors import PlanError
+from ..maths.routing import RoutingSpec, routed_total
 
 
 def candidate_layers(f: ModelFacts) -> tuple[int, ...]:

@@ -136,7 +136,7 @@ def _slot_range(slots) -> str:
 
 def _format_extra_layers(plan) -> list[str]:
     """A line per extra layer of the output (DeepSeek-V3's MTP modules): where its tensors come from."""
-    from .architectures import ARCHITECTURES, classify, extra_layer_indices
+    from ..architectures import ARCHITECTURES, classify, extra_layer_indices
 
     arch = ARCHITECTURES.get(plan.target_config.get("architectures", [None])[0])
     if arch is None or arch.extra_layers is None:

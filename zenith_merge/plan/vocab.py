@@ -13,11 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import MergeConfig
-from .errors import PlanError
+from ..config import MergeConfig
+from ..errors import PlanError
+from ..vocab.tokenizer_json import TokenizerError, TokenizerModel
+from ..vocab.union import UnionVocab, union_vocabulary
 from .sources import resolve_model
-from .vocab.tokenizer_json import TokenizerError, TokenizerModel
-from .vocab.union import UnionVocab, union_vocabulary
 
 
 class TokenRule(BaseModel):

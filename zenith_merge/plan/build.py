@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .architectures import (
+from ..architectures import (
     ARCHITECTURES,
     Architecture,
     ModelFacts,
@@ -31,14 +31,14 @@ from .architectures import (
     set_dim,
     tensor_name,
 )
-from .config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
-from .errors import PlanError
-from .expert_table import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
-from .io.reader import Checkpoint
-from .io.writer import ShardSpec, TensorSpec, layout_shards
-from .maths.routing import RoutingSpec, routing_spec
+from ..config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
+from ..errors import PlanError
+from ..io.reader import Checkpoint
+from ..io.writer import ShardSpec, TensorSpec, layout_shards
+from ..maths.routing import RoutingSpec, routing_spec
+from .experts import SourceSlots, candidate_layers, compensation, map_layers, routing_groups
 from .sources import SourceModel, fingerprint, resolve_model, tokenizer_files
-from .vocab_plan import VocabPlan, plan_vocab
+from .vocab import VocabPlan, plan_vocab
 
 PLAN_FORMAT_VERSION = 1
 PLAN_FILE = ".zenith/plan.json"
@@ -440,8 +440,8 @@ def _as_fp8(cfg: MergeConfig, stages: StagePlan | None, tensors: list[PlannedTen
     outside those classes that the base stores as FP8 (an MTP `eh_proj` quantised as the other projections)
     stays FP8 too: the output keeps the base's storage. The DeepSeek-V3 release stores `eh_proj` in BF16
     (vLLM builds it as an unquantised Linear), and there it stays BF16."""
-    from .fp8_cast import quantizable, quantization_config
-    from .kernels.fp8 import DEFAULT_BLOCK, scale_shape
+    from ..fp8_cast import quantizable, quantization_config
+    from ..kernels.fp8 import DEFAULT_BLOCK, scale_shape
 
     if stages is not None and stages.train_routers:
         raise PlanError("fp8_output: not with router.train_steps or align.train_steps yet (training reads the "
@@ -513,7 +513,7 @@ def _finish(cfg: MergeConfig, config_dir: Path | None, output_dir, *, method: st
     planned.update({s.key: _planned_source(s) for s in sources if s.key not in planned})
     side_files = {name: "base" for name in tokenizer_files(base.model.path)}
     if extra.get("vocab") is not None:
-        from .vocab.output_files import union_file_names
+        from ..vocab.output_files import union_file_names
 
         side_files = {name: UNION_SIDE_FILES for name in union_file_names(base.model.path)}
     from .sources import custom_code_files  # auto_map's modules: from the base, with or without the union
@@ -562,7 +562,7 @@ def _stage_memory(stages: StagePlan | None, sources: dict[str, _Source], cfg: Me
 
 def _fit_bytes(pairs, base: _Source, donor: _Source, cfg: MergeConfig) -> int:
     """The alignment fit's statistics at their largest: one group of layer pairs (`align.max_memory`)."""
-    from .maths.ridge import accumulator_bytes, pair_groups
+    from ..maths.ridge import accumulator_bytes, pair_groups
 
     d_base, d_donor = base.facts.hidden_size, donor.facts.hidden_size
     group = max(len(g) for g in pair_groups(list(pairs), d_base, d_donor, cfg.align.max_memory))
@@ -602,7 +602,7 @@ def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: 
         try:
             out_arch = _output_architecture(cfg, base, sources)
             if cfg.merge_method == "assembly":
-                from .assembly_plan import plan_assembly
+                from .assembly import plan_assembly
 
                 return plan_assembly(cfg, config_dir, output_dir, base, sources)
             return _plan_concat(cfg, config_dir, output_dir, base, sources, out_arch)

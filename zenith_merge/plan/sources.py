@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEMO_SCHEME, resolve_path
-from .errors import CheckpointError, OutputError, PlanError
+from ..config import DEMO_SCHEME, resolve_path
+from ..errors import CheckpointError, OutputError, PlanError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class SourceModel:
 def resolve_model(ref: str, config_dir: Path | None = None, *, build_demo: bool = True) -> SourceModel:
     """Turn `demo://<name>` or a folder into a `SourceModel`; demo models are built on first use."""
     if ref.startswith(DEMO_SCHEME):
-        from .demo import demo_dir, ensure_demo
+        from ..demo import demo_dir, ensure_demo
 
         name = ref[len(DEMO_SCHEME):]
         if build_demo:

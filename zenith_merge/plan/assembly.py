@@ -14,11 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .architectures import classify, extra_layer_indices, set_dim, shared_input_of
-from .config import MergeConfig
-from .errors import PlanError
-from .maths.regmean import gram_groups
-from .plan import (
+from ..architectures import classify, extra_layer_indices, set_dim, shared_input_of
+from ..config import MergeConfig
+from ..errors import PlanError
+from ..maths.regmean import gram_groups
+from .build import (
     AssembleRecipe,
     CopyRecipe,
     Plan,
@@ -42,7 +42,7 @@ def _tokenizer_digest(folder: Path) -> str | None:
 
 def check_same_family(base: _Source, src: _Source) -> None:
     """Refuse a parent whose architecture, layout or tokenizer differs from the base's, naming what differs."""
-    from .architectures import dim
+    from ..architectures import dim
 
     if src.arch.name != base.arch.name:
         raise PlanError(f"{src.where}: is {src.arch.name}, the base {base.arch.name}; assembly interpolates "

@@ -15,7 +15,8 @@ from zenith_merge.config import load_config, parse_config
 from zenith_merge.errors import PlanError
 from zenith_merge.maths.graft import fold_projection, pad_to
 from zenith_merge.pipeline import run_merge
-from zenith_merge.plan.build import Plan, build_plan
+from zenith_merge.plan.build import build_plan
+from zenith_merge.plan.models import Plan
 from zenith_merge.stages.router_training import soft_cross_entropy
 
 TEXT = ("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from zenith_merge.cli import main
 from zenith_merge.config import MergeConfig, load_config, with_absolute_paths
-from zenith_merge.plan.build import (
+from zenith_merge.plan.models import (
     AssembleRecipe,
     CopyRecipe,
     ExpertRecipe,

@@ -114,7 +114,7 @@ def test_an_assembly_has_one_source_so_every_pick_is_the_bases(tmp_path):
     report = load_routing(out)
     assert report["sources"] == ["base"] and set(report["domains"]) == {"experts.0 prompts", "experts.1 prompts"}
     assert all(per[d]["base"]["picks"] == 1.0 for per in report["layers"].values() for d in report["domains"])
-    from zenith_merge.plan.build import Plan
+    from zenith_merge.plan.models import Plan
 
     assert slot_owners(Plan.load(out), 1, 8) == ["base"] * 8
 

@@ -14,7 +14,8 @@ from conftest import make_tiny_deepseek, make_tiny_qwen3_moe, save_tokenizer, wr
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
 from zenith_merge.errors import PlanError
-from zenith_merge.plan.build import UNION_SIDE_FILES, build_plan
+from zenith_merge.plan.build import build_plan
+from zenith_merge.plan.models import UNION_SIDE_FILES
 from zenith_merge.plan.sources import custom_code_files
 
 # As DeepSeek-V3's release config.json has it.

@@ -128,7 +128,7 @@ def cmd_align(args) -> int:
 def cmd_search(args) -> int:
     import yaml
 
-    from .plan.build import output_path
+    from .plan.output import output_path
     from .search import check_searchable, run_search, search_table, write_search
 
     cfg, config_dir = _load(args.config)
@@ -156,7 +156,7 @@ def cmd_search(args) -> int:
 
 def cmd_routing(args) -> int:
     from .checks.routing_report import prompt_domains, routing_table, routing_usage, save_routing
-    from .plan.build import Plan
+    from .plan.models import Plan
 
     out = Path(args.output_dir)
     domains = prompt_domains(Plan.load(out))

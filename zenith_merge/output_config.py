@@ -104,7 +104,7 @@ def patch_output(out_dir: Path, *, check: bool = False, target: dict[str, Any] |
     """
     out_dir = Path(out_dir)
     if target is None:
-        from .plan.build import Plan
+        from .plan.models import Plan
 
         target = Plan.load(out_dir).target_config
     drift: list[Drift] = []

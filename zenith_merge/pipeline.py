@@ -23,7 +23,8 @@ from .io.safetensors_format import torch_dtype
 from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
 from .maths.graft import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
 from .output_config import patch_output
-from .plan.build import (
+from .plan.build import build_plan
+from .plan.models import (
     UNION_SIDE_FILES,
     AssembleRecipe,
     CopyRecipe,
@@ -32,11 +33,8 @@ from .plan.build import (
     Plan,
     RouterRecipe,
     VocabRecipe,
-    build_plan,
-    resolve,
-    source_router,
-    source_tensor,
 )
+from .plan.resolve import resolve, source_router, source_tensor
 from .stages.router_offsets import OFFSETS_FILE as ROUTER_OFFSETS
 from .stages.router_training import MAPS_FILE as ALIGN_TRAINED
 from .stages.router_training import TRAINED_FILE as ROUTER_TRAINED
@@ -664,7 +662,8 @@ def _check_resumed_sources(cfg: MergeConfig, config_dir: Path | None, output_dir
     """Refuse a resume whose sources changed since the interrupted run (its `.zenith/plan.json`), naming the
     source: a parent swapped for another of the same layout would otherwise be written beside the old one's
     finished shards. Nothing to check where no readable plan is there (the writer's plan-id check remains)."""
-    from .plan.build import PLAN_FILE, output_path
+    from .plan.models import PLAN_FILE
+    from .plan.output import output_path
     from .plan.sources import check_unchanged
 
     out = output_path(cfg, config_dir, output_dir)

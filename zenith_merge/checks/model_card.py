@@ -50,7 +50,7 @@ def _files(plan) -> list[str]:
     """The side files beside the weights and where each came from (the plan's `side_files`)."""
     if not plan.side_files:
         return []
-    from ..plan.build import UNION_SIDE_FILES
+    from ..plan.models import UNION_SIDE_FILES
     from ..plan.sources import side_file_kind
 
     def origin(key: str) -> str:

@@ -27,7 +27,7 @@ from ..forward.calibration import CapturePoint, capture_hidden, load_for_calibra
 from ..io.manifest import read_manifest, write_json_atomic
 from ..io.reader import Checkpoint
 from ..maths.routing import route, routing_spec
-from ..plan.build import Plan
+from ..plan.models import Plan
 
 ROUTING_FILE = "routing.json"
 ROUTING_PNG = "routing.png"

@@ -233,7 +233,7 @@ def _routing(folder: Path) -> dict | None:
 
 
 def _update_model_card(folder: Path, report: SmokeReport, routing: dict | None) -> None:
-    from ..plan.build import Plan
+    from ..plan.models import Plan
     from .model_card import write_model_card
 
     if not is_zenith_output(folder):

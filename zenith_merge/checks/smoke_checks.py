@@ -97,7 +97,7 @@ def check_planned_tensors(folder: Path) -> str:
     """Every tensor of the plan is present with the planned shape and dtype, and nothing else (skipped without
     a plan: an `fp8-cast` output or a plain Hugging Face folder)."""
     from ..io.reader import Checkpoint
-    from ..plan.build import Plan
+    from ..plan.models import Plan
 
     if not is_zenith_output(folder):
         raise Skipped(f"no {PLAN_FILE}: not a zenith-merge merge, nothing planned to compare with")

@@ -371,7 +371,7 @@ def opens_thinking(model, tok, message: str = CHAT_PROMPTS[0], reply: list[int] 
 
 def small_sources(folder: Path) -> dict[str, Path]:
     """The plan's sources small enough to load beside the merge, by key (none without a plan)."""
-    from ..plan.build import Plan
+    from ..plan.models import Plan
 
     if not is_zenith_output(folder):
         return {}
@@ -421,7 +421,7 @@ def check_thinking(folder: Path, loaded: dict, max_memory: int | None = None) ->
 def quality_texts(folder: Path, texts: dict[str, str] | None) -> dict[str, str]:
     """The texts quality is measured on: those given, else the demo's held-out code and maths when every
     source is a demo model (their held-out split: never trained or calibrated on)."""
-    from ..plan.build import Plan
+    from ..plan.models import Plan
 
     if texts:
         return dict(texts)

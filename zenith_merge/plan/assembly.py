@@ -18,18 +18,9 @@ from ..architectures import classify, extra_layer_indices, set_dim, shared_input
 from ..config import MergeConfig
 from ..errors import PlanError
 from ..maths.regmean import gram_groups
-from .build import (
-    AssembleRecipe,
-    CopyRecipe,
-    Plan,
-    PlannedTensor,
-    RegMeanStage,
-    StagePlan,
-    _finish,
-    _output_dtype,
-    _Source,
-    _target_dtype_keys,
-)
+from .models import AssembleRecipe, CopyRecipe, Plan, PlannedTensor, RegMeanStage, StagePlan
+from .opened_sources import OpenedSource
+from .output import finish_plan, output_dtype, target_dtype_keys
 
 # Config values that must agree between parents for their tensors to line up (beyond the attention layout).
 _SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")
@@ -40,7 +31,7 @@ def _tokenizer_digest(folder: Path) -> str | None:
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
-def check_same_family(base: _Source, src: _Source) -> None:
+def check_same_family(base: OpenedSource, src: OpenedSource) -> None:
     """Refuse a parent whose architecture, layout or tokenizer differs from the base's, naming what differs."""
     from ..architectures import dim
 
@@ -62,7 +53,7 @@ def check_same_family(base: _Source, src: _Source) -> None:
                         f"(embedding rows must mean the same tokens)")
 
 
-def _regmean_stage(source: _Source, names: list[str], regmean) -> RegMeanStage:
+def _regmean_stage(source: OpenedSource, names: list[str], regmean) -> RegMeanStage:
     """One parent's RegMean statistics: its weights, text, and the passes that fit them in `max_memory`."""
     distinct = dict.fromkeys(shared_input_of(source.arch, names).values())
     size = {n: source.ckpt.info(n).shape[-1] for n in distinct}
@@ -83,13 +74,13 @@ def mtp_weights(weights: dict[str, list[float]], tensor_class: str) -> list[floa
     return weights.get(own, weights["default"])
 
 
-def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sources: list[_Source]) -> Plan:
+def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, sources: list[OpenedSource]) -> Plan:
     """Every base tensor, interpolated across the `experts[]` parents with the config's per-class weights."""
     for s in sources:
         if s.key != "base":
             check_same_family(base, s)
     settings = cfg.assembly
-    target: dict[str, Any] = _target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
+    target: dict[str, Any] = target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
     if cfg.experts_per_token is not None:
         set_dim(target, base.arch, "top_k", cfg.experts_per_token)
     regmean = settings.regmean
@@ -122,12 +113,12 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: _Source, sourc
                                     ridge=regmean.ridge if solve else 0.0)
             for key in keys if solve else ():
                 needs_grams.setdefault(key, []).append(name)
-        dtype = _output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
+        dtype = output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
         tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
         reads = len(set(keys) | {"base"}) if isinstance(recipe, AssembleRecipe) else 1
         input_bytes[name] = reads * info.nbytes + (8 * math.prod(info.shape) if reads > 1 else 0)
     stages = StagePlan(regmean={s.key: _regmean_stage(s, needs_grams[s.key], regmean)
                                 for s in sources if s.key in needs_grams}) if needs_grams else None
     extra = {"stages": stages} if stages is not None else {}
-    return _finish(cfg, config_dir, output_dir, method="assembly", base=base, sources=sources, target=target,
+    return finish_plan(cfg, config_dir, output_dir, method="assembly", base=base, sources=sources, target=target,
                    tensors=tensors, input_bytes=input_bytes, **extra)

@@ -4,7 +4,7 @@
     python merge/update_config.py OUTPUT_DIR           # apply (idempotent)
     python merge/update_config.py OUTPUT_DIR --check   # report drift, write nothing; exit 1 if any
 
-The work is done by zenith_merge.output_config.patch_output; this script is its command line.
+The work is done by zenith_merge.pipeline.output_config.patch_output; this script is its command line.
 """
 
 import sys

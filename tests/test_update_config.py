@@ -9,8 +9,8 @@ import pytest
 from conftest import write_config
 
 from zenith_merge.config import load_config
-from zenith_merge.output_config import patch_output
 from zenith_merge.pipeline import run_merge
+from zenith_merge.pipeline.output_config import patch_output
 
 ROOT = Path(__file__).resolve().parents[1]
 

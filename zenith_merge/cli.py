@@ -211,7 +211,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_update_config(args) -> int:
-    from .output_config import patch_output
+    from .pipeline.output_config import patch_output
 
     drift = patch_output(Path(args.output_dir), check=args.check)
     for d in drift:

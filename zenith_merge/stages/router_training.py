@@ -42,6 +42,7 @@ from ..forward.calibration import block_fp8_loaded_as_read
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key
 from ..maths.routing import RoutingSpec, route, routing_spec
+from ..vocab.token_map import TokenMap
 
 TRAINED_FILE = "router_trained.safetensors"
 MAPS_FILE = "align_trained.safetensors"
@@ -133,15 +134,14 @@ class _FoldedSlots(torch.nn.Module):
         return original.index_copy(0, self.slots, self.folded().to(original.dtype))
 
 
-def _trainable_maps(model, plan, arch) -> dict[tuple[str, int, int], tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+def _trainable_maps(model, plan, arch, source) -> dict[tuple[str, int, int], tuple[torch.nn.Parameter,
+                                                                                 torch.nn.Parameter]]:
     """Per output MoE layer with slots of a training source: its maps (A, B) as parameters, wired into the
     model's fused expert tensors by parametrisation. Checks first that the fold of the fitted maps gives
-    the written tensors, so a different expert layout is refused rather than trained."""
+    the written tensors, so a different expert layout is refused rather than trained. `source` gives the
+    fitted maps and the donor weights (`maps`, `source_weight`); it is closed here."""
     from torch.nn.utils import parametrize
 
-    from ..pipeline import PlanTensorSource
-
-    source = PlanTensorSource(plan)
     maps = {}
     try:
         for le in (le for le in plan.expert_table if le.like is None):  # no forward pass runs an MTP layer
@@ -180,14 +180,12 @@ def _teacher(plan, out_dir: Path, texts: Sequence[str], steps: int, batch_size: 
     """The donor as teacher: its model, its token batches, and its token ids as union ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .tokenizer import load_token_map
-
     key = plan.stages.train_maps[0]
     path = plan.sources[key].path
     if plan.vocab is None or key not in plan.vocab.donors:
         raise ValueError(f"align.teacher_data: the teacher's tokens reach the merge through the union vocabulary; "
                          f"set tokenizer.source: union with {key} in it")
-    to_union = load_token_map(out_dir / ".zenith").to_union(key)
+    to_union = TokenMap.load(out_dir / ".zenith").to_union(key)
     with block_fp8_loaded_as_read(Path(path)):
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for p in teacher.parameters():
@@ -225,9 +223,11 @@ def check_training_text(plan, texts: Sequence[str], where: str, teacher_texts: S
 
 
 def train_routers(out_dir: Path, plan, texts: Sequence[str], *, key: str, teacher_texts: Sequence[str] = (),
-                  where: str = "router.data", progress: bool = True) -> Path:
+                  where: str = "router.data", progress: bool = True, tensor_source=None) -> Path:
     """Train the router rows (and the maps the plan trains) of the merge written in `out_dir`; save them
-    (and the log) into `<out>/.zenith/`. `where` names the config key the texts come from."""
+    (and the log) into `<out>/.zenith/`. `where` names the config key the texts come from. Training maps
+    needs `tensor_source`, the merge's tensor source for this plan (the pipeline's `PlanTensorSource`), which
+    gives the fitted maps and the donor weights they fold."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = plan.config["router"]
@@ -252,7 +252,7 @@ def train_routers(out_dir: Path, plan, texts: Sequence[str], *, key: str, teache
             biases[layer] = model.get_buffer(tensor_name(arch, "router_bias", layer))
     steps, seed, align = plan.stages.train_routers, plan.config.get("seed", 0), plan.config["align"]
     groups = [{"params": [weights[layer] for layer in layers], "lr": cfg["lr"]}]
-    maps = _trainable_maps(model, plan, arch) if plan.stages.train_maps else {}
+    maps = _trainable_maps(model, plan, arch, tensor_source) if plan.stages.train_maps else {}
     if maps:
         groups.append({"params": [p for pair in maps.values() for p in pair], "lr": align["lr"]})
     optim = torch.optim.AdamW(groups, weight_decay=0.0)

@@ -13,18 +13,17 @@ from pathlib import Path
 
 import torch
 
-from .architectures import ARCHITECTURES, facts, tensor_name
-from .config import PROMPT_GATE_MODES, MergeConfig, resolve_path
-from .errors import ConfigError, OutputError, PlanError, ZenithError
-from .io.dequantize import StreamingDequantizer
-from .io.manifest import write_json_atomic
-from .io.reader import Checkpoint
-from .io.safetensors_format import torch_dtype
-from .io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
-from .maths.graft import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
-from .output_config import patch_output
-from .plan.build import build_plan
-from .plan.models import (
+from ..architectures import ARCHITECTURES, facts, tensor_name
+from ..config import PROMPT_GATE_MODES, MergeConfig, resolve_path
+from ..errors import ConfigError, OutputError, PlanError, ZenithError
+from ..io.dequantize import StreamingDequantizer
+from ..io.manifest import write_json_atomic
+from ..io.reader import Checkpoint
+from ..io.safetensors_format import torch_dtype
+from ..io.writer import TensorSpec, WriteResult, prepare_output_dir, write_checkpoint
+from ..maths.graft import fold_projection, interpolate, pad_to, relative_difference, rescaled_to_norm
+from ..plan.build import build_plan
+from ..plan.models import (
     UNION_SIDE_FILES,
     AssembleRecipe,
     CopyRecipe,
@@ -34,10 +33,11 @@ from .plan.models import (
     RouterRecipe,
     VocabRecipe,
 )
-from .plan.resolve import resolve, source_router, source_tensor
-from .stages.router_offsets import OFFSETS_FILE as ROUTER_OFFSETS
-from .stages.router_training import MAPS_FILE as ALIGN_TRAINED
-from .stages.router_training import TRAINED_FILE as ROUTER_TRAINED
+from ..plan.resolve import resolve, source_router, source_tensor
+from ..stages.router_offsets import OFFSETS_FILE as ROUTER_OFFSETS
+from ..stages.router_training import MAPS_FILE as ALIGN_TRAINED
+from ..stages.router_training import TRAINED_FILE as ROUTER_TRAINED
+from .output_config import patch_output
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,13 @@ class PlanTensorSource:
             return None, None
         key = (source, layer, source_layer)
         if key not in self._alignments and ALIGN_TRAINED in self.plan.artefacts:  # trained maps replace the fit
-            from .stages.router_training import read_trained_maps
+            from ..stages.router_training import read_trained_maps
 
             self._alignments.clear()
             self._alignments[key] = read_trained_maps(Path(self.plan.output_dir) / ".zenith", source, layer,
                                                       source_layer)
         if key not in self._alignments:
-            from .stages.align import read_info, read_maps
+            from ..stages.align import read_info, read_maps
 
             folder = alignment_dir(Path(self.plan.output_dir), source)
             if source not in self._align_info:
@@ -138,7 +138,7 @@ class PlanTensorSource:
         """The stored bytes of an FP8 output weight (or of its scales, `suffix` _scale_inv) that the plan copies
         from a source holding it in the same block FP8: copied, not quantised again, so a copy keeps both its
         weight and scale bytes exactly. None where the weight is computed, or its source stores it otherwise."""
-        from .kernels.fp8 import DEFAULT_BLOCK
+        from ..kernels.fp8 import DEFAULT_BLOCK
 
         recipe = self._recipe(name)
         if not isinstance(recipe, CopyRecipe) or recipe.pad:
@@ -154,7 +154,7 @@ class PlanTensorSource:
     def _fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, scale_inv) of an output weight written as block FP8; computed once for the weight and its scales."""
         if self._fp8_last is None or self._fp8_last[0] != name:
-            from .kernels.fp8 import DEFAULT_BLOCK, quantize
+            from ..kernels.fp8 import DEFAULT_BLOCK, quantize
 
             scale = self._recipe(f"{name}_scale_inv")
             self._recipe(name)
@@ -198,7 +198,7 @@ class PlanTensorSource:
         self._router_cache.clear()
         if ROUTER_TRAINED in self.plan.artefacts and self.plan.layer_experts(r.layer).like is None:
             # router training's rows replace the gate mode's (training runs no MTP layer: those keep theirs)
-            from .stages.router_training import read_trained
+            from ..stages.router_training import read_trained
 
             arch = ARCHITECTURES[self.plan.target_config["architectures"][0]]
             role = "router" if r.part == "weight" else "router_bias"
@@ -255,7 +255,7 @@ class PlanTensorSource:
         if ROUTER_OFFSETS not in self.plan.artefacts:
             return 0.0
         if self._offsets is None:
-            from .stages.router_offsets import load_offsets
+            from ..stages.router_offsets import load_offsets
 
             self._offsets = load_offsets(Path(self.plan.output_dir) / ".zenith") or {}
         return self._offsets.get(layer, {}).get(source, {}).get("offset", 0.0)
@@ -268,14 +268,14 @@ class PlanTensorSource:
 
     def _prompt_vector(self, source: str, layer: int) -> torch.Tensor:
         if self._vectors is None:
-            from .stages.prompt_vectors import load_vectors
+            from ..stages.prompt_vectors import load_vectors
 
             self._vectors = load_vectors(Path(self.plan.output_dir) / ".zenith")
         return self._vectors[f"{source}.{layer}"]
 
     def _vocab(self, r: VocabRecipe, spec: TensorSpec) -> torch.Tensor:
         """The union's embedding or lm_head, built in the output dtype from the token map."""
-        from .stages.tokenizer import load_maps, load_token_map, rows_tensor, union_rows
+        from ..stages.tokenizer import load_maps, load_token_map, rows_tensor, union_rows
 
         zdir = Path(self.plan.output_dir) / ".zenith"
         if self._union is None:
@@ -299,8 +299,8 @@ class PlanTensorSource:
         if len(parents) == 1:
             return next(iter(parents.values()))
         if r.regmean:
-            from .maths.regmean import regmean_merge
-            from .stages.regmean import GramReader
+            from ..maths.regmean import regmean_merge
+            from ..stages.regmean import GramReader
 
             if self._grams is None:
                 self._grams = GramReader(Path(self.plan.output_dir) / ".zenith")
@@ -339,7 +339,7 @@ def random_router_row(width: int, std: float, seed: int, layer: int, slot: int, 
 
 def union_dir(out_dir: Path) -> Path:
     """Where the tokenizer stage keeps the union tokenizer's files: `<output>/.zenith/tokenizer/`."""
-    from .stages.tokenizer import TOKENIZER_DIR
+    from ..stages.tokenizer import TOKENIZER_DIR
 
     return out_dir / ".zenith" / TOKENIZER_DIR
 
@@ -361,7 +361,7 @@ def write_side_files(plan: Plan, out_dir: Path) -> None:
     source (or the union's, from the tokenizer stage) and the custom-code modules the config's `auto_map`
     names, from the base; then write the target config.json. A planned file gone from its source since the
     plan (a folder edited during the merge) is an error naming it, not a traceback."""
-    from .plan.sources import copy_file_atomic
+    from ..plan.sources import copy_file_atomic
 
     for name, key in plan.side_files.items():
         src = union_dir(out_dir) / name if key == UNION_SIDE_FILES else Path(plan.sources[key].path) / name
@@ -377,7 +377,7 @@ def check_training_inputs(plan: Plan, cfg: MergeConfig, config_dir: Path | None)
     weight is written (training comes last, after the hours a big merge takes)."""
     if not plan.stages.train_routers:
         return
-    from .stages.router_training import check_training_text
+    from ..stages.router_training import check_training_text
 
     texts, where = training_texts(cfg, config_dir)
     check_training_text(plan, texts, where, read_texts(cfg.align.teacher_data, "align.teacher_data", config_dir))
@@ -398,7 +398,7 @@ def read_texts(items, key: str, config_dir: Path | None) -> list[str]:
     texts = []
     for i, item in enumerate(items):
         if item.startswith("demo:"):
-            from .demo import calibration_text
+            from ..demo import calibration_text
 
             domain = item.removeprefix("demo:")
             if domain not in ("code", "maths"):
@@ -432,7 +432,7 @@ def calibration_load(cfg: MergeConfig) -> dict:
 
 
 def _sha(path: Path) -> str:
-    from .io.manifest import file_sha256
+    from ..io.manifest import file_sha256
 
     return file_sha256(path)
 
@@ -440,7 +440,13 @@ def _sha(path: Path) -> str:
 def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, key: str, cfg: MergeConfig,
            progress: bool) -> None:
     """Fit (or reuse, when fitted for this plan) the maps A and B of one source's layer pairs."""
-    from .stages.align import ALIGN_JSON, FIT_REVISION, fit_alignment_groups, read_info, save_alignment_groups
+    from ..stages.align import (
+        ALIGN_JSON,
+        FIT_REVISION,
+        fit_alignment_groups,
+        read_info,
+        save_alignment_groups,
+    )
 
     key = f"{key}.fit{FIT_REVISION}"
     if (folder / ALIGN_JSON).is_file():
@@ -466,7 +472,7 @@ def _align(plan: Plan, source: str, pairs, texts: list[str], folder: Path, *, ke
 
 def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progress: bool) -> str:
     """Compute (or reuse) the sources' prompt vectors for prompt-based router rows; their sha256."""
-    from .stages import prompt_vectors as pv
+    from ..stages import prompt_vectors as pv
 
     layers = [le.layer for le in plan.expert_table if le.like is None]  # MTP layers use the last layer's
     if pv.saved_key(zdir) != key:
@@ -500,7 +506,7 @@ def build_tokenizer(cfg: MergeConfig, *, config_dir: Path | None = None, output_
     out = Path(plan.output_dir)
     prepare_output_dir(out, resume=not overwrite, overwrite=overwrite,
                        source_dirs=[Path(s.path) for s in plan.sources.values()])
-    from .stages.tokenizer import build_union
+    from ..stages.tokenizer import build_union
 
     build_union(plan, protect_texts(plan, config_dir), out / ".zenith", key=plan.plan_id)
     return plan
@@ -512,7 +518,7 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
     Artefacts go to `<output>/.zenith/`; ones computed for this same plan are reused, so a
     resumed merge does not redo them.
     """
-    from .stages.usage import expert_usage, load_usage, save_usage
+    from ..stages.usage import expert_usage, load_usage, save_usage
 
     out, key = Path(plan.output_dir), plan.plan_id
     zdir = out / ".zenith"
@@ -529,7 +535,7 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
             save_usage(usage, zdir, key)
         artefacts["usage.json"] = _sha(zdir / "usage.json")
     if plan.vocab is not None:
-        from .stages.tokenizer import build_union
+        from ..stages.tokenizer import build_union
 
         artefacts.update(build_union(plan, protect_texts(plan, config_dir), zdir, key=key))
     if plan.stages.prompt_vectors:
@@ -553,7 +559,7 @@ def run_stages(plan: Plan, cfg: MergeConfig, *, config_dir: Path | None = None, 
 def _regmean_grams(plan: Plan, source: str, stage, zdir: Path, *, cfg: MergeConfig, config_dir: Path | None,
                    progress: bool) -> str:
     """Compute (or reuse, when computed from the same inputs) one parent's RegMean Gram matrices; their sha256."""
-    from .stages import regmean as rm
+    from ..stages import regmean as rm
 
     texts = read_texts(stage.data, f"assembly.regmean.data.{plan.sources[source].ref}", config_dir)
     load = calibration_load(cfg)
@@ -575,8 +581,8 @@ def _router_offsets(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str) -> st
     The rows are the writer's own (the recipes of the plan, before any offset), and the states
     the base model's MoE inputs on every source's prompts.
     """
-    from .maths.routing import routing_spec
-    from .stages.router_offsets import calibrate_layer, load_offsets, prompt_states, save_offsets
+    from ..maths.routing import routing_spec
+    from ..stages.router_offsets import calibrate_layer, load_offsets, prompt_states, save_offsets
 
     if load_offsets(zdir, key) is None:
         arch = ARCHITECTURES[plan.sources["base"].architecture]
@@ -634,7 +640,7 @@ def _write(plan: Plan, out: Path, **kwargs) -> WriteResult:
 
 def routing_domains(cfg: MergeConfig, plan: Plan, config_dir: Path | None) -> dict[str, list[str]]:
     """The texts the routing report runs: each source's positive prompts, and each calibration text."""
-    from .checks.routing_report import prompt_domains
+    from ..checks.routing_report import prompt_domains
 
     domains = prompt_domains(plan)
     for item, text in zip(cfg.align.calibration, read_texts(cfg.align.calibration, "align.calibration", config_dir)):
@@ -645,7 +651,7 @@ def routing_domains(cfg: MergeConfig, plan: Plan, config_dir: Path | None) -> di
 def write_routing_report(cfg: MergeConfig, plan: Plan, out: Path, *, config_dir: Path | None,
                          progress: bool) -> None:
     """The routing report of a written MoE merge, unless one for the same bytes is there already."""
-    from .checks.routing_report import load_routing, routing_usage, save_routing
+    from ..checks.routing_report import load_routing, routing_usage, save_routing
 
     if load_routing(out) is not None:
         return
@@ -662,9 +668,9 @@ def _check_resumed_sources(cfg: MergeConfig, config_dir: Path | None, output_dir
     """Refuse a resume whose sources changed since the interrupted run (its `.zenith/plan.json`), naming the
     source: a parent swapped for another of the same layout would otherwise be written beside the old one's
     finished shards. Nothing to check where no readable plan is there (the writer's plan-id check remains)."""
-    from .plan.models import PLAN_FILE
-    from .plan.output import output_path
-    from .plan.sources import check_unchanged
+    from ..plan.models import PLAN_FILE
+    from ..plan.output import output_path
+    from ..plan.sources import check_unchanged
 
     out = output_path(cfg, config_dir, output_dir)
     if not (out / PLAN_FILE).is_file():
@@ -701,7 +707,7 @@ def run_merge(
     out = Path(plan.output_dir)
     write = dict(workers=workers or cfg.workers, backend=cfg.backend, progress=progress)
     if plan.stages.train_routers:
-        from .stages.router_training import TRAINED_FILE, train_routers, trained_key
+        from ..stages.router_training import TRAINED_FILE, train_routers, trained_key
 
         zdir, untrained_id = out / ".zenith", plan.plan_id
         if trained_key(zdir) != untrained_id:
@@ -712,7 +718,8 @@ def run_merge(
             patch_output(out)
             log.info("training the router rows%s for %d steps", " and maps" if plan.stages.train_maps else "",
                      plan.stages.train_routers)
-            train_routers(out, plan, texts, key=untrained_id, teacher_texts=teacher, where=where, progress=progress)
+            train_routers(out, plan, texts, key=untrained_id, teacher_texts=teacher, where=where, progress=progress,
+                          tensor_source=PlanTensorSource(plan) if plan.stages.train_maps else None)
         trained = {TRAINED_FILE: _sha(zdir / TRAINED_FILE)}
         if plan.stages.train_maps:
             trained[ALIGN_TRAINED] = _sha(zdir / ALIGN_TRAINED)
@@ -726,14 +733,14 @@ def run_merge(
     patch_output(out)
     if cfg.routing_report:
         write_routing_report(cfg, plan, out, config_dir=config_dir, progress=progress)
-    from .checks.model_card import write_model_card
+    from ..checks.model_card import write_model_card
 
     token_map = None
     if plan.vocab is not None:
-        from .vocab.token_map import TokenMap
+        from ..vocab.token_map import TokenMap
 
         token_map = TokenMap.load(out / ".zenith").header
-    from .checks.routing_report import load_routing
+    from ..checks.routing_report import load_routing
 
     write_model_card(plan, out, token_map, load_routing(out))
     log.info("merged %d tensors into %s", len(plan.tensors), out)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .architectures import ARCHITECTURES
-from .errors import OutputError
-from .io.manifest import write_json_atomic
+from ..architectures import ARCHITECTURES
+from ..errors import OutputError
+from ..io.manifest import write_json_atomic
 
 # Config keys the merge owns, beyond an architecture's own dimension keys.
 _MANAGED_KEYS = ("architectures", "model_type", "vocab_size", "dtype", "torch_dtype", "n_group", "topk_group",
@@ -104,7 +104,7 @@ def patch_output(out_dir: Path, *, check: bool = False, target: dict[str, Any] |
     """
     out_dir = Path(out_dir)
     if target is None:
-        from .plan.models import Plan
+        from ..plan.models import Plan
 
         target = Plan.load(out_dir).target_config
     drift: list[Drift] = []

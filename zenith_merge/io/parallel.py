@@ -1,8 +1,8 @@
 """Writing shards concurrently: a local process pool, or tasks on a Ray cluster.
 
-Shards are independent units of work (`write_shard`), so a backend only has to run
-them and hand each finished shard's record back to the parent, which alone updates
-the manifest. Workers report bytes written through a queue so the parent's progress
+Shards are independent units of work (the writer's `write_shard`, passed in as `write`), so
+a backend only has to run them and hand each finished shard's record back to the parent,
+which alone updates the manifest. Workers report bytes written through a queue so the parent's progress
 bar moves within a shard, not only between shards.
 """
 
@@ -20,6 +20,8 @@ from ..errors import OutputError
 from .layout import ShardSpec
 
 Record = Callable[[str, str, int], None]  # (filename, sha256, size) -> None, called in the parent
+# (out_dir, shard, source, on_bytes=...) -> (filename, sha256, size): the writer's write_shard, run in a worker
+WriteShard = Callable[..., tuple[str, str, int]]
 _progress_queue = None  # set in each pool worker by _init_worker
 
 
@@ -41,10 +43,8 @@ def _init_worker(progress_queue, threads: int) -> None:
     torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
 
 
-def _pool_task(out_dir: Path, shard: ShardSpec, source) -> tuple[str, str, int]:
-    from .writer import write_shard
-
-    return write_shard(out_dir, shard, source, on_bytes=_progress_queue.put if _progress_queue else None)
+def _pool_task(write: WriteShard, out_dir: Path, shard: ShardSpec, source) -> tuple[str, str, int]:
+    return write(out_dir, shard, source, on_bytes=_progress_queue.put if _progress_queue else None)
 
 
 def _drain(progress_queue, on_bytes: Callable[[int], None]) -> None:
@@ -55,9 +55,9 @@ def _drain(progress_queue, on_bytes: Callable[[int], None]) -> None:
             return
 
 
-def write_with_pool(out_dir: Path, todo: Sequence[ShardSpec], source, workers: int, record: Record,
-                    on_bytes: Callable[[int], None]) -> None:
-    """Write `todo` in a pool of `workers` spawned processes; the source is pickled to each one."""
+def write_with_pool(write: WriteShard, out_dir: Path, todo: Sequence[ShardSpec], source, workers: int,
+                    record: Record, on_bytes: Callable[[int], None]) -> None:
+    """Write `todo` with `write` in a pool of `workers` spawned processes; the source is pickled to each one."""
     check_picklable(source)
     ctx = get_context("spawn")  # fork would copy the parent's torch thread pools and locks
     progress_queue = ctx.Queue()
@@ -65,7 +65,7 @@ def write_with_pool(out_dir: Path, todo: Sequence[ShardSpec], source, workers: i
     threads = max(1, (os.cpu_count() or 1) // n)
     with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker,
                              initargs=(progress_queue, threads)) as pool:
-        pending = {pool.submit(_pool_task, out_dir, shard, source) for shard in todo}
+        pending = {pool.submit(_pool_task, write, out_dir, shard, source) for shard in todo}
         try:
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -88,22 +88,21 @@ def import_ray():
     return ray
 
 
-def write_with_ray(out_dir: Path, todo: Sequence[ShardSpec], source, workers: int, record: Record,
-                   on_bytes: Callable[[int], None]) -> None:
-    """Write `todo` as Ray tasks, at most `workers` at a time; `out_dir` must be on a filesystem they all share.
+def write_with_ray(write: WriteShard, out_dir: Path, todo: Sequence[ShardSpec], source, workers: int,
+                   record: Record, on_bytes: Callable[[int], None]) -> None:
+    """Write `todo` with `write` as Ray tasks, at most `workers` at a time; `out_dir` must be on a filesystem
+    they all share.
 
     Connects to the cluster named by RAY_ADDRESS (or one already initialised), else starts a local one.
     """
     ray = import_ray()
     check_picklable(source)
-    from .writer import write_shard
-
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
             ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
-    task = ray.remote(num_cpus=1)(write_shard)
+    task = ray.remote(num_cpus=1)(write)
     waiting, running = list(todo), {}
     while waiting or running:
         while waiting and len(running) < max(1, workers):

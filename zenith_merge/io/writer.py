@@ -321,9 +321,9 @@ def write_checkpoint(
     with tqdm(total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
               unit_divisor=1024, desc="writing shards", disable=not progress, dynamic_ncols=True) as bar:
         if backend == "ray":
-            write_with_ray(out_dir, todo, source, workers, record, bar.update)
+            write_with_ray(write_shard, out_dir, todo, source, workers, record, bar.update)
         elif workers > 1 and len(todo) > 1:
-            write_with_pool(out_dir, todo, source, workers, record, bar.update)
+            write_with_pool(write_shard, out_dir, todo, source, workers, record, bar.update)
         else:
             for shard in todo:
                 record(*write_shard(out_dir, shard, source, on_bytes=bar.update))

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_union_real_tokenizers import MULTILINGUAL, PROSE, _stdlib_texts  # noqa: E402
 
-from zenith_merge.demo.release_tokenizers import release_tiny_model, release_tokenizer  # noqa: E402
+from zenith_merge.demo.release_models import release_tiny_model  # noqa: E402
+from zenith_merge.demo.release_tokenizers import release_tokenizer  # noqa: E402
 
 TARGET_S, TARGET_MB = 20.0, 1024.0
 

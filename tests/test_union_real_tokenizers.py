@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from zenith_merge.demo.release_tokenizers import release_tiny_model, release_tokenizer
+from zenith_merge.demo.release_models import release_tiny_model
+from zenith_merge.demo.release_tokenizers import release_tokenizer
 from zenith_merge.vocab.tokenizer_json import TokenizerModel
 from zenith_merge.vocab.union import union_tokenizer, union_vocabulary
 

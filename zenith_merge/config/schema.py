@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DEMO_SCHEME = "demo://"
 
@@ -58,7 +58,7 @@ def _check_model_ref(value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a model reference must be a local folder or demo://<name>")
     if value.startswith(DEMO_SCHEME):
-        from .demo import ALL_DEMO_NAMES
+        from ..demo import ALL_DEMO_NAMES
 
         name = value[len(DEMO_SCHEME):]
         if name not in ALL_DEMO_NAMES:
@@ -345,7 +345,7 @@ class MergeConfig(_Strict):
     def _known_architecture(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from .architectures import resolve_architecture_name
+        from ..architectures import resolve_architecture_name
 
         return resolve_architecture_name(v)
 

@@ -6,15 +6,13 @@
 `ensure_demo` / `ensure_all` return model folders; `build_model` builds one into any folder;
 `heldout_text` / `calibration_text` give each domain's evaluation and calibration text;
 `bits_per_byte` measures a model on a text independently of its tokenizer. Attributes load
-lazily, so reading `DEMO_NAMES` (config validation) does not import torch.
+lazily, so reading `DEMO_NAMES` does not import torch; the names themselves are the config's
+(`zenith_merge.config.schema`), since configs name demo models and the config imports nothing above it.
 """
 
 import importlib
 
-DEMO_NAMES = ("zen-tiny", "zen-r1-tiny", "qwen3-moe-tiny")
-# the two Zen children in block FP8 (as DeepSeek-V3 and R1 ship), cast from the trained ones
-FP8_DEMO_NAMES = ("zen-tiny-fp8", "zen-r1-tiny-fp8")
-ALL_DEMO_NAMES = DEMO_NAMES + FP8_DEMO_NAMES
+from ..config.schema import ALL_DEMO_NAMES, DEMO_NAMES, FP8_DEMO_NAMES  # the names a config may use
 
 _LAZY = {
     "cache_root": "cache", "demo_dir": "cache", "demo_path": "cache", "ensure_demo": "cache", "ensure_all": "cache",

@@ -111,8 +111,8 @@ def adapter_control(texts: dict[str, str]) -> dict[str, float]:
     from zenith_merge.architectures import ARCHITECTURES, facts, tensor_name
     from zenith_merge.config import load_config
     from zenith_merge.demo import bits_per_byte
+    from zenith_merge.forward.token_batches import token_batches
     from zenith_merge.pipeline import read_texts
-    from zenith_merge.stages.router_training import token_batches
 
     cfg = load_config(FLAGSHIP)
     path = ensure_demo(BASE, progress=False)

@@ -37,8 +37,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..architectures import ARCHITECTURES, facts, tensor_name
-from ..errors import ConfigError
 from ..forward.calibration import block_fp8_loaded_as_read
+from ..forward.token_batches import token_batches
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key
 from ..maths.routing import RoutingSpec, route, routing_spec
@@ -57,23 +57,6 @@ def balance_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float, trainable
     step = gamma * torch.sign(load.float().mean() - load.float())
     return bias + step * trainable.to(bias.dtype)
 
-
-def token_batches(tokenizer, texts: Sequence[str], seq_len: int, batch_size: int, steps: int,
-                  seed: int, *, where: str = "the training text") -> list[torch.Tensor]:
-    """`steps` batches (batch_size, seq_len) of consecutive tokens from the texts, picked with a seeded generator.
-
-    `where` names the config key the texts come from, for the error when they cannot fill one sequence.
-    """
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, verbose=False)["input_ids"]  # long texts are cut into sequences below
-    if len(ids) < seq_len:
-        raise ConfigError(f"{where}: {len(ids)} tokens in all, but training needs at least one sequence of "
-                          f"router.seq_len = {seq_len} tokens; name more text there (files or demo:code / demo:maths)")
-    n = len(ids) // seq_len
-    chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-    gen = torch.Generator().manual_seed(seed)
-    return [chunks[torch.randint(0, n, (batch_size,), generator=gen)] for _ in range(steps)]
 
 
 class _LoadMeter:

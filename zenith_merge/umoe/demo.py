@@ -135,7 +135,7 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, progress: bool = True) 
     from transformers import AutoTokenizer
 
     from ..demo import bits_per_byte, corpus, ensure_demo, heldout_text
-    from ..stages.router_training import token_batches
+    from ..forward.token_batches import token_batches
 
     torch.manual_seed(settings.seed)
     tok = AutoTokenizer.from_pretrained(ensure_demo("zen-tiny", progress=progress))

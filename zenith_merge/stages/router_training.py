@@ -58,7 +58,6 @@ def balance_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float, trainable
     return bias + step * trainable.to(bias.dtype)
 
 
-
 class _LoadMeter:
     """Counts, per MoE layer, how often each expert is picked, from the router's input and current weights."""
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_dense
 
-from zenith_merge import dense_forward
+from zenith_merge.forward import dense as dense_forward
 from zenith_merge.forward.calibration import CapturePoint, capture_batch, load_for_calibration
 from zenith_merge.stages import prompt_vectors
 

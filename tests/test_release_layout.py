@@ -12,12 +12,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zenith_merge.demo.release_layout import (
+from zenith_merge.demo.release_configs import (
     DEEPSEEK_V3_CONFIG,
-    DELETE,
     FP8_QUANTIZATION_CONFIG,
     QWEN3_30B_A3B_CONFIG,
     SMALL_DEEPSEEK_V3,
+)
+from zenith_merge.demo.release_layout import (
+    DELETE,
     release_config,
     release_fixture,
     release_tensors,

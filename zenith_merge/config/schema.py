@@ -26,8 +26,6 @@ DEMO_SCHEME = "demo://"
 DEMO_NAMES = ("zen-tiny", "zen-r1-tiny", "qwen3-moe-tiny")
 FP8_DEMO_NAMES = ("zen-tiny-fp8", "zen-r1-tiny-fp8")
 ALL_DEMO_NAMES = DEMO_NAMES + FP8_DEMO_NAMES
-
-
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -296,12 +294,8 @@ class SearchSettings(_Strict):
 
 
 GateMode = Literal["hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random", "transfer"]
-
-
 # Gate modes whose router rows start from each source's prompts (stages/prompt_vectors.py).
 PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
-
-
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
 

@@ -40,196 +40,32 @@ scales x (1 + delta u)), so two children of one parent differ by ~1.4 x child_de
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import math
 import queue
 import shutil
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ZenithError
+from .release_configs import (
+    BLOCK,
+    DEFAULT_SHARD_BYTES,
+    FAMILIES,
+    FP8_QUANTIZATION_CONFIG,
+    RELEASE_CONFIGS,
+    RELEASE_FIXTURES,
+    RELEASE_TOKENIZERS_OF,
+    SMALL_SHARD_BYTES,
+)
 from .release_tokenizers import TOKENIZER_FILES, ensure_built, fingerprint, release_tokenizer
+from .release_values import BIAS_STD, DTYPE_BYTES, NORM_STD, ReleaseTensor, Seeds, Values
 
-FAMILIES = ("deepseek-v3", "qwen3-moe")
-BLOCK = 128  # the release's FP8 weight_block_size, both dimensions
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-# deepseek-ai/DeepSeek-V3 config.json, as released (values are public facts)
-DEEPSEEK_V3_CONFIG: dict[str, Any] = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
-                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
-                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
-    "aux_loss_alpha": 0.001,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "ep_size": 1,
-    "first_k_dense_replace": 3,
-    "hidden_act": "silu",
-    "hidden_size": 7168,
-    "initializer_range": 0.02,
-    "intermediate_size": 18432,
-    "kv_lora_rank": 512,
-    "max_position_embeddings": 163840,
-    "model_type": "deepseek_v3",
-    "moe_intermediate_size": 2048,
-    "moe_layer_freq": 1,
-    "n_group": 8,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "norm_topk_prob": True,
-    "num_attention_heads": 128,
-    "num_experts_per_tok": 8,
-    "num_hidden_layers": 61,
-    "num_key_value_heads": 128,
-    "num_nextn_predict_layers": 1,
-    "pretraining_tp": 1,
-    "q_lora_rank": 1536,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rope_theta": 10000,
-    "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid",
-    "seq_aux": True,
-    "tie_word_embeddings": False,
-    "topk_group": 4,
-    "topk_method": "noaux_tc",
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.33.1",
-    "use_cache": True,
-    "v_head_dim": 128,
-    "vocab_size": 129280,
-}
-
-# Qwen/Qwen3-30B-A3B config.json, as released
-QWEN3_30B_A3B_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "decoder_sparse_step": 1,
-    "eos_token_id": 151645,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 6144,
-    "max_position_embeddings": 40960,
-    "max_window_layers": 48,
-    "mlp_only_layers": [],
-    "model_type": "qwen3_moe",
-    "moe_intermediate_size": 768,
-    "norm_topk_prob": True,
-    "num_attention_heads": 32,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "num_hidden_layers": 48,
-    "num_key_value_heads": 4,
-    "output_router_logits": False,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 1000000.0,
-    "router_aux_loss_coef": 0.001,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.51.0",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
-
-# Qwen/Qwen3-235B-A22B config.json: the 30B's keys, other widths
-QWEN3_235B_A22B_CONFIG: dict[str, Any] = {
-    **QWEN3_30B_A3B_CONFIG, "hidden_size": 4096, "intermediate_size": 12288, "max_window_layers": 94,
-    "moe_intermediate_size": 1536, "num_attention_heads": 64, "num_hidden_layers": 94,
-}
-
-# The block-FP8 quantization_config of DeepSeek-V3 (and of Qwen3's -FP8 releases)
-FP8_QUANTIZATION_CONFIG = copy.deepcopy(DEEPSEEK_V3_CONFIG["quantization_config"])
-
-RELEASE_CONFIGS = {"deepseek-v3": DEEPSEEK_V3_CONFIG, "qwen3-moe": QWEN3_30B_A3B_CONFIG}
-_TOKENIZERS = {"deepseek-v3": "deepseek-v3", "qwen3-moe": "qwen3"}
-# Largest shard written by default: DeepSeek-V3's run to ~5.2 GB (163 of them), Qwen3-30B-A3B's to ~4 GB
-DEFAULT_SHARD_BYTES = {"deepseek-v3": 5 * 2**30, "qwen3-moe": 4 * 10**9}
-
-# Small widths for tests: the release vocabularies (the tokenizers' ids must fit), everything else shrunk
-SMALL_DEEPSEEK_V3: dict[str, Any] = {
-    "num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": 8, "num_experts_per_tok": 2,
-    "n_group": 4, "topk_group": 2, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
-    "q_lora_rank": 96, "kv_lora_rank": 64, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32,
-    "num_attention_heads": 4, "num_key_value_heads": 4,
-}
-SMALL_QWEN3_MOE: dict[str, Any] = {
-    "num_hidden_layers": 2, "max_window_layers": 2, "num_experts": 8, "num_experts_per_tok": 2,
-    "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 64,
-}
-SMALL_SHARD_BYTES = 48 * 2**20
-
-# name -> write_release_checkpoint arguments of the cached fixtures (release_fixture)
-RELEASE_FIXTURES: dict[str, dict[str, Any]] = {
-    # two children of one parent, as DeepSeek-V3 and R1 are: 2 layers (the first dense) + 1 MTP layer
-    "deepseek-v3-fp8-small": dict(family="deepseek-v3", overrides=SMALL_DEEPSEEK_V3, fp8=True, parent_seed=0,
-                                  child_seed=1),
-    "deepseek-v3-r1-fp8-small": dict(family="deepseek-v3", overrides=SMALL_DEEPSEEK_V3, fp8=True, parent_seed=0,
-                                     child_seed=2),
-    # deepseek-v3-fp8-small dequantised: what fp8_cast_bf16.py makes of it, byte for byte
-    "deepseek-v3-bf16-small": dict(family="deepseek-v3", overrides=SMALL_DEEPSEEK_V3, fp8=False, parent_seed=0,
-                                   child_seed=1),
-    "qwen3-moe-small": dict(family="qwen3-moe", overrides=SMALL_QWEN3_MOE, fp8=False, seed=0),
-}
-
-CHUNK_ELEMENTS = 2**21  # values generated (and written) at a time
-WEIGHT_STD = 0.02  # projections, embeddings, head, routers
-NORM_STD = 0.05  # norms: 1 +- this
-BIAS_STD = 0.05  # e_score_correction_bias
-SCALE_JITTER = 0.1  # block scales: base x (1 + this x z)
-_DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
 DELETE = object()  # an override value that removes the key from config.json
 
 
-@dataclass(frozen=True)
-class ReleaseTensor:
-    """One tensor of a release checkpoint: its on-disk name, safetensors dtype and shape, and how it is drawn.
-
-    `kind` is "weight" (a quantisable projection: drawn as FP8 codes with block scales, written as
-    F8_E4M3, or dequantised to BF16), "scale" (the `weight_scale_inv` of weight `of`) or "normal"
-    (BF16/F32 values mean + std x N(0, 1)). `key` names the random stream: the MTP layer's copies
-    of the embedding and the head draw the main model's, so they are byte-identical to them.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    kind: str = "normal"
-    mean: float = 0.0
-    std: float = WEIGHT_STD
-    of: str = ""
-    key: str = ""
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensor's data on disk."""
-        return math.prod(self.shape) * _DTYPE_BYTES[self.dtype]
-
-
-# ----------------------------------------------------------------------------------------- layout
 
 
 def release_config(family: str, overrides: dict[str, Any] | None = None, *, fp8: bool | None = None) -> dict:
@@ -431,174 +267,6 @@ def shard_file_name(family: str, index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:0{width}d}.safetensors"
 
 
-# ----------------------------------------------------------------------------------------- values
-
-
-@cache
-def _z16() -> np.ndarray:
-    """Standard normal quantiles at the midpoints of 65,536 equal-probability bins (float32), computed with
-    `statistics.NormalDist` (pure Python: the same on every machine)."""
-    from statistics import NormalDist
-
-    inv = NormalDist().inv_cdf
-    return np.array([inv((k + 0.5) / 65536) for k in range(65536)], dtype=np.float32)
-
-
-@cache
-def _fp8_tables() -> tuple[bytes, np.ndarray, float]:
-    """(byte -> float8_e4m3fn code of the byte's normal quantile, the float32 value of every FP8 code, the
-    standard deviation of the codes' values). The 256 quantiles are scaled so that the outermost two are
-    -448 and +448, as every block of a block-quantised weight has its amax at 448; no code is NaN."""
-    from statistics import NormalDist
-
-    import torch
-
-    inv = NormalDist().inv_cdf
-    z = [inv((k + 0.5) / 256) for k in range(256)]
-    values = torch.tensor([FP8_MAX * v / z[-1] for v in z], dtype=torch.float32)
-    codes = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()
-    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-    std = float(np.sqrt(np.mean(np.square(every[np.frombuffer(codes, np.uint8)].astype(np.float64)))))
-    return codes, every, std
-
-
-@cache
-def _bf16_table(mean: float, std: float) -> np.ndarray:
-    """uint16 index -> the BF16 bits of mean + std x its normal quantile."""
-    import torch
-
-    return (torch.from_numpy(_z16()).double() * std + mean).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-
-
-def _stream(seed: int, key: str, salt: str) -> np.random.PCG64:
-    """The PCG64 bit stream of tensor `key` for `seed` (`salt` separates a tensor's streams)."""
-    digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
-    return np.random.PCG64(np.random.SeedSequence([seed, *np.frombuffer(digest[:16], dtype=np.uint32).tolist()]))
-
-
-def _raw(bits: np.random.PCG64, n: int) -> np.ndarray:
-    """The next `n` bytes of a stream (uint8, whole 64-bit words drawn)."""
-    return bits.random_raw(-(-n // 8)).view(np.uint8)[:n]
-
-
-@dataclass(frozen=True)
-class _Seeds:
-    """Where the values come from: `base` draws the values; `delta`, if set, draws a child's noise of
-    `scale` x (a value's typical magnitude)."""
-
-    base: int
-    delta: int | None = None
-    scale: float = 0.0
-
-
-class _Values:
-    """Produces the bytes of each release tensor, chunk by chunk, from `_Seeds`.
-
-    Byte -> FP8 code lookups go through `bytes.translate` (fast), the other tables through numpy
-    indexing; conversions and arithmetic run in torch on the caller's thread (`torch_threads(1)`).
-    """
-
-    def __init__(self, seeds: _Seeds):
-        self.seeds = seeds
-        self.fp8_codes, self.fp8_values, self.fp8_std = _fp8_tables()
-        self.scale_base = WEIGHT_STD / self.fp8_std  # dequantised weights: std ~ WEIGHT_STD
-
-    def _streams(self, key: str, salt: str) -> tuple[np.random.PCG64, np.random.PCG64 | None]:
-        s = self.seeds
-        return _stream(s.base, key, salt), (None if s.delta is None else _stream(s.delta, key, "delta-" + salt))
-
-    def _fp8(self, bits: np.random.PCG64, n: int) -> np.ndarray:
-        """n FP8 codes drawn from `bits` (uint8), values ~N(0, fp8_std) with amax 448."""
-        return np.frombuffer(_raw(bits, n).tobytes().translate(self.fp8_codes), dtype=np.uint8)
-
-    def _noise(self, bits: np.random.PCG64, n: int, scale: float):
-        """n values of standard deviation `scale` (float32 torch tensor): uniform on 256 levels, one byte each."""
-        import torch
-
-        return torch.from_numpy(_raw(bits, n).view(np.int8)).float().mul_(scale * math.sqrt(12) / 256)
-
-    def chunks(self, t: ReleaseTensor) -> Iterator[memoryview]:
-        """The tensor's bytes on disk, a few MB at a time."""
-        if t.kind == "scale":
-            yield memoryview(self.scales(t.of, t.shape))
-        elif t.kind == "weight":
-            yield from self._weight(t)
-        else:
-            yield from self._normal(t)
-
-    def scales(self, weight: str, shape: tuple[int, ...]) -> np.ndarray:
-        """The float32 `weight_scale_inv` of `weight`: WEIGHT_STD / std(codes) x (1 + 0.1 z), all > 0."""
-        n = math.prod(shape)
-        bits, delta = self._streams(weight, "scale")
-        s = np.float32(self.scale_base) * (np.float32(1) + np.float32(SCALE_JITTER) * _z16()[_raw(bits, 2 * n).view(np.uint16)])
-        if delta is not None:  # a child's scales: x (1 + delta z)
-            s *= (self._noise(delta, n, self.seeds.scale) + 1).numpy()
-        return s.astype(np.float32).reshape(shape)
-
-    def _weight(self, t: ReleaseTensor) -> Iterator[memoryview]:
-        """A quantisable weight: FP8 codes, or (BF16) their dequantisation by the block scales, whole blocks
-        of rows at a time."""
-        import torch
-
-        rows, cols = t.shape
-        key = t.key or t.name
-        bits, delta = self._streams(key, "codes")
-        step = max(BLOCK, (CHUNK_ELEMENTS // cols) // BLOCK * BLOCK)
-        scale = None
-        if t.dtype == "BF16":
-            scale = torch.from_numpy(self.scales(key, (-(-rows // BLOCK), -(-cols // BLOCK))))
-            if cols % BLOCK:  # partial column blocks: scales expanded to every column
-                scale = scale.repeat_interleave(BLOCK, dim=1)[:, :cols]
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            n = (r1 - r0) * cols
-            codes = self._fp8(bits, n)
-            if delta is not None:  # a child: noise added to the values, codes rounded again
-                v = torch.from_numpy(self.fp8_values[codes])
-                v.add_(self._noise(delta, n, self.seeds.scale * self.fp8_std)).clamp_(-FP8_MAX, FP8_MAX)
-                codes = v.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-            if scale is None:
-                yield memoryview(codes)
-                continue
-            v = torch.from_numpy(self.fp8_values[codes])
-            blocks = scale[r0 // BLOCK:-(-r1 // BLOCK)]
-            if cols % BLOCK == 0 and (r1 - r0) % BLOCK == 0:
-                v = v.view(-1, BLOCK, cols // BLOCK, BLOCK).mul_(blocks.view(-1, 1, cols // BLOCK, 1))
-            else:
-                full = blocks.repeat_interleave(BLOCK, dim=0)[: r1 - r0]
-                if cols % BLOCK == 0:
-                    v = v.view(r1 - r0, cols // BLOCK, BLOCK).mul_(full.unsqueeze(-1))
-                else:
-                    v = v.view(r1 - r0, cols).mul_(full)
-            yield memoryview(v.to(torch.bfloat16).view(torch.int16).numpy())
-
-    def _normal(self, t: ReleaseTensor) -> Iterator[memoryview]:
-        """BF16 or float32 values mean + std x N(0, 1) (a 65,536-quantile table), plus a child's noise."""
-        import torch
-
-        total = math.prod(t.shape)
-        bits, delta = self._streams(t.key or t.name, "values")
-        typical = math.sqrt(t.mean**2 + t.std**2) * self.seeds.scale
-        for start in range(0, total, CHUNK_ELEMENTS):
-            n = min(CHUNK_ELEMENTS, total - start)
-            idx = _raw(bits, 2 * n).view(np.uint16)
-            if t.dtype == "BF16":
-                table = _bf16_table(t.mean, t.std)[idx]
-                if delta is None:
-                    yield memoryview(table)
-                    continue
-                v = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16).float()
-            else:
-                v = torch.from_numpy(_z16()[idx] * np.float32(t.std) + np.float32(t.mean))
-            if delta is not None:
-                v.add_(self._noise(delta, n, typical))
-            out = v.to(torch.bfloat16).view(torch.int16) if t.dtype == "BF16" else v
-            yield memoryview(out.numpy())
-
-
-# ----------------------------------------------------------------------------------------- writing
-
-
 class _Writer:
     """Writes buffers to files on a thread of its own, so that drawing the next chunk overlaps the write."""
 
@@ -667,6 +335,7 @@ class DeepseekV3Config(_TransformersDeepseekV3Config):
     """transformers' DeepseekV3Config under the name the release's auto_map uses."""
 '''
 
+
 _MODELING_STUB = '''"""Stand-in for the release's `modeling_deepseek.py` (written by zenith-merge's release_layout).
 
 DeepSeek ships its own modelling code beside the weights and names it in config.json's `auto_map`;
@@ -725,10 +394,10 @@ def write_release_checkpoint(folder: str | Path, family: str, *, overrides: dict
     tensors = release_tensors(family, config, fp8=fp8)
     shards = plan_shards(tensors, shard_bytes or DEFAULT_SHARD_BYTES[family])
     if parent_seed is None:
-        seeds = _Seeds(seed)
+        seeds = Seeds(seed)
     else:
-        seeds = _Seeds(parent_seed, seed if child_seed is None else child_seed, float(child_delta))
-    values = _Values(seeds)
+        seeds = Seeds(parent_seed, seed if child_seed is None else child_seed, float(child_delta))
+    values = Values(seeds)
     weight_map: dict[str, str] = {}
     writer = _Writer()
     threads = torch.get_num_threads()
@@ -736,7 +405,7 @@ def write_release_checkpoint(folder: str | Path, family: str, *, overrides: dict
     try:
         for i, shard in enumerate(shards):
             name = shard_file_name(family, i + 1, len(shards))
-            ordered = sorted(shard, key=lambda t: (-_DTYPE_BYTES[t.dtype], t.name))  # as safetensors orders them
+            ordered = sorted(shard, key=lambda t: (-DTYPE_BYTES[t.dtype], t.name))  # as safetensors orders them
             fh = (folder / name).open("wb")
             writer.put(fh, _header(ordered))
             for t in ordered:
@@ -753,7 +422,7 @@ def write_release_checkpoint(folder: str | Path, family: str, *, overrides: dict
         (folder / "configuration_deepseek.py").write_text(_CONFIGURATION_STUB)
         (folder / "modeling_deepseek.py").write_text(_MODELING_STUB)
     if tokenizer:
-        source = release_tokenizer(_TOKENIZERS[family])
+        source = release_tokenizer(RELEASE_TOKENIZERS_OF[family])
         for file in TOKENIZER_FILES:
             shutil.copyfile(source / file, folder / file)
     _write_json(folder / "model.safetensors.index.json",
@@ -764,17 +433,18 @@ def write_release_checkpoint(folder: str | Path, family: str, *, overrides: dict
 def release_fixture(name: str) -> Path:
     """The folder of small release-layout fixture `name` (RELEASE_FIXTURES), built on first use.
 
-    It lives in `cache_root()/release-<key>/<name>`, the key hashing this module's and
-    release_tokenizers' code and the versions of numpy, torch, safetensors and the tokenizer packages;
-    built into a temporary folder and renamed, safe across processes.
+    It lives in `cache_root()/release-<key>/<name>`, the key hashing this module's, release_configs',
+    release_values' and release_tokenizers' code and the versions of numpy, torch, safetensors and the
+    tokenizer packages; built into a temporary folder and renamed, safe across processes.
     """
     from .cache import cache_root
 
     if name not in RELEASE_FIXTURES:
         raise ZenithError(f"unknown release fixture {name!r}; fixtures: {', '.join(RELEASE_FIXTURES)}")
     args = dict(RELEASE_FIXTURES[name])
-    release_tokenizer(_TOKENIZERS[args["family"]])  # outside the fixture's lock
-    key = fingerprint(("release_tokenizers", "release_layout"), ("numpy", "torch", "safetensors"))
+    release_tokenizer(RELEASE_TOKENIZERS_OF[args["family"]])  # outside the fixture's lock
+    key = fingerprint(("release_tokenizers", "release_configs", "release_values", "release_layout"),
+                      ("numpy", "torch", "safetensors"))
     files = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
     return ensure_built(cache_root() / f"release-{key}", name,
                         lambda tmp: write_release_checkpoint(tmp, shard_bytes=SMALL_SHARD_BYTES, **args), files)

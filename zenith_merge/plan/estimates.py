@@ -11,8 +11,6 @@ from .opened_sources import OpenedSource
 
 # What the interpreter, torch and transformers occupy before any tensor is read (measured: ~220 MB for torch).
 FIXED_PROCESS_BYTES = 400 * 2**20
-
-
 # What a stage's forward passes add on top: transformers' modules and CPU kernel caches (oneDNN keeps
 # compiled kernels per input shape; measured up to ~550 MiB on bf16 alignment passes of the demo models).
 STAGE_OVERHEAD_BYTES = 512 * 2**20

@@ -21,11 +21,7 @@ from ..io.writer import ShardSpec, TensorSpec
 from .vocab import VocabPlan
 
 PLAN_FORMAT_VERSION = 1
-
-
 PLAN_FILE = ".zenith/plan.json"
-
-
 # `Plan.side_files` value of files the tokenizer stage writes (the union tokenizer), not copied from a source.
 UNION_SIDE_FILES = "union"
 
@@ -330,12 +326,6 @@ def is_router(arch: Architecture, name: str) -> bool:
 
 # Roles the planner generates per MoE layer instead of copying (experts by slot, router by row).
 EXPERT_ROLES = {"gate": "expert_gate", "up": "expert_up", "down": "expert_down"}
-
-
 DENSE_ROLES = {"gate": "mlp_gate", "up": "mlp_up", "down": "mlp_down"}
-
-
 SHARED_ROLES = {"gate": "shared_gate", "up": "shared_up", "down": "shared_down"}
-
-
 SLOT_ROLES = {"routed": EXPERT_ROLES, "dense_mlp": DENSE_ROLES, "shared": SHARED_ROLES}

@@ -21,8 +21,6 @@ from .sources import tokenizer_files
 
 # Output dtype names (the config's `dtype`) as safetensors codes, and the codes that may be converted.
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
 CONVERTIBLE_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 

@@ -16,7 +16,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from zenith_merge.demo import ensure_demo
-from zenith_merge.demo.corpora import code_sample, maths_sample
+from zenith_merge.demo.corpus_code import code_sample
+from zenith_merge.demo.corpus_maths import maths_sample
 from zenith_merge.vocab.output_files import dumps, union_eos_ids, union_tokenizer_config
 from zenith_merge.vocab.tokenizer_json import TokenizerError, TokenizerFiles, TokenizerModel
 from zenith_merge.vocab.union import union_tokenizer, union_vocabulary

@@ -32,7 +32,8 @@ from . import DEMO_NAMES, FP8_DEMO_NAMES
 log = logging.getLogger(__name__)
 
 KEY_VERSION = 1  # bump to rebuild every cache without a recipe change
-_SOURCES = ("corpora.py", "tokenizers.py", "models.py", "build.py")  # the code that decides the bytes
+# the code that decides the bytes
+_SOURCES = ("corpora.py", "corpus_code.py", "corpus_maths.py", "tokenizers.py", "models.py", "build.py")
 
 
 def cache_root() -> Path:

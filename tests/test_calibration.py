@@ -10,13 +10,8 @@ import torch
 
 from zenith_merge.demo import calibration_text, ensure_demo
 from zenith_merge.errors import CalibrationError
-from zenith_merge.forward.calibration import (
-    CapturedChunk,
-    CapturePoint,
-    bnb_8bit_unavailable,
-    capture_hidden,
-    load_for_calibration,
-)
+from zenith_merge.forward.calibration import CapturedChunk, CapturePoint, capture_hidden
+from zenith_merge.forward.loading import bnb_8bit_unavailable, load_for_calibration
 
 pytestmark = pytest.mark.demo
 
@@ -201,7 +196,7 @@ def test_loading_reads_the_shards_without_mapping_them(zen, monkeypatch):
 _HEAP_PROBE = """
 import ctypes, sys
 import torch
-from zenith_merge.forward.calibration import load_for_calibration
+from zenith_merge.forward.loading import load_for_calibration
 
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -274,9 +269,9 @@ def test_8bit_load_runs_and_stays_close(name, layer):
 
 
 def test_8bit_unavailable_raises_calibration_error(zen, monkeypatch):
-    import zenith_merge.forward.calibration as calibration
+    import zenith_merge.forward.loading as loading
 
-    monkeypatch.setattr(calibration, "bnb_8bit_unavailable", lambda: "bitsandbytes has no working 8-bit matmul on cpu")
+    monkeypatch.setattr(loading, "bnb_8bit_unavailable", lambda: "bitsandbytes has no working 8-bit matmul on cpu")
     with pytest.raises(CalibrationError, match=r"zen-tiny: load_in_8bit=True but bitsandbytes has no working"):
         load_for_calibration(zen, load_in_8bit=True)
 
@@ -291,12 +286,8 @@ def test_8bit_with_offload_on_cpu_is_refused_clearly(zen):
 def test_batched_capture_equals_one_text_at_a_time():
     """Right padding with a mask: in a causal model no real token sees a pad, so batching changes nothing."""
     from zenith_merge.demo import ensure_demo
-    from zenith_merge.forward.calibration import (
-        CapturePoint,
-        capture_batch,
-        capture_hidden,
-        load_for_calibration,
-    )
+    from zenith_merge.forward.calibration import CapturePoint, capture_batch, capture_hidden
+    from zenith_merge.forward.loading import load_for_calibration
 
     model, tok = load_for_calibration(ensure_demo("qwen3-moe-tiny"), dtype=torch.float32)
     texts = ["What is 3 + 4?", "Solve for x: 2x - 5 = 11. First add 5.", "ok"]

@@ -8,7 +8,8 @@ import torch
 from conftest import make_tiny_dense
 
 from zenith_merge.forward import dense as dense_forward
-from zenith_merge.forward.calibration import CapturePoint, capture_batch, load_for_calibration
+from zenith_merge.forward.calibration import CapturePoint, capture_batch
+from zenith_merge.forward.loading import load_for_calibration
 from zenith_merge.stages import prompt_vectors
 
 TEXTS = ["def add(a, b):\n    return a + b", "What is 3 + 4? It is 7.", "class Stack:"]

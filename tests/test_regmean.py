@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from zenith_merge.config import load_config, parse_config
 from zenith_merge.errors import ConfigError
-from zenith_merge.forward.calibration import load_for_calibration
+from zenith_merge.forward.loading import load_for_calibration
 from zenith_merge.maths.graft import interpolate
 from zenith_merge.maths.regmean import regmean_merge
 from zenith_merge.pipeline import run_merge

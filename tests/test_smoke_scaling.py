@@ -134,7 +134,7 @@ def test_release_layout_fp8_checkpoint_runs_streamed_exactly_as_transformers_loa
     from transformers import AutoModelForCausalLM
 
     from zenith_merge.checks.smoke import load_model
-    from zenith_merge.forward.calibration import block_fp8_loaded_as_read
+    from zenith_merge.forward.loading import block_fp8_loaded_as_read
 
     folder = release_layout.release_fixture("deepseek-v3-fp8-small")
     report = run_smoke_test(folder, max_memory=100 * MB)

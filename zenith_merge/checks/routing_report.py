@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
-from ..forward.calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
+from ..forward.calibration import CapturePoint, capture_hidden
+from ..forward.loading import load_for_calibration, release_memory
 from ..io.manifest import read_manifest, write_json_atomic
 from ..io.reader import Checkpoint
 from ..maths.routing import route, routing_spec

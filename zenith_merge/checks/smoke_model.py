@@ -184,7 +184,7 @@ def load_model(folder: Path, *, max_memory: int | None = None, plan: LoadPlan | 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..forward.calibration import (
+    from ..forward.loading import (
         _checkpoints_read_not_mapped,
         _has_experts,
         _own_buffers,

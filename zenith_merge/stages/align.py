@@ -31,13 +31,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError
-from ..forward.calibration import (
-    CapturedChunk,
-    CapturePoint,
-    capture_hidden,
-    load_for_calibration,
-    release_memory,
-)
+from ..forward.calibration import CapturedChunk, CapturePoint, capture_hidden
+from ..forward.loading import load_for_calibration, release_memory
 from ..io.manifest import file_sha256
 from ..maths.ridge import RidgeAccumulator, RidgeFit, accumulator_bytes, pair_groups
 

@@ -25,13 +25,8 @@ from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
 from ..forward import dense as dense_forward
-from ..forward.calibration import (
-    CapturePoint,
-    capture_batch,
-    load_for_calibration,
-    release_memory,
-    stored_dtype,
-)
+from ..forward.calibration import CapturePoint, capture_batch
+from ..forward.loading import load_for_calibration, release_memory, stored_dtype
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import save_keyed
 from ..io.safetensors_format import saved_key as _saved_key

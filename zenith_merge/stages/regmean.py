@@ -32,7 +32,8 @@ import torch
 
 from ..architectures import architecture_of, classify, shared_input_of, tensor_name
 from ..errors import CalibrationError, OutputError
-from ..forward.calibration import CapturePoint, capture_hidden, load_for_calibration, release_memory
+from ..forward.calibration import CapturePoint, capture_hidden
+from ..forward.loading import load_for_calibration, release_memory
 from ..io.manifest import fsync_dir, temp_path
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import build_header, saved_key

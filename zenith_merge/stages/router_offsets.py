@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..forward.calibration import CapturePoint, capture_batch, load_for_calibration, release_memory
+from ..forward.calibration import CapturePoint, capture_batch
+from ..forward.loading import load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
 from ..maths.routing import RoutingSpec, route
 

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..architectures import ARCHITECTURES, facts, tensor_name
-from ..forward.calibration import block_fp8_loaded_as_read
+from ..forward.loading import block_fp8_loaded_as_read
 from ..forward.token_batches import token_batches
 from ..io.manifest import write_json_atomic
 from ..io.safetensors_format import save_keyed, saved_key

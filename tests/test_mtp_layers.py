@@ -22,9 +22,9 @@ from conftest import (
 from safetensors import safe_open
 
 from zenith_merge.architectures import ARCHITECTURES, classify, extra_layer_indices
+from zenith_merge.architectures.fp8 import quantizable
 from zenith_merge.config import load_config
 from zenith_merge.demo import ensure_demo
-from zenith_merge.fp8_cast import quantizable
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan.build import build_plan
 from zenith_merge.plan.summary import format_plan

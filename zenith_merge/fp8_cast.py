@@ -23,35 +23,18 @@ from typing import Literal
 
 import torch
 
-from .architectures import architecture_of, classify
+from .architectures import architecture_of
+from .architectures.fp8 import quantizable, quantization_config
 from .errors import CheckpointError
 from .io.dequantize import StreamingDequantizer, torch_threads
 from .io.layout import ShardSpec, TensorSpec
-from .io.manifest import write_json_atomic
+from .io.manifest import copy_file_atomic, write_json_atomic
 from .io.reader import Checkpoint
 from .io.writer import WriteResult, prepare_output_dir, write_checkpoint
 from .kernels.fp8 import DEFAULT_BLOCK, quantize, scale_shape
-from .plan.sources import copy_file_atomic
 
-# The tensor classes whose 2-D weights DeepSeek-V3 stores as block FP8 (its routers, norms,
-# embeddings and head stay in BF16/F32).
-QUANTIZED_CLASSES = ("attention", "routed_experts", "shared_experts", "dense_mlp")
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 SKIPPED_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "config.json")
-
-
-def quantization_config(block: tuple[int, int]) -> dict:
-    """The `quantization_config` DeepSeek-V3's config.json carries for block FP8."""
-    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
-
-
-def quantizable(arch, name: str, shape: tuple[int, ...]) -> bool:
-    """True for a weight the FP8 form stores quantised: a 2-D projection of attention, an MLP or an expert
-    (an MTP layer's included; its eh_proj, class mtp, stays BF16 as in the release unless a source stores it
-    as FP8)."""
-    tid = classify(arch, name)
-    return (tid is not None and tid.tensor_class in QUANTIZED_CLASSES and len(shape) == 2
-            and name.endswith(".weight"))
 
 
 @dataclass

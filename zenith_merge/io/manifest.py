@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import OutputError
@@ -126,3 +127,13 @@ def write_manifest(out_dir: Path, plan_id: str, shards: dict[str, dict]) -> None
     """Record `plan_id` and the finished shards (filename -> {"sha256", "bytes"})."""
     write_json_atomic(Path(out_dir) / MANIFEST_FILE,
                       {"version": MANIFEST_VERSION, "plan_id": plan_id, "shards": dict(sorted(shards.items()))})
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` through a temporary file beside it, so `dst` is never seen half written
+    (the merge's side files and `fp8-cast`'s share this). Links are followed: a Hugging Face cache
+    snapshot's files are links to its blobs."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import MergeConfig
 from ..errors import OutputError
-from ..io.manifest import write_json_atomic
+from ..io.manifest import copy_file_atomic, write_json_atomic
 from ..io.writer import WriteResult, write_checkpoint
 from ..plan.models import (
     UNION_SIDE_FILES,
@@ -37,7 +37,6 @@ def write_side_files(plan: Plan, out_dir: Path) -> None:
     source (or the union's, from the tokenizer stage) and the custom-code modules the config's `auto_map`
     names, from the base; then write the target config.json. A planned file gone from its source since the
     plan (a folder edited during the merge) is an error naming it, not a traceback."""
-    from ..plan.sources import copy_file_atomic
 
     for name, key in plan.side_files.items():
         src = union_dir(out_dir) / name if key == UNION_SIDE_FILES else Path(plan.sources[key].path) / name

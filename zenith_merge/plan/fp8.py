@@ -8,6 +8,7 @@ from typing import Any
 from ..architectures import (
     ARCHITECTURES,
 )
+from ..architectures.fp8 import quantizable, quantization_config
 from ..config import MergeConfig
 from ..errors import PlanError
 from ..io.reader import Checkpoint
@@ -21,7 +22,6 @@ def as_fp8(cfg: MergeConfig, stages: StagePlan | None, tensors: list[PlannedTens
     outside those classes that the base stores as FP8 (an MTP `eh_proj` quantised as the other projections)
     stays FP8 too: the output keeps the base's storage. The DeepSeek-V3 release stores `eh_proj` in BF16
     (vLLM builds it as an unquantised Linear), and there it stays BF16."""
-    from ..fp8_cast import quantizable, quantization_config
     from ..kernels.fp8 import DEFAULT_BLOCK, scale_shape
 
     if stages is not None and stages.train_routers:

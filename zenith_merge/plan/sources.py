@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -62,12 +61,10 @@ class SourceModel:
 def resolve_model(ref: str, config_dir: Path | None = None, *, build_demo: bool = True) -> SourceModel:
     """Turn `demo://<name>` or a folder into a `SourceModel`; demo models are built on first use."""
     if ref.startswith(DEMO_SCHEME):
-        from ..demo import demo_dir, ensure_demo
+        from ..demo.cache import demo_path, ensure_demo
 
         name = ref[len(DEMO_SCHEME):]
-        if build_demo:
-            return SourceModel(ref, ensure_demo(name))
-        return SourceModel(ref, demo_dir() / name)
+        return SourceModel(ref, ensure_demo(name) if build_demo else demo_path(name))
     path = resolve_path(ref, config_dir)
     if not path.is_dir():
         raise CheckpointError(f"{ref}: no such model folder ({path})")
@@ -231,15 +228,6 @@ def side_file_kind(name: str) -> str:
     if name.startswith("chat_template"):
         return "chat template"
     return "tokenizer"
-
-
-def copy_file_atomic(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` through a temporary file beside it, so `dst` is never seen half written
-    (the merge's side files and `fp8-cast`'s share this). Links are followed: a Hugging Face cache
-    snapshot's files are links to its blobs."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 def read_json(path: Path) -> dict:

@@ -201,7 +201,7 @@ def test_recipe_label_covers_every_recipe_kind():
     assert recipe_label(examples[4]) == "attention (RegMean): 0.7 base + 0.3 donor1"
 
 
-# README.md "Configs": every documented key resolves against config.py's pydantic models.
+# README.md "Configs": every documented key resolves against config/schema.py's pydantic models.
 
 
 def _readme_section(title: str) -> str:
@@ -274,7 +274,7 @@ def _resolve(key: str) -> None:
 
 
 def test_readme_table_keys_are_in_the_schema():
-    """Every key in the first column of README.md's Configs table is a field of config.py's models."""
+    """Every key in the first column of README.md's Configs table is a field of config/schema.py's models."""
     keys = _table_keys()
     assert "assembly.regmean.max_memory" in keys and "align.max_tokens" in keys and "fp8_output" in keys
     missing = []
@@ -283,7 +283,7 @@ def test_readme_table_keys_are_in_the_schema():
             _resolve(key)
         except KeyError as err:
             missing.append(str(err))
-    assert not missing, "documented in README.md but not in config.py: " + "; ".join(missing)
+    assert not missing, "documented in README.md but not in config/schema.py: " + "; ".join(missing)
 
 
 def test_readme_mergekit_keys_are_in_the_schema():

@@ -17,16 +17,18 @@ from typing import Any
 
 from ..errors import CheckpointError, PlanError
 from .spec import Architecture, TensorClass, TensorRole
-from .tables import ARCHITECTURES
+from .tables import ARCHITECTURES, MERGEKIT_MOE_OUTPUTS
 
 __all__ = [
     "ARCHITECTURES",
+    "MERGEKIT_MOE_OUTPUTS",
     "Architecture",
     "ModelFacts",
     "TensorRole",
     "TensorClass",
     "TensorId",
     "architecture_of",
+    "check_architecture_name",
     "classify",
     "dim",
     "expected_shape",
@@ -132,6 +134,8 @@ def _moe_layers(config: dict[str, Any], arch: Architecture, num_layers: int) -> 
     if arch.moe_layer_rule == "sparse_step":
         step, dense = int(get("decoder_sparse_step") or 1), set(get("mlp_only_layers") or [])
         return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    if arch.moe_layer_rule == "all":
+        return tuple(range(num_layers))
     return ()
 
 
@@ -252,23 +256,12 @@ def expected_shape(config: dict[str, Any], name: str) -> tuple[int, ...] | None:
     return None if any(s is None for s in shape) else shape
 
 
-_SHORT_NAMES = {
-    "deepseek": "DeepseekV3ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "qwen3 moe": "Qwen3MoeForCausalLM",  # mergekit-moe's output architecture names
-    "deepseek moe": "DeepseekV3ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
-
-
-def resolve_architecture_name(name: str) -> str:
-    """The table name for a config's `architecture:` value (HF class name, model_type or mergekit's short name)."""
-    if name in ARCHITECTURES:
+def check_architecture_name(name: str) -> str:
+    """A config's `architecture:` value, checked: a table's class name or model_type, or what mergekit-moe accepts
+    (a case-insensitive prefix of one of its output names, "Qwen3 MoE", "qwen", "mixtral", ...). Which table it
+    means can depend on the sources (mergekit's `qwen` is Qwen2-MoE or Qwen3-MoE): the planner decides."""
+    tables = {a.name for a in ARCHITECTURES.values()} | {a.model_type for a in ARCHITECTURES.values()}
+    if name in tables or any(out.lower().startswith(name.lower()) for out in MERGEKIT_MOE_OUTPUTS):
         return name
-    if name.lower() in _SHORT_NAMES:
-        return _SHORT_NAMES[name.lower()]
-    supported = ", ".join(sorted(ARCHITECTURES))
-    raise ValueError(f"unsupported architecture {name!r}; supported: {supported} (or {', '.join(_SHORT_NAMES)})")
+    raise ValueError(f"unsupported architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}, their "
+                     f"model_type, or mergekit-moe's {', '.join(MERGEKIT_MOE_OUTPUTS)} (by prefix, as mergekit-moe)")

@@ -13,8 +13,9 @@ from typing import Literal
 # How to tell which decoder layers hold an MoE block.
 #   first_k_dense: layers >= `first_k_dense_replace` with (layer % moe_layer_freq == 0) are MoE (DeepSeek-V3).
 #   sparse_step:   layers not in `mlp_only_layers` with (layer + 1) % decoder_sparse_step == 0 (Qwen3-MoE).
+#   all:           every layer is MoE (Mixtral).
 #   none:          a dense model; its MLP is one expert (mergekit-moe's case).
-MoeLayerRule = Literal["first_k_dense", "sparse_step", "none"]
+MoeLayerRule = Literal["first_k_dense", "sparse_step", "all", "none"]
 
 # Tensor classes: the groups that same-family assembly gives one lambda each.
 TensorClass = Literal[
@@ -77,11 +78,19 @@ class Architecture:
     mlp_module: str = "model.layers.{layer}.mlp"
     # Config keys that fix the attention layout; sources assembled tensor by tensor must agree on them.
     attention_layout_keys: tuple[str, ...] = ()
-    # A dense architecture's MoE twin: same attention, norm and embedding tensors, the MLP
-    # replaced by routed experts (mergekit-moe's dense -> MoE case). None: no twin.
-    moe_counterpart: str | None = None
-    # Config values an MoE architecture takes when it is built from its dense twin's config.
+    # The MoE architectures a dense one can become (mergekit-moe's dense -> MoE case): same attention, norm
+    # and embedding tensors, the MLP replaced by routed experts. The first is the default.
+    moe_targets: tuple[str, ...] = ()
+    # The `model_type` values of dense sources this MoE architecture is built from (mergekit-moe's rule).
+    dense_sources: tuple[str, ...] = ()
+    # Config values an MoE architecture takes when it is built from a dense config.
     from_dense_config: dict[str, object] = field(default_factory=dict)
+    # Roles an MoE architecture has that a dense source may lack, written as zeros when it does
+    # (Qwen2-MoE's attention biases from a Llama base, as mergekit-moe writes them).
+    zeros_from_dense: tuple[str, ...] = ()
+    # A shared expert beside the routed ones, built from a `shared_experts[]` entry when converting from dense:
+    # "gated" (Qwen2-MoE: sigmoid(shared_expert_gate . x) scales it), or None (the architecture has none).
+    shared_expert: Literal["gated"] | None = None
     # Roles that read the very same input tensor within a layer (and expert), as the modelling code
     # calls them: RegMean keeps one input statistic for each such group instead of one per weight.
     shared_inputs: tuple[tuple[str, ...], ...] = ()

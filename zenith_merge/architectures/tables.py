@@ -155,6 +155,7 @@ QWEN3_MOE = Architecture(
     attention_layout_keys=_GQA_LAYOUT_KEYS,
     shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, *_GQA_SHARED_INPUTS),
     # as mergekit-moe builds a Qwen3-MoE from Qwen3 models: every layer MoE, normalised top-k
+    dense_sources=("qwen3",),
     from_dense_config={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
     roles={
         **_COMMON_ROLES,
@@ -167,13 +168,87 @@ QWEN3_MOE = Architecture(
 )
 
 
-def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | None = None,
+# Mixtral: every layer MoE, softmax top-k renormalised; experts w1 (gate), w3 (up), w2 (down) under
+# block_sparse_moe, as transformers saves them (its model fuses them on load; the module is still `mlp`).
+MIXTRAL = Architecture(
+    name="MixtralForCausalLM",
+    chat_format=None,
+    model_type="mixtral",
+    moe_layer_rule="all",
+    scoring="softmax",
+    dims={
+        **_GQA_DIMS,
+        "moe_inter": ("intermediate_size",),
+        "n_experts": ("num_local_experts",),
+        "top_k": ("num_experts_per_tok",),
+    },
+    # Mixtral always renormalises its top-k weights (softmax over the k picked logits); configs have no key for it
+    defaults={"tie_word_embeddings": False, "norm_topk_prob": True},
+    routing_keys={"norm_topk_prob": "norm_topk_prob"},
+    attention_layout_keys=_GQA_LAYOUT_KEYS,
+    shared_inputs=(*_EXPERT_SHARED_INPUTS, *_GQA_SHARED_INPUTS),
+    # as mergekit-moe builds a Mixtral from Llama or Mistral models: no sliding window
+    dense_sources=("llama", "mistral"),
+    from_dense_config={"sliding_window": None},
+    roles={
+        **_COMMON_ROLES,
+        **{k: v for k, v in _GQA_ATTENTION_ROLES.items() if not k.endswith("_bias")},
+        "router": TensorRole(L + "block_sparse_moe.gate.weight", "router", ("n_experts", "hidden")),
+        "expert_gate": TensorRole(L + "block_sparse_moe.experts.{expert}.w1.weight", "routed_experts",
+                                  ("moe_inter", "hidden")),
+        "expert_up": TensorRole(L + "block_sparse_moe.experts.{expert}.w3.weight", "routed_experts",
+                                ("moe_inter", "hidden")),
+        "expert_down": TensorRole(L + "block_sparse_moe.experts.{expert}.w2.weight", "routed_experts",
+                                  ("hidden", "moe_inter")),
+    },
+)
+
+# Qwen2-MoE: GQA with q/k/v biases, softmax top-k, and one shared expert gated by sigmoid(shared_expert_gate . x).
+QWEN2_MOE = Architecture(
+    name="Qwen2MoeForCausalLM",
+    chat_format="chatml",
+    model_type="qwen2_moe",
+    moe_layer_rule="sparse_step",
+    scoring="softmax",
+    dims={
+        **_GQA_DIMS,
+        "moe_inter": ("moe_intermediate_size",),
+        "n_experts": ("num_experts",),
+        "top_k": ("num_experts_per_tok",),
+        "shared_inter": ("shared_expert_intermediate_size",),
+    },
+    defaults={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": False, "tie_word_embeddings": False},
+    routing_keys={"norm_topk_prob": "norm_topk_prob"},
+    attention_layout_keys=_GQA_LAYOUT_KEYS,
+    shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, ("shared_gate", "shared_up", "shared_router"),
+                   *_GQA_SHARED_INPUTS),
+    # as mergekit-moe builds a Qwen2-MoE from Qwen2, Llama or Mistral models
+    dense_sources=("llama", "mistral", "qwen2"),
+    from_dense_config={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+                       "use_sliding_window": False, "sliding_window": None, "qkv_bias": True},
+    zeros_from_dense=("q_bias", "k_bias", "v_bias"),
+    shared_expert="gated",
+    roles={
+        **_COMMON_ROLES,
+        **_DENSE_MLP_ROLES,
+        **_ROUTED_EXPERT_ROLES,
+        **_GQA_ATTENTION_ROLES,
+        "router": TensorRole(L + "mlp.gate.weight", "router", ("n_experts", "hidden")),
+        "shared_gate": TensorRole(L + "mlp.shared_expert.gate_proj.weight", "shared_experts", ("shared_inter", "hidden")),
+        "shared_up": TensorRole(L + "mlp.shared_expert.up_proj.weight", "shared_experts", ("shared_inter", "hidden")),
+        "shared_down": TensorRole(L + "mlp.shared_expert.down_proj.weight", "shared_experts", ("hidden", "shared_inter")),
+        "shared_router": TensorRole(L + "mlp.shared_expert_gate.weight", "shared_experts", (1, "hidden")),
+    },
+)
+
+
+def _dense(name: str, model_type: str, qk_norm: bool, moe_targets: tuple[str, ...],
            chat_format: str | None = None) -> Architecture:
     return Architecture(
         name=name,
         chat_format=chat_format,
         model_type=model_type,
-        moe_counterpart=moe_counterpart,
+        moe_targets=moe_targets,
         moe_layer_rule="none",
         scoring="none",
         dims=dict(_GQA_DIMS),
@@ -185,9 +260,24 @@ def _dense(name: str, model_type: str, qk_norm: bool, moe_counterpart: str | Non
     )
 
 
-QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_counterpart="Qwen3MoeForCausalLM",
-               chat_format="chatml")
-LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False)
-MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False)
+# mergekit-moe's choice for dense sources: Mixtral first where it applies, then Qwen2-MoE (which needs a shared expert)
+QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_targets=("Qwen3MoeForCausalLM",), chat_format="chatml")
+QWEN2 = _dense("Qwen2ForCausalLM", "qwen2", qk_norm=False, moe_targets=("Qwen2MoeForCausalLM",), chat_format="chatml")
+LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False, moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM"))
+MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False,
+                 moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM"))
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (DEEPSEEK_V3, QWEN3_MOE, QWEN3, LLAMA, MISTRAL)}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (DEEPSEEK_V3, QWEN3_MOE, MIXTRAL, QWEN2_MOE, QWEN3, QWEN2,
+                                                              LLAMA, MISTRAL)}
+
+# mergekit-moe's output architectures (its `architecture:` values match their names by prefix, ignoring case):
+# name -> (the table written, the `model_type`s of the dense sources it takes, how many shared experts)
+# "DeepSeek MoE" is mergekit's remote-code DeepSeek-MoE v1 (Llama attention, softmax top-k, an ungated shared
+# expert); written here without remote code as the model that computes the same: Mixtral without a shared
+# expert, Qwen2-MoE with one (its sigmoid gate held at 0.5 by a zero gate row, its down projection doubled).
+MERGEKIT_MOE_OUTPUTS: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
+    "Mixtral": ("MixtralForCausalLM", ("llama", "mistral"), (0,)),
+    "DeepSeek MoE": ("MixtralForCausalLM", ("llama", "mistral"), (0, 1)),
+    "Qwen MoE": ("Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), (1,)),
+    "Qwen3 MoE": ("Qwen3MoeForCausalLM", ("qwen3",), (0,)),
+}

@@ -304,7 +304,9 @@ class MergeConfig(_Strict):
 
     # mergekit-moe keys
     base_model: ModelRef
-    architecture: str | None = Field(None, description="output architecture; default: the base model's")
+    architecture: str | None = Field(None, description="output architecture (a class name, model_type or mergekit-moe's "
+                                                      "name); default: the base's, or mergekit-moe's choice for dense "
+                                                      "sources")
     gate_mode: GateMode = "hidden"
     dtype: OutputDtype | None = Field(None, description="output dtype of floating weights; default: as stored")
     experts_per_token: int | None = Field(None, ge=1, description="top-k of the output; default: the base's")
@@ -342,9 +344,9 @@ class MergeConfig(_Strict):
     def _known_architecture(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from ..architectures import resolve_architecture_name
+        from ..architectures import check_architecture_name
 
-        return resolve_architecture_name(v)
+        return check_architecture_name(v)
 
     @model_validator(mode="after")
     def _assembly_weights_match_experts(self) -> MergeConfig:

@@ -24,6 +24,7 @@ from ..plan.models import (
     Plan,
     RouterRecipe,
     VocabRecipe,
+    ZerosRecipe,
 )
 from ..plan.resolve import source_router, source_tensor
 from ..stages.router_offsets import OFFSETS_FILE as ROUTER_OFFSETS
@@ -120,6 +121,8 @@ class PlanTensorSource:
             out = self._router(recipe)
         elif isinstance(recipe, VocabRecipe):
             return self._vocab(recipe, spec)
+        elif isinstance(recipe, ZerosRecipe):
+            return torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
         else:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
@@ -186,6 +189,8 @@ class PlanTensorSource:
 
     def _router(self, r: RouterRecipe) -> torch.Tensor:
         self._router_cache.clear()
+        if r.part == "shared":
+            return self._shared_gate_row(r)[None]
         if ROUTER_TRAINED in self.plan.artefacts and self.plan.layer_experts(r.layer).like is None:
             # router training's rows replace the gate mode's (training runs no MTP layer: those keep theirs)
             from ..stages.router_training import read_trained
@@ -200,6 +205,14 @@ class PlanTensorSource:
             else None
         return torch.stack([self._router_row(r, j, slot, base_rows)
                             for j, slot in enumerate(self.plan.layer_experts(r.layer).slots)])
+
+    def _shared_gate_row(self, r: RouterRecipe) -> torch.Tensor:
+        """The shared expert's gate row (Qwen2-MoE's shared_expert_gate): zeros where the expert is always on
+        (sigmoid(0) = 1/2, its down doubled), else the gate mode's row for its source, as a routed slot's."""
+        le = self.plan.layer_experts(r.layer)
+        if le.shared_gate == "always":
+            return torch.zeros(facts(self.plan.target_config).hidden_size)
+        return self._router_row(RouterRecipe(layer=r.layer, part="weight"), len(le.slots), le.shared, None)
 
     def _stage_layer(self, layer: int) -> int:
         """The layer whose maps, prompt vectors and offsets `layer`'s grafted slots use (an MTP layer: the last

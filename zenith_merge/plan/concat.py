@@ -24,6 +24,7 @@ from ..maths.routing import RoutingSpec, routing_spec
 from .experts import SourceSlots, compensation, routing_groups
 from .models import (
     EXPERT_ROLES,
+    SHARED_ROLES,
     CopyRecipe,
     ExpertRecipe,
     ExpertSlot,
@@ -34,20 +35,32 @@ from .models import (
     SourceTransform,
     StagePlan,
     VocabRecipe,
+    ZerosRecipe,
 )
 from .opened_sources import OpenedSource, source_layers
 from .output import finish_plan, output_dtype, target_dtype_keys
+from .output_arch import OutputArchitecture
 from .vocab import VocabPlan, plan_vocab
 
 _GENERATED_CLASSES = ("routed_experts", "router")
 
 
-def _copy_tensor(base: OpenedSource, name: str, cfg: MergeConfig, target: dict[str, Any]) -> PlannedTensor:
+def _copy_tensor(base: OpenedSource, name: str, cfg: MergeConfig, target: dict[str, Any],
+                 arch: Architecture | None = None) -> PlannedTensor:
+    """A base tensor copied into the output; under the output architecture's name for its role when the output is
+    another architecture (a dense base's attention in its MoE form), refused when that architecture has no place
+    for it."""
     info = base.ckpt.info(name)
     tid = classify(base.arch, name)
+    out_name = name
+    if arch is not None and arch is not base.arch:
+        if tid is None or tid.role not in arch.roles:
+            raise PlanError(f"{base.model.path}: tensor {name} has no place in {arch.name} (the output architecture); "
+                            f"choose another `architecture` (mergekit-moe's qwen keeps attention biases)")
+        out_name = tensor_name(arch, tid.role, tid.layer, tid.expert)
     dtype = output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
-    shape = expected_shape(target, name) or info.shape
-    return PlannedTensor(name=name, dtype=dtype, shape=shape,
+    shape = expected_shape(target, out_name) or info.shape
+    return PlannedTensor(name=out_name, dtype=dtype, shape=shape,
                          recipe=CopyRecipe(source="base", tensor=name, pad=shape != info.shape))
 
 
@@ -93,19 +106,24 @@ def _check_gate_mode(cfg: MergeConfig, src: OpenedSource, slots: SourceSlots) ->
                         f"which no router picks; use gate_mode: random")
 
 
-def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[OpenedSource], arch: Architecture) -> Plan:
+def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[OpenedSource], out: OutputArchitecture,
+                shared: list[OpenedSource] = ()) -> Plan:
     """Experts side by side: the base's body, the listed sources' experts in `experts[]` order.
 
-    `arch` is the output's architecture: the base's, or the MoE twin of a dense base (whose
-    MLPs then become routed experts, as mergekit-moe does).
+    `out` is the output's architecture: the base's, or the MoE form of a dense base (whose MLPs then become
+    routed experts, as mergekit-moe does), with a shared expert from `shared` where it has one.
     """
+    arch = out.arch
     bf = base.facts
     converting = arch.name != base.arch.name
     donors = [s for s in sources if s.key != "base"]
     base_entry = next((s for s in sources if s.key == "base"), None)
     selecting = any(s.entry.keep != "all" for s in sources)
-    if donors and not bf.is_moe and not converting:  # a dense base with an MoE twin is converted (see above)
+    if donors and not bf.is_moe and not converting:  # a dense base with an MoE form is converted (see above)
         raise PlanError(f"base_model: {cfg.base_model} is dense ({base.arch.name}); an MoE base is needed")
+    if shared and not arch.shared_expert:
+        raise PlanError(f"shared_experts: {arch.name} has no shared expert; remove shared_experts or choose an "
+                        f"architecture with one (mergekit-moe's qwen)")
     top_k = cfg.experts_per_token or bf.experts_per_token or 2
     perturbing = base_entry is not None and bool(base_entry.entry.random_experts or base_entry.entry.noise_scale)
     if not donors and not selecting and not converting and not perturbing:  # the base alone: a bit-identical rewrite
@@ -140,6 +158,10 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
     target = target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
     if converting:
         target.update(architectures=[arch.name], model_type=arch.model_type, **arch.from_dense_config)
+        target.pop("auto_map", None)
+    shared_slot = _shared_slot(cfg, base, shared, out)
+    if shared_slot is not None:
+        set_dim(target, arch, "shared_inter", shared[0].facts.intermediate_size)
     set_dim(target, arch, "n_experts", total)
     set_dim(target, arch, "top_k", top_k)
     set_dim(target, arch, "moe_inter", moe_inter)
@@ -153,8 +175,13 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
     moe_layers = facts(target).moe_layers
 
     layer_map = {s.key: source_layers(s, moe_layers, bf.num_layers) if s.key != "base"
-                 else {layer: layer for layer in moe_layers} for s in sources}
+                 else {layer: layer for layer in moe_layers} for s in [*sources, *shared]}
     transforms, usage = {}, {}
+    for s in shared:
+        transforms[s.key] = SourceTransform(align=_align_mode(cfg, s, base), routing=asdict(routing_spec(s.ckpt.config)),
+                                            prompts=tuple(s.entry.positive_prompts),
+                                            negative_prompts=tuple(s.entry.negative_prompts),
+                                            noise_scale=s.entry.noise_scale or None)
     for s, sl in zip(sources, slots):
         spec = routing_spec(s.ckpt.config)
         transforms[s.key] = SourceTransform(align=_align_mode(cfg, s, base), routing=asdict(spec),
@@ -197,17 +224,21 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
             if sl.shared_as_routed:
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="shared",
                                       scale=scaled(compensation(None, out_routing), s.entry)))
-        table.append(LayerExperts(layer=layer, slots=tuple(row)))
+        table.append(LayerExperts(layer=layer, slots=tuple(row), shared_gate=out.shared if shared_slot else None,
+                                  shared=None if shared_slot is None else shared_slot.model_copy(
+                                      update={"source_layer": layer_map[shared_slot.source][layer]})))
     table += _extra_layer_rows(cfg, base, base_entry, table) if not converting else []
 
     align = {s.key: tuple(sorted(layer_map[s.key].items())) for s in sources if transforms[s.key].align == "fit"}
     vectors = tuple(s.key for s, sl in zip(sources, slots) if cfg.gate_mode in PROMPT_GATE_MODES
                     and (s.key != "base" or sl.dense_mlp))
+    if out.shared == "gated" and cfg.gate_mode in PROMPT_GATE_MODES:
+        vectors += tuple(s.key for s in shared)
     offsets = _calibrated_sources(cfg, sources, arch)
     tensors, input_bytes = _concat_tensors(cfg, base, target, table, arch, vocab, sources)
-    return finish_plan(cfg, config_dir, output_dir, method="concat", base=base, sources=sources, target=target,
-                   tensors=tensors, input_bytes=input_bytes, vocab=vocab,
-                   layer_map={s.key: layer_map[s.key] for s in sources}, expert_table=tuple(table),
+    return finish_plan(cfg, config_dir, output_dir, method="concat", base=base, sources=[*sources, *shared],
+                   target=target, tensors=tensors, input_bytes=input_bytes, vocab=vocab,
+                   layer_map={s.key: layer_map[s.key] for s in [*sources, *shared]}, expert_table=tuple(table),
                    transforms=transforms, stages=StagePlan(usage=usage, align=align, prompt_vectors=vectors,
                                                            router_offsets=offsets,
                                                            train_routers=_training_steps(cfg, donors, align),
@@ -313,7 +344,7 @@ def _concat_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any]
                     tensors.append(t)
                     input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32 work copies: source, map, result
             continue
-        t = _copy_tensor(base, name, cfg, target)
+        t = _copy_tensor(base, name, cfg, target, arch)
         if vocab is not None and tid is not None and tid.role in _VOCAB_ROLES:
             part, own = _VOCAB_ROLES[tid.role]
             t = t.model_copy(update={"recipe": VocabRecipe(part=part, tensor=None if own else name)})
@@ -321,7 +352,17 @@ def _concat_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any]
             input_bytes[name] = _vocab_input_bytes(name, t.shape, base, sources, vocab)
             continue
         tensors.append(t)
-        input_bytes[name] = base.ckpt.info(name).nbytes + (4 * math.prod(t.shape) if t.recipe.pad else 0)
+        input_bytes[t.name] = base.ckpt.info(name).nbytes + (4 * math.prod(t.shape) if t.recipe.pad else 0)
+    if arch is not base.arch:  # what the output architecture has that a dense base may lack (zeros, as mergekit)
+        present = {t.name for t in tensors}
+        for layer in range(base.facts.num_layers):
+            for role in arch.zeros_from_dense:
+                name = tensor_name(arch, role, layer)
+                if name not in present:
+                    shape = expected_shape(target, name)
+                    code = output_dtype(tensors[0].dtype, role, arch.keep_fp32_roles, cfg.dtype)
+                    tensors.append(PlannedTensor(name=name, dtype=code, shape=shape, recipe=ZerosRecipe()))
+                    input_bytes[name] = 0
     return tensors, input_bytes
 
 
@@ -347,4 +388,31 @@ def _layer_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any],
             name = tensor_name(arch, role, layer, j)
             out.append(PlannedTensor(name=name, dtype=dtype, shape=expected_shape(target, name),
                                      recipe=ExpertRecipe(layer=layer, slot=j, proj=proj)))
+    if le.shared is not None:  # the shared expert (slot index len(slots)) and its gate row
+        for proj, role in SHARED_ROLES.items():
+            name = tensor_name(arch, role, layer)
+            out.append(PlannedTensor(name=name, dtype=dtype, shape=expected_shape(target, name),
+                                     recipe=ExpertRecipe(layer=layer, slot=len(le.slots), proj=proj)))
+        name = tensor_name(arch, "shared_router", layer)
+        out.append(PlannedTensor(name=name, dtype=output_dtype(router_code, "router", arch.keep_fp32_roles, cfg.dtype),
+                                 shape=expected_shape(target, name), recipe=RouterRecipe(layer=layer, part="shared")))
     return out
+
+
+def _shared_slot(cfg: MergeConfig, base: OpenedSource, shared: list[OpenedSource], out: OutputArchitecture
+                 ) -> ExpertSlot | None:
+    """The output's shared expert: shared_experts.0's MLP, down scaled by its residual_scale, and by 2 where the
+    gate is held at sigmoid(0) = 1/2 (mergekit-moe's ungated DeepSeek-MoE shared expert, written as Qwen2-MoE)."""
+    if not shared:
+        return None
+    src = shared[0]
+    if cfg.gate_mode == "transfer":
+        raise PlanError("gate_mode: transfer takes router rows from MoE sources; a shared expert's gate row needs "
+                        "prompts (gate_mode hidden, ...) or gate_mode random")
+    if src.facts.is_moe or not src.facts.intermediate_size:
+        raise PlanError(f"{src.where}: a shared expert is built from a dense model's MLP; {src.arch.name} has none")
+    if src.facts.hidden_size != base.facts.hidden_size:
+        raise PlanError(f"{src.where}: hidden size {src.facts.hidden_size}, the base's {base.facts.hidden_size}; "
+                        f"the shared expert reads the base's residual stream as it is")
+    scale = (src.entry.residual_scale or 1.0) * (2.0 if out.shared == "always" else 1.0)
+    return ExpertSlot(source=src.key, source_layer=0, kind="dense_mlp", scale=scale)

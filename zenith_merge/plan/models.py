@@ -58,12 +58,19 @@ class ExpertRecipe(_Frozen):
     proj: Literal["gate", "up", "down"]
 
 
+class ZerosRecipe(_Frozen):
+    """A tensor of zeros: what the output architecture needs and a dense base lacks (Qwen2-MoE's attention biases
+    from a Llama base, as mergekit-moe writes them)."""
+
+    kind: Literal["zeros"] = "zeros"
+
+
 class RouterRecipe(_Frozen):
     """The router of output `layer` (its weight rows or its score-correction bias), one row per slot."""
 
     kind: Literal["router"] = "router"
     layer: int
-    part: Literal["weight", "bias"]
+    part: Literal["weight", "bias", "shared"]  # shared: the shared expert's gate row (Qwen2-MoE)
 
 
 class AssembleRecipe(_Frozen):
@@ -103,7 +110,7 @@ class Fp8ScaleRecipe(_Frozen):
                                  "output equals `fp8-cast --to fp8` of the merge written without fp8_output)")
 
 
-Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | VocabRecipe | Fp8ScaleRecipe,
+Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | VocabRecipe | Fp8ScaleRecipe | ZerosRecipe,
                    Field(discriminator="kind")]
 
 
@@ -130,6 +137,10 @@ class LayerExperts(_Frozen):
     layer: int
     slots: tuple[ExpertSlot, ...]
     like: int | None = None
+    shared: ExpertSlot | None = Field(None, description="the shared expert built from shared_experts.0 (its slot "
+                                                        "index in recipes is len(slots))")
+    shared_gate: Literal["gated", "always"] | None = Field(
+        None, description="gated: its gate row from the gate mode; always: the row 0 (sigmoid 1/2, down doubled)")
 
     @property
     def stage_layer(self) -> int:
@@ -266,8 +277,9 @@ class Plan(_Frozen):
         raise KeyError(f"layer {layer} is not an MoE layer of the plan")
 
     def slot(self, layer: int, slot: int) -> ExpertSlot:
-        """The expert table's entry for output `layer`, `slot`."""
-        return self.layer_experts(layer).slots[slot]
+        """The expert table's entry for output `layer`, `slot`; slot len(slots) is the layer's shared expert."""
+        le = self.layer_experts(layer)
+        return le.slots[slot] if slot < len(le.slots) else le.shared
 
     @property
     def retrained_shards(self) -> tuple[str, ...]:

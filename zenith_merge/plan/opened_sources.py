@@ -33,10 +33,11 @@ class OpenedSource:
     facts: ModelFacts
     entry: ExpertSource | None = None
     index: int | None = None
+    field: str = "experts"  # the config list the entry is in (experts or shared_experts)
 
     @property
     def where(self) -> str:
-        return f"experts.{self.index}.source_model ({self.model.ref})" if self.index is not None else "base_model"
+        return f"{self.field}.{self.index}.source_model ({self.model.ref})" if self.index is not None else "base_model"
 
 
 def source_layers(s: OpenedSource, moe_layers: Sequence[int], base_depth: int) -> dict[int, int]:
@@ -44,7 +45,7 @@ def source_layers(s: OpenedSource, moe_layers: Sequence[int], base_depth: int) -
     relative depth (`map_layers`)."""
     candidates = candidate_layers(s.facts)
     out = map_layers(moe_layers, base_depth, candidates, s.facts.num_layers)
-    for layer, source_layer in (s.entry.layers if s.entry is not None else {}).items():
+    for layer, source_layer in (getattr(s.entry, "layers", None) or {}).items():
         if layer not in out:
             raise PlanError(f"experts.{s.index}.layers.{layer}: the output's MoE layers are {list(moe_layers)}")
         if source_layer not in candidates:
@@ -61,31 +62,49 @@ def open_source(key: str, model: SourceModel, cfg: MergeConfig, entry=None, inde
                    entry, index)
 
 
-def reject_unsupported(cfg: MergeConfig, base: SourceModel, config_dir: Path | None) -> None:
-    """Refuse what this version cannot plan yet, naming the key, instead of producing a wrong output."""
+def check_moe_base_shared_experts(cfg: MergeConfig, base: OpenedSource, config_dir: Path | None) -> None:
+    """An MoE base keeps its own shared expert: `shared_experts` may only name the base, and only where it has one
+    (a Qwen3-MoE has none: the key is refused, never dropped)."""
     for i, shared in enumerate(cfg.shared_experts or []):
+        if not base.facts.n_shared_experts and "shared_gate" not in base.arch.roles:
+            raise PlanError(f"shared_experts.{i}: {base.arch.name} has no shared expert; remove shared_experts, or "
+                            f"list that model under experts (its MLP becomes a routed expert)")
         if shared.noise_scale is not None or shared.residual_scale is not None:
             raise PlanError(f"shared_experts.{i}: noise_scale / residual_scale apply to experts[] entries; the "
                             f"output keeps the base's shared expert as it is")
-        if resolve_model(shared.source_model, config_dir, build_demo=False).path != base.path:
+        if resolve_model(shared.source_model, config_dir, build_demo=False).path != base.model.path:
             raise PlanError(f"shared_experts.{i}.source_model: the output keeps the base's shared expert; a donor's "
                             f"shared expert joins as a routed expert with experts[].shared_expert: routed")
 
 
 def open_sources(cfg: MergeConfig, base: OpenedSource, config_dir: Path | None) -> list[OpenedSource]:
-    """One `OpenedSource` per `experts[]` entry; the base listed among them means its own experts."""
+    """One `OpenedSource` per `experts[]` entry; the first entry naming the base means its own experts. A model
+    may be listed again (mergekit-moe's upcycling: each entry its own slots, `noise_scale` seeded per slot),
+    except an MoE source with `keep`, whose picks would repeat."""
     out: list[OpenedSource] = []
     seen: dict[Path, int] = {}
     for i, entry in enumerate(cfg.experts):
         model = resolve_model(entry.source_model, config_dir)
         if model.path in seen:
-            raise PlanError(f"experts.{i}.source_model: {entry.source_model} is already experts.{seen[model.path]}; "
-                            f"list each model once (keep: N chooses how many of its experts join)")
-        seen[model.path] = i
-        if model.path == base.model.path:
+            first = cfg.experts[seen[model.path]]
+            if entry.keep != "all" or first.keep != "all":
+                raise PlanError(f"experts.{i}.source_model: {entry.source_model} is already experts.{seen[model.path]}"
+                                f" and keep picks its most used experts, which would be the same twice; list it once")
+        seen.setdefault(model.path, i)
+        if model.path == base.model.path and seen[model.path] == i:
             out.append(OpenedSource("base", base.model, base.ckpt, base.arch, base.facts, entry, i))
         else:
             out.append(open_source(f"donor{i}", model, cfg, entry, i))
+    return out
+
+
+def open_shared_sources(cfg: MergeConfig, config_dir: Path | None) -> list[OpenedSource]:
+    """The `shared_experts[]` entries of a dense merge, opened (keys shared0, ...)."""
+    out = []
+    for i, entry in enumerate(cfg.shared_experts or []):
+        model = resolve_model(entry.source_model, config_dir)
+        src = open_source(f"shared{i}", model, cfg, entry, i)
+        out.append(OpenedSource(src.key, src.model, src.ckpt, src.arch, src.facts, entry, i, field="shared_experts"))
     return out
 
 

@@ -14,7 +14,7 @@ from ..errors import PlanError
 from ..io.reader import Checkpoint
 from ..maths.routing import RoutingSpec, routing_spec
 from .experts import compensation
-from .models import SLOT_ROLES, CopyRecipe, ExpertRecipe, ExpertSlot, LayerExperts, Plan, RouterRecipe
+from .models import SLOT_ROLES, CopyRecipe, ExpertRecipe, ExpertSlot, Plan, RouterRecipe
 
 
 def source_tensor(plan: Plan, slot: ExpertSlot, proj: str) -> str:
@@ -59,7 +59,7 @@ def simplify(plan: Plan) -> Plan:
                 unmapped = tr.align in ("none", "identity") and not tr.noise_scale and not tr.random_experts
                 if unmapped and (slot.scale == 1.0 or r.proj != "down") and info(slot.source, src).shape == t.shape:
                     t = t.model_copy(update={"recipe": CopyRecipe(source=slot.source, tensor=src)})
-            elif isinstance(r, RouterRecipe) and not plan.stages.train_routers:
+            elif isinstance(r, RouterRecipe) and r.part != "shared" and not plan.stages.train_routers:
                 le = plan.layer_experts(r.layer)
                 name = source_router(plan, le.slots[0], r.part)
                 if all(_identity_slot(r.layer, j, s) for j, s in enumerate(le.slots)) and \
@@ -98,6 +98,6 @@ def resolve(plan: Plan, usage: dict[str, dict[int, dict]] | None = None, artefac
                 if update["scale"] is None:
                     raise PlanError(f"no measured routing weight for {slot.source} layer {slot.source_layer}")
             row.append(slot.model_copy(update=update) if update else slot)
-        table.append(LayerExperts(layer=le.layer, slots=tuple(row)))
+        table.append(le.model_copy(update={"slots": tuple(row)}))
     plan = plan.model_copy(update={"expert_table": tuple(table), "artefacts": dict(artefacts or {})})
     return simplify(plan)

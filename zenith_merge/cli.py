@@ -51,24 +51,60 @@ def _quiet_transformers() -> None:
 
 
 def cmd_merge(args) -> int:
-    from .pipeline import check_training_inputs, run_merge
-    from .plan.build import build_plan
-
     cfg, config_dir = _load(args.config)
     if args.no_progress:
         _quiet_transformers()
-    if args.dry_run:
-        plan = build_plan(cfg, config_dir=config_dir, output_dir=args.output)
+    return _merge(cfg, config_dir, args.output, dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite,
+                  workers=args.workers, progress=not args.no_progress)
+
+
+def _merge(cfg, config_dir: Path, output, *, dry_run: bool, progress: bool, **run) -> int:
+    """Plan and print (dry run), or run the merge and say what was written."""
+    from .pipeline import check_training_inputs, run_merge
+    from .plan.build import build_plan
+
+    if dry_run:
+        plan = build_plan(cfg, config_dir=config_dir, output_dir=output)
         check_training_inputs(plan, cfg, config_dir)
         print(format_plan(plan))
         print("dry run: nothing written")
         return 0
-    result = run_merge(cfg, config_dir=config_dir, output_dir=args.output, resume=args.resume,
-                       overwrite=args.overwrite, workers=args.workers, progress=not args.no_progress)
+    result = run_merge(cfg, config_dir=config_dir, output_dir=output, progress=progress, **run)
     w = result.write
     print(f"merged {len(result.plan.tensors)} tensors into {result.output_dir} "
-          f"({len(w.written)} shards written, {len(w.skipped)} kept from an earlier run)")
+          f"({result.plan.target_config['architectures'][0]}; {len(w.written)} shards written, {len(w.skipped)} "
+          f"kept from an earlier run)")
     return 0
+
+
+_MOE_OWN = ("--overwrite", "--resume", "--dry-run", "--no-progress")
+
+
+def cmd_moe(args) -> int:
+    """mergekit-moe's command line: CONFIG OUT_PATH and mergekit-moe 0.1.5's flags (config/mergekit_moe.py)."""
+    from .config import parse_config
+    from .config.load import read_yaml
+    from .config.mergekit_moe import apply_flags, mergekit_refusals, parse_flags
+
+    own = {f for f in args.flags if f in _MOE_OWN}
+    given, notes = parse_flags([f for f in args.flags if f not in _MOE_OWN])
+    if "-v" in given or "--verbose" in given:
+        logging.getLogger().setLevel(logging.INFO)
+    for note in notes:
+        logging.getLogger("zenith_merge.moe").warning(note)
+    if given.get("--device") == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    path = Path(args.config).resolve()
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ZenithError(f"{path}: expected a mapping of keys at the top level")
+    mergekit_refusals(data, allow_all_same="--i-understand-this-is-not-useful-without-training" in given)
+    cfg = parse_config(apply_flags(data, given), where=str(path))
+    quiet = "--no-progress" in own or given.get("--quiet") is True
+    if quiet:
+        _quiet_transformers()
+    return _merge(cfg, path.parent, Path(args.out_path).resolve(), dry_run="--dry-run" in own, progress=not quiet,
+                  resume="--resume" in own, overwrite="--overwrite" in own)
 
 
 def cmd_align(args) -> int:
@@ -271,6 +307,12 @@ def _config_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
 
 
+def _mergekit_flags():
+    from .config.mergekit_moe import FLAGS
+
+    return FLAGS
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with a --help on every subcommand."""
     p = argparse.ArgumentParser(
@@ -301,6 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="plan and print, write nothing")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_merge)
+
+    sp = sub.add_parser("moe", help="mergekit-moe's command line: CONFIG OUT_PATH [mergekit-moe flags]",
+                        description="Run a mergekit-moe config as mergekit-moe 0.1.5 would be called: every one of "
+                                    "its flags is accepted with its meaning here (honoured, or without effect and "
+                                    "said so, or refused with the reason). zenith-merge's own: --overwrite, "
+                                    "--resume, --dry-run, --no-progress.",
+                        epilog="mergekit-moe flags: " + "; ".join(f"{' / '.join(f.names)}: {f.effect} ({f.why})"
+                                                                  for f in _mergekit_flags()))
+    sp.add_argument("config", help="a mergekit-moe config (YAML)")
+    sp.add_argument("out_path", help="output folder")
+    sp.add_argument("flags", nargs=argparse.REMAINDER, help="mergekit-moe's flags, and --overwrite, --resume, "
+                                                            "--dry-run, --no-progress")
+    sp.set_defaults(fn=cmd_moe)
 
     sp = sub.add_parser("align", help="run the merge's stages only: expert usage, A/B alignment fits, tokenizer, "
                                       "RegMean statistics",

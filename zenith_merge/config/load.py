@@ -58,6 +58,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a YAML merge config file."""
+    return parse_config(read_yaml(path), where=str(path))
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config file's data, duplicate keys refused, errors naming the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -72,7 +77,7 @@ def load_config(path: str | Path) -> MergeConfig:
             loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(data, where=str(path))
+    return data
 
 
 # Config entries that name files or models, relative to the config's folder: (path of keys, is a list).

@@ -309,11 +309,17 @@ class MergeConfig(_Strict):
                                                       "sources")
     gate_mode: GateMode = "hidden"
     dtype: OutputDtype | None = Field(None, description="output dtype of floating weights; default: as stored")
+    out_dtype: OutputDtype | None = Field(None, description="the output dtype under mergekit-yaml's name; the same "
+                                                            "as dtype (give one, or both equal)")
     experts_per_token: int | None = Field(None, ge=1, description="top-k of the output; default: the base's")
     experts: list[ExpertSource] = Field(default_factory=list)
     shared_experts: list[SharedExpertSource] | None = None
     tokenizer: TokenizerSettings | None = None
     # zenith-merge keys
+    gate_source: Literal["moe_input", "residual"] = Field(
+        "moe_input", description="the state prompt-based router rows are read from: the MoE block's normalised "
+                                 "input (the router's own input), or the residual stream before the layer "
+                                 "(mergekit-moe's rows)")
     merge_method: Literal["concat", "assembly"] = Field(
         "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors")
     align: AlignSettings = Field(default_factory=AlignSettings)
@@ -366,6 +372,23 @@ class MergeConfig(_Strict):
                                  f"experts[] entries (one per entry: that parent's own domain)")
         elif self.assembly is not None:
             raise ValueError("assembly: only used with merge_method: assembly")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _out_dtype_is_dtype(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("out_dtype") is not None:
+            if data.get("dtype") is not None and data["dtype"] != data["out_dtype"]:
+                raise ValueError(f"dtype {data['dtype']!r} and out_dtype {data['out_dtype']!r} differ: zenith-merge "
+                                 f"computes in float32 and writes one dtype; give one of them")
+            data = {**data, "dtype": data["out_dtype"]}
+        return data
+
+    @model_validator(mode="after")
+    def _gate_source_needs_hidden_states(self) -> MergeConfig:
+        if self.gate_source != "moe_input" and self.gate_mode not in ("hidden", "hidden_avg", "hidden_last"):
+            raise ValueError(f"gate_source: {self.gate_source} chooses the hidden state of gate_mode hidden, "
+                             f"hidden_avg or hidden_last; gate_mode {self.gate_mode} reads none")
         return self
 
     @model_validator(mode="after")

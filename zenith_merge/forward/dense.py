@@ -98,8 +98,10 @@ def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], *,
-               dtype: torch.dtype = torch.float32, max_tokens: int = 512) -> list[dict[int, torch.Tensor]]:
-    """Per text, per layer in `layers`: the MLP's input (the normalised state after attention), float32.
+               dtype: torch.dtype = torch.float32, max_tokens: int = 512,
+               point: str = "mlp") -> list[dict[int, torch.Tensor]]:
+    """Per text, per layer in `layers`: the MLP's input (the normalised state after attention), float32; with
+    `point="layer"`, the layer's own input instead (the residual stream before it, mergekit-moe's `hidden`).
 
     Texts are tokenised with the model's tokenizer.json, no special tokens added, each cut to its
     first `max_tokens` tokens (as `capture_batch` does).
@@ -126,12 +128,14 @@ def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], 
             hd = L.q.shape[0] // heads
             inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
             for i, h in enumerate(states):
+                if layer in wanted and point == "layer":
+                    out[i][layer] = h.float()
                 freqs = torch.arange(h.shape[0]).float()[:, None] * inv[None]
                 emb = torch.cat((freqs, freqs), dim=-1)
                 cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
                 h = h + _attention(L, _rmsnorm(h, L.w_in, eps), cos, sin, heads, kv_heads, eps)
                 m = _rmsnorm(h, L.w_post, eps)
-                if layer in wanted:
+                if layer in wanted and point == "mlp":
                     out[i][layer] = m.float()
                 states[i] = h + F.linear(F.silu(F.linear(m, L.gate, L.gate_b)) * F.linear(m, L.up, L.up_b),
                                          L.down, L.down_b)

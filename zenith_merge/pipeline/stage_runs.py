@@ -77,7 +77,7 @@ def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progr
             vectors = pv.cheap_embed_vectors(base, layers, prompts)
         else:
             vectors = pv.hidden_vectors(base, layers, prompts, mode=cfg.gate_mode, load=calibration_load(cfg),
-                                        progress=progress)
+                                        progress=progress, source=cfg.gate_source)
         pv.save_vectors(vectors, layers, zdir, key)
     return file_sha256(zdir / pv.VECTORS_FILE)
 

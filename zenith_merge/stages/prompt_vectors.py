@@ -6,8 +6,9 @@ length, so a token that looks like the source's prompts scores high for its expe
 
     v_s(l) = normalise( mean_p h_l(p+) - mean_p h_l(p-) )
 
-h_l is what the output's router sees: the normalised input of layer l's MoE block (mergekit
-reads the residual stream before the layer; the router's own input is the better match).
+h_l is what the output's router sees: the normalised input of layer l's MoE block (`gate_source:
+moe_input`, the default). mergekit-moe reads the residual stream before the layer instead (`gate_source:
+residual`, for its rows as they are); the router's own input is the better match (README, measured).
 `hidden` and `hidden_last` take each prompt's last token, `hidden_avg` the mean over its
 tokens. `cheap_embed` needs no forward pass: the normalised sum of the prompts' token
 embeddings, the same for every layer.
@@ -51,20 +52,24 @@ def _prompt_states(model, tokenizer, prompts: Sequence[str], points: dict[int, C
 
 
 def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]],
-                   *, mode: str = "hidden", load: Mapping | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
+                   *, mode: str = "hidden", load: Mapping | None = None, progress: bool = True,
+                   source: str = "moe_input") -> dict[str, torch.Tensor]:
     """source -> (len(layers), hidden) unit vectors from the base model's states on that source's prompts.
 
     `prompts[source]` is (positive, negative); the negative mean is subtracted where given. `load`
-    holds `load_for_calibration`'s options (8-bit, max_memory, dtype).
+    holds `load_for_calibration`'s options (8-bit, max_memory, dtype). `source`: which state is read,
+    the MoE block's normalised input (`moe_input`) or the layer's input, the residual stream (`residual`).
     """
     with Checkpoint.open(base_path, check_shapes=False) as ckpt:
         arch = architecture_of(ckpt.config, where=str(base_path / "config.json"))
         config = ckpt.config
     load = dict(load or {})
     if not load.get("load_in_8bit") and dense_forward.supported(config, max_tokens=PLAIN_MAX_TOKENS):
-        return _plain_vectors(base_path, layers, prompts, mode=mode, dtype=load.get("dtype"))
+        return _plain_vectors(base_path, layers, prompts, mode=mode, dtype=load.get("dtype"),
+                              point="layer" if source == "residual" else "mlp")
     model, tokenizer = load_for_calibration(base_path, **load)
-    points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
+    module = arch.layer_module if source == "residual" else arch.mlp_module
+    points = {layer: CapturePoint.input_of(module.format(layer=layer)) for layer in layers}
     out = {}
     try:
         for source, (positive, negative) in tqdm(prompts.items(), desc="prompt vectors", disable=not progress,
@@ -86,7 +91,7 @@ PLAIN_MAX_TOKENS = 512
 
 def _plain_vectors(base_path: Path, layers: Sequence[int],
                    prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]], *, mode: str,
-                   dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | str | None, point: str = "mlp") -> dict[str, torch.Tensor]:
     """`hidden_vectors` by the plain dense pass: no transformers, one layer's weights in memory at a time."""
     if dtype == "stored":
         dtype = stored_dtype(base_path, cuda=False)
@@ -94,7 +99,7 @@ def _plain_vectors(base_path: Path, layers: Sequence[int],
 
     def mean_state(texts: Sequence[str]) -> dict[int, torch.Tensor]:
         per_text = dense_forward.mlp_inputs(base_path, [bos + t for t in texts], layers, dtype=dtype or torch.float32,
-                                            max_tokens=PLAIN_MAX_TOKENS)
+                                            max_tokens=PLAIN_MAX_TOKENS, point=point)
         return {layer: torch.stack([s[layer].mean(0) if mode == "hidden_avg" else s[layer][-1]
                                     for s in per_text]).mean(0) for layer in layers}
 

@@ -7,11 +7,16 @@ demo models (zenith_merge.demo) serve the end-to-end tests marked `demo`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
-import transformers
+# Nothing is downloaded in tests: the Hub client (transformers, bitsandbytes' kernels, mergekit) stays offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXT = ["def add(a, b):\n    return a + b\n", "What is 3 + 4? It is 7.", "class Stack:\n    pass\n"] * 20

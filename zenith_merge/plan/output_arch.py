@@ -66,8 +66,10 @@ def output_architecture(cfg: MergeConfig, base: OpenedSource, sources: list[Open
         raise PlanError(f"architecture: {wanted} cannot be built from dense {base.arch.name} sources: its attention "
                         f"(DeepSeek's MLA) is not the sources'; mergekit-moe's `deepseek` output is written as a model "
                         f"with the sources' attention (see README, mergekit-moe configs)")
-    candidates = [name for name, (table, _, _) in MERGEKIT_MOE_OUTPUTS.items()
-                  if wanted is None or (table in exact if exact else name.lower().startswith(wanted.lower()))]
+    by_prefix = [name for name in MERGEKIT_MOE_OUTPUTS if wanted is None or name.lower().startswith(wanted.lower())]
+    # a table's own name (MixtralForCausalLM, qwen2_moe) means that table as mergekit-moe writes it
+    candidates = by_prefix or [name for name, (table, _, _) in MERGEKIT_MOE_OUTPUTS.items()
+                               if table in exact and name != "DeepSeek MoE"]
     types = [_model_type(s) for s in [base, *sources, *shared]]
     reasons = {name: _why_not(name, cfg, types) for name in candidates}
     fitting = [name for name in candidates if reasons[name] is None]

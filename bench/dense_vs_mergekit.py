@@ -1,7 +1,9 @@
 """.venv/bin/python bench/dense_vs_mergekit.py --repeats 5       (the run in bench/RESULTS.md; default 3 repeats)
+    .venv/bin/python bench/dense_vs_mergekit.py --family llama --repeats 3     (Llama donors -> Mixtral)
     .venv/bin/python bench/dense_vs_mergekit.py --layers 8 --keep --work /tmp/dvm --out /tmp/dvm.json
 
 Four dense Qwen3 models into a Qwen3-MoE (gate_mode: hidden): zenith-merge vs mergekit-moe, time, memory, tensors.
+With --family llama: four dense Llama models into a Mixtral, mergekit-moe's classic config (no `architecture:`).
 Builds four dense Qwen3ForCausalLM checkpoints with seeded random bf16 weights (written tensor by
 tensor with safetensors, the demo qwen3-moe-tiny's tokenizer), then merges them into one
 Qwen3MoeForCausalLM with 4 experts per layer, top-2, hidden-state router rows from the base
@@ -52,17 +54,21 @@ PROMPTS = [
 ]
 
 
-def build_dense(path: Path, seed: int, dims: dict, tokenizer_dir: Path, shard_bytes: int) -> Path:
-    """A Qwen3ForCausalLM folder with seeded random bf16 weights, written tensor by tensor."""
-    config = transformers.Qwen3Config(
+FAMILIES = {"qwen3": ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), "llama": ("LlamaForCausalLM", "MixtralForCausalLM")}
+
+
+def build_dense(path: Path, seed: int, dims: dict, tokenizer_dir: Path, shard_bytes: int, family: str = "qwen3") -> Path:
+    """A dense (Qwen3ForCausalLM or LlamaForCausalLM) folder with seeded random bf16 weights, written tensor by tensor."""
+    cls = FAMILIES[family][0]
+    config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(
         hidden_size=dims["hidden"], intermediate_size=dims["intermediate"], num_hidden_layers=dims["layers"],
         num_attention_heads=dims["hidden"] // 64, num_key_value_heads=max(1, dims["hidden"] // 128), head_dim=64,
         vocab_size=dims["vocab"], max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None,
         eos_token_id=2, pad_token_id=0)
-    config.architectures = ["Qwen3ForCausalLM"]
+    config.architectures = [cls]
     config.dtype = "bfloat16"
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in transformers.Qwen3ForCausalLM(config).named_parameters()}
+        shapes = {n: tuple(p.shape) for n, p in getattr(transformers, cls)(config).named_parameters()}
     shapes.setdefault("lm_head.weight", shapes["model.embed_tokens.weight"])
 
 
@@ -74,7 +80,7 @@ def build_dense(path: Path, seed: int, dims: dict, tokenizer_dir: Path, shard_by
                                    tokenizer_from=tokenizer_dir)
 
 
-def write_configs(work: Path, models: list[Path]) -> tuple[Path, Path]:
+def write_configs(work: Path, models: list[Path], family: str = "qwen3") -> tuple[Path, Path]:
     """One mergekit-moe YAML that both tools run unchanged, and the same plus zenith-merge's memory cap.
 
     `calibration_max_memory` lets zenith-merge's hidden-state pass keep (almost) no weights in
@@ -84,7 +90,8 @@ def write_configs(work: Path, models: list[Path]) -> tuple[Path, Path]:
 
     body = {
         "base_model": str(models[0]),
-        "architecture": "Qwen3 MoE",  # mergekit-moe's name for its output; zenith-merge accepts it too
+        # mergekit-moe's name for its Qwen3 output; Llama donors take no name (mergekit picks Mixtral), as in its README
+        **({"architecture": "Qwen3 MoE"} if family == "qwen3" else {}),
         "gate_mode": "hidden",
         "dtype": "bfloat16",
         "experts_per_token": 2,
@@ -131,11 +138,18 @@ class Output:
         return set(self.where)
 
 
+MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
 def expert(out: Output, layer: int, e: int, proj: str) -> torch.Tensor:
-    """Expert `e`'s gate_proj / up_proj / down_proj at `layer`, from either layout."""
+    """Expert `e`'s gate_proj / up_proj / down_proj at `layer`, from any layout: one tensor per expert (Qwen3-MoE's
+    names, or Mixtral's block_sparse_moe w1/w3/w2) or transformers' fused tensors (what mergekit-moe writes)."""
     p = f"model.layers.{layer}.mlp.experts."
     if f"{p}{e}.{proj}.weight" in out:
         return out.get(f"{p}{e}.{proj}.weight")
+    mixtral = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{MIXTRAL_NAMES[proj]}.weight"
+    if mixtral in out:
+        return out.get(mixtral)
     if proj == "down_proj":
         return out.get(p + "down_proj")[e]
     gate_up = out.get(p + "gate_up_proj")[e]          # (2*inter, hidden): gate rows, then up rows
@@ -148,7 +162,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-EXPERT_RE = re.compile(r"\.mlp\.(experts\.|gate\.weight)")
+EXPERT_RE = re.compile(r"\.(mlp|block_sparse_moe)\.(experts\.|gate\.weight)")
 
 
 def compare(mk_dir: Path, zen_dir: Path, models: list[Path], layers: int) -> dict:
@@ -183,8 +197,10 @@ def compare(mk_dir: Path, zen_dir: Path, models: list[Path], layers: int) -> dic
     cos = []
     for layer in range(layers):
         name = f"model.layers.{layer}.mlp.gate.weight"
-        a, b = mk.get(name).float(), zen.get(name).float()
-        res.setdefault("router_shapes", (tuple(a.shape), tuple(b.shape), str(mk.get(name).dtype), str(zen.get(name).dtype)))
+        zen_name = name if name in zen else f"model.layers.{layer}.block_sparse_moe.gate.weight"
+        a, b = mk.get(name).float(), zen.get(zen_name).float()
+        res.setdefault("router_shapes", (tuple(a.shape), tuple(b.shape), str(mk.get(name).dtype),
+                                         str(zen.get(zen_name).dtype)))
         cos.append(torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist())
     res["router_cos"] = cos                           # [layer][expert]
     flat = [c for row in cos for c in row]
@@ -241,6 +257,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: the tokenizer's length)")
     p.add_argument("--shard-mb", type=int, default=200, help="donor shard size in MB (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="qwen3",
+                   help="donor family: qwen3 (-> Qwen3-MoE, default) or llama (-> Mixtral)")
     args = p.parse_args()
 
     t_start = time.perf_counter()
@@ -255,9 +273,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        models = [build_dense(work / f"dense-{i}", 1000 + i, dims, tok_dir, args.shard_mb * 10**6) for i in range(4)]
+        models = [build_dense(work / f"dense-{i}", 1000 + i, dims, tok_dir, args.shard_mb * 10**6, args.family)
+                  for i in range(4)]
         build_s = time.perf_counter() - t0
-        mk_cfg, capped_cfg = write_configs(work, models)
+        mk_cfg, capped_cfg = write_configs(work, models, args.family)
         capped = "zenith-merge, calibration_max_memory: 1MB"
         runs = {"mergekit-moe": [], "zenith-merge": [], capped: []}
         outs = {"mergekit-moe": work / "out-mergekit", "zenith-merge": work / "out-zenith", capped: work / "out-capped"}
@@ -288,7 +307,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    result = {"machine": machine(), "dims": dims, "donor_mib": donor_mib, "build_s": build_s, "repeats": args.repeats,
+    result = {"machine": machine(), "family": args.family, "dims": dims, "donor_mib": donor_mib, "build_s": build_s, "repeats": args.repeats,
               "commands": {k: " ".join(v) for k, v in cmds.items()}, "stats": stats, "identity": ident, "load": loads,
               "total_s": time.perf_counter() - t_start,
               "loadavg_1min": (load_before, load_after)}
@@ -298,8 +317,9 @@ def main() -> None:
 
     mk = stats["mergekit-moe"]
     print(f"machine: {result['machine']}")
-    print(f"donors: 4 x Qwen3ForCausalLM, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"vocab {vocab}, {donor_mib:.0f} MiB each (bf16); output Qwen3MoeForCausalLM, 4 experts, top-2, "
+    dense_cls, moe_cls = FAMILIES[args.family]
+    print(f"donors: 4 x {dense_cls}, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"vocab {vocab}, {donor_mib:.0f} MiB each (bf16); output {moe_cls}, 4 experts, top-2, "
           f"{stats['zenith-merge']['output_mib']:.0f} MiB; {args.repeats} interleaved repeats\n")
     print(f"1-minute load average before / after the timed runs: {load_before:.1f} / {load_after:.1f}\n")
     print("| tool | median wall s | wall vs mergekit-moe | median peak RSS MiB | RSS vs mergekit-moe | median CPU s "

@@ -36,6 +36,16 @@ TINY = {
     "MistralForCausalLM": lambda: transformers.MistralConfig(
         vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=6),
+    "Qwen2ForCausalLM": lambda: transformers.Qwen2Config(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2),
+    "MixtralForCausalLM": lambda: transformers.MixtralConfig(
+        vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=96, hidden_size=24, intermediate_size=40, moe_intermediate_size=12,
+        shared_expert_intermediate_size=20, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2),
 }
 
 
@@ -100,7 +110,7 @@ def test_num_experts_alias():
 
 def test_unknown_architecture_lists_supported():
     with pytest.raises(PlanError, match="supported: DeepseekV3ForCausalLM"):
-        architecture_of({"architectures": ["MixtralForCausalLM"]})
+        architecture_of({"architectures": ["GptOssForCausalLM"]})
 
 
 @given(heads=st.integers(1, 64), nope=st.integers(1, 256), rope=st.integers(1, 128))

@@ -56,7 +56,7 @@ def _run(tmp_path: Path, name: str, config: dict, flags: tuple[str, ...] = ()):
     except Exception:  # mergekit-moe raising is a refusal too (exit 1 from its command line)
         mk_rc = 1
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         zm_rc = zenith_merge(["moe", str(cfg), str(folder / "zm"), *flags, "--no-progress"])
     assert "Traceback" not in err.getvalue(), err.getvalue()
     return mk_rc, folder / "mk", zm_rc, err.getvalue(), folder / "zm"

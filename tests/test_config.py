@@ -105,7 +105,7 @@ def test_remote_references_are_refused():
 
 
 def test_unknown_architecture_lists_supported():
-    msg = _error({"base_model": "/m", "architecture": "mixtral"})
+    msg = _error({"base_model": "/m", "architecture": "gpt_oss"})
     assert "architecture" in msg and "DeepseekV3ForCausalLM" in msg and "Qwen3MoeForCausalLM" in msg
 
 

@@ -29,6 +29,7 @@ from zenith_merge.plan.models import (
     Recipe,
     RouterRecipe,
     VocabRecipe,
+    ZerosRecipe,
 )
 from zenith_merge.plan.summary import recipe_label
 
@@ -193,6 +194,7 @@ def test_recipe_label_covers_every_recipe_kind():
                        threshold=0.0, regmean=True),
         VocabRecipe(part="head"),
         Fp8ScaleRecipe(tensor="model.layers.1.mlp.experts.0.down_proj.weight", via="BF16"),
+        ZerosRecipe(),
     ]
     assert {r.kind for r in examples} == kinds
     labels = {r.kind: recipe_label(r) for r in examples}

@@ -220,8 +220,8 @@ def test_clear_errors_for_bad_inputs(tmp_path, tiny_deepseek, tiny_qwen_moe):
     assert "gate_mode: transfer needs the source's router rows, but experts.1.source_model" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_qwen_moe)], align={"mode": "identity"})
     assert "align.mode: identity, but experts.0.source_model" in msg and "hidden size 24" in msg
-    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_deepseek)])
-    assert "experts.1.source_model" in msg and "already experts.0" in msg
+    msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_deepseek, keep=2)])
+    assert "experts.1.source_model" in msg and "already experts.0 and keep" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, layers={5: 0})])
     assert "experts.1.layers.5: the output's MoE layers are [1, 2]" in msg
     msg = _plan_error(tmp_path, tiny_deepseek, [_entry(tiny_deepseek), _entry(tiny_qwen_moe, layers={2: 7})])
@@ -314,7 +314,7 @@ def test_dense_models_become_the_experts_of_the_bases_moe_twin(tmp_path):
         assert build_plan(cfg, config_dir=tmp_path).target_config["architectures"] == ["Qwen3MoeForCausalLM"]
     llama = make_tiny_dense(tmp_path / "llama", inter=40, layers=2, cls="LlamaForCausalLM")
     msg = _plan_error(tmp_path, llama, [_entry(llama), _entry(donors[0])])
-    assert "base_model" in msg and "is dense (LlamaForCausalLM); an MoE base is needed" in msg
+    assert "architecture (not given): no MoE output fits" in msg and "one model_type (got llama, qwen3)" in msg
 
 
 @pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "cheap_embed"])

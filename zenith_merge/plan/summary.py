@@ -81,7 +81,7 @@ def format_plan(plan) -> str:
 def recipe_label(r) -> str:
     """A short description of how one output tensor is made, for counting tensors per recipe.
 
-    Covers every kind in `plan.Recipe` (copy, expert, router, assemble, vocab, fp8_scale); a kind this
+    Covers every kind in `plan.Recipe` (copy, expert, router, assemble, vocab, fp8_scale, zeros); a kind this
     function does not know yet is shown by its name rather than failing.
     """
     kind = getattr(r, "kind", type(r).__name__)
@@ -98,6 +98,8 @@ def recipe_label(r) -> str:
         return f"union vocabulary {'embedding' if r.part == 'embed' else 'lm_head'}"
     if kind == "fp8_scale":
         return "block scales (fp8_output)"
+    if kind == "zeros":
+        return "zeros (the output architecture has it, the dense base not)"
     return str(kind)
 
 
@@ -182,6 +184,10 @@ def format_expert_table(plan) -> list[str]:
                 runs.append(f"[{start}-{j - 1}] {_slot_range(le.slots[start:j])}"
                             + (f" x{scale:.3g}" if scale not in (None, 1.0) else ""))
                 start = j
+        if le.shared is not None:
+            gate = "gate row 0, always on" if le.shared_gate == "always" else "gated"
+            scale = f" x{le.shared.scale:.3g}" if le.shared.scale not in (None, 1.0) else ""
+            runs.append(f"[shared] {_slot_range((le.shared,))}{scale} ({gate})")
         lines.append(f"  layer {le.layer:>3}: " + "  ".join(runs))
     stages = plan.stages
     if stages.usage:

@@ -1,5 +1,5 @@
-"""The plain dense forward pass (no transformers) equals transformers' on Llama, Mistral and Qwen3, and says
-when it does not apply."""
+"""The plain forward pass (no transformers) equals transformers' on Llama, Mistral, Qwen3 and the MoE forms
+Mixtral, Qwen2-MoE (shared expert) and Qwen3-MoE, and says when it does not apply."""
 
 from __future__ import annotations
 
@@ -26,6 +26,41 @@ def test_mlp_inputs_equal_transformers_forward(cls, tmp_path):
         for layer, point in points.items():
             torch.testing.assert_close(mine[i][layer], ref[i][point], rtol=1e-5, atol=1e-5)
             assert set(mine[i]) == {0, 2}
+
+
+def _tiny_moe(folder, cls: str):
+    import transformers
+    from conftest import save_tokenizer
+
+    small = dict(vocab_size=320, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+    config = {"MixtralForCausalLM": lambda: transformers.MixtralConfig(num_local_experts=4, **small),
+              "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(
+                  num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=36, norm_topk_prob=True,
+                  **small),
+              "Qwen3MoeForCausalLM": lambda: transformers.Qwen3MoeConfig(
+                  num_experts=4, moe_intermediate_size=24, head_dim=8, mlp_only_layers=[1], **small)}[cls]()
+    config.architectures = [cls]
+    torch.manual_seed(0)
+    getattr(transformers, cls)(config).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+@pytest.mark.parametrize("cls", ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"])
+def test_moe_block_inputs_equal_transformers_forward(cls, tmp_path):
+    """Layer 2's MoE block input depends on layers 0 and 1: their attention, routing, experts (and shared expert)."""
+    folder = _tiny_moe(tmp_path / cls, cls)
+    import json
+
+    assert dense_forward.supported(json.loads((folder / "config.json").read_text()), 512)
+    mine = dense_forward.mlp_inputs(folder, TEXTS, [0, 2])
+    model, tok = load_for_calibration(folder)
+    points = {layer: CapturePoint.input_of(f"model.layers.{layer}.mlp") for layer in (0, 2)}
+    ref = capture_batch(model, tok, TEXTS, list(points.values()))
+    for i in range(len(TEXTS)):
+        for layer, point in points.items():
+            torch.testing.assert_close(mine[i][layer], ref[i][point], rtol=1e-5, atol=1e-5)
 
 
 def test_biased_llama_attention_and_mlp_are_included(tmp_path):

@@ -128,3 +128,31 @@ def test_routing_report_false_writes_none(tmp_path):
     (tmp_path / "c.yml").write_text(yaml.safe_dump(data))
     result = run_merge(load_config(tmp_path / "c.yml"), config_dir=tmp_path, progress=False)
     assert not (result.output_dir / ".zenith" / "routing.json").exists()
+
+
+def test_the_plain_pass_and_transformers_give_the_same_report(tmp_path, monkeypatch):
+    """Mixtral / Qwen2-MoE / Qwen3-MoE outputs are routed by the plain layer-by-layer pass (no transformers model
+    in memory); it counts the same picks as the transformers forward (float32 tiny models: no rounding apart)."""
+    from conftest import make_tiny_dense, write_config
+
+    from zenith_merge.checks import routing_report
+    from zenith_merge.forward import dense as dense_forward
+
+    llama = [make_tiny_dense(tmp_path / f"l{i}", seed=i, cls="LlamaForCausalLM", dtype=torch.float32)
+             for i in range(3)]
+    long_text = "def add(a, b):\n    return a + b\n" * 120  # several 512-token chunks, past the cap
+    experts = [{"source_model": str(p), "positive_prompts": [f"prompt {i} " * 3]} for i, p in enumerate(llama)]
+    cfg = write_config(tmp_path, base_model=str(llama[0]), gate_mode="hidden", experts=experts,
+                       output_dir=str(tmp_path / "out"), routing_report=False)
+    out = run_merge(load_config(cfg), config_dir=tmp_path, progress=False).output_dir
+    domains = {"prompts": [e["positive_prompts"][0] for e in experts], "long": [long_text]}
+    plain = routing_report.routing_usage(out, domains, max_tokens=1100, progress=False)
+    monkeypatch.setattr(dense_forward, "supported", lambda config, max_tokens: False)
+    full = routing_report.routing_usage(out, domains, max_tokens=1100, progress=False)
+    assert plain["domains"] == full["domains"] and plain["domains"]["long"] == 1100
+    for layer, per in full["layers"].items():
+        for domain, shares in per.items():
+            assert plain["layers"][layer][domain]["experts"] == shares["experts"], (layer, domain)
+            for source in plain["sources"]:
+                assert plain["layers"][layer][domain][source]["weight"] == pytest.approx(shares[source]["weight"],
+                                                                                         abs=1e-5)

@@ -94,8 +94,8 @@ class Architecture:
     # Roles that read the very same input tensor within a layer (and expert), as the modelling code
     # calls them: RegMean keeps one input statistic for each such group instead of one per weight.
     shared_inputs: tuple[tuple[str, ...], ...] = ()
-    # A plain dense Llama-family decoder (RMSNorm, RoPE, GQA, SiLU MLP; q/k norms where the roles
-    # have them): prompt states can be computed by `dense_forward`, without transformers.
+    # A plain Llama-family decoder (RMSNorm, RoPE, GQA, SiLU MLP or a softmax-routed MoE block; q/k norms where
+    # the roles have them): prompt states can be computed by forward/dense.py, without transformers.
     plain_forward: bool = False
     # The family's conversation format (a key of vocab.chat_template.CHAT_FORMATS), used for a union
     # output whose base ships no chat template; None: no template rather than an invented one.

@@ -139,6 +139,7 @@ DEEPSEEK_V3 = Architecture(
 )
 
 QWEN3_MOE = Architecture(
+    plain_forward=True,
     name="Qwen3MoeForCausalLM",
     chat_format="chatml",
     model_type="qwen3_moe",
@@ -171,6 +172,7 @@ QWEN3_MOE = Architecture(
 # Mixtral: every layer MoE, softmax top-k renormalised; experts w1 (gate), w3 (up), w2 (down) under
 # block_sparse_moe, as transformers saves them (its model fuses them on load; the module is still `mlp`).
 MIXTRAL = Architecture(
+    plain_forward=True,
     name="MixtralForCausalLM",
     chat_format=None,
     model_type="mixtral",
@@ -205,6 +207,7 @@ MIXTRAL = Architecture(
 
 # Qwen2-MoE: GQA with q/k/v biases, softmax top-k, and one shared expert gated by sigmoid(shared_expert_gate . x).
 QWEN2_MOE = Architecture(
+    plain_forward=True,
     name="Qwen2MoeForCausalLM",
     chat_format="chatml",
     model_type="qwen2_moe",

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
+from ..forward import dense as dense_forward
 from ..forward.calibration import CapturePoint, capture_hidden
 from ..forward.loading import load_for_calibration, release_memory
 from ..io.manifest import read_manifest, write_json_atomic
@@ -85,20 +86,40 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
     counts = {d: {layer: torch.zeros(spec.n_experts, dtype=torch.long) for layer in routers} for d in domains}
     weights = {d: {layer: torch.zeros(spec.n_experts, dtype=torch.float64) for layer in routers} for d in domains}
     tokens = dict.fromkeys(domains, 0)
-    model, tokenizer = load_for_calibration(out_dir, **(load or {}))
-    try:
+
+    def count(domain: str, states: Mapping[int, torch.Tensor]) -> None:
+        for layer, x in states.items():
+            w, bias = routers[layer]
+            idx, gate = route(torch.nn.functional.linear(x.float(), w), spec, bias)
+            counts[domain][layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
+            weights[domain][layer].index_add_(0, idx.reshape(-1), gate.reshape(-1).double())
+
+    chunk = dense_forward.PLAIN_MAX_TOKENS
+    if not (load or {}).get("load_in_8bit") and dense_forward.supported(config, max_tokens=chunk):
+        # the plain layer-by-layer pass: no transformers import, one layer's weights in memory at a time; each
+        # text cut into chunks of at most 512 tokens (each its own context), as capture_hidden cuts them
         for domain, texts in tqdm(list(domains.items()), desc="routing report", disable=not progress, leave=False):
-            for chunk in capture_hidden(model, tokenizer, texts, list(points.values()), max_total_tokens=max_tokens,
-                                        progress=False):
-                tokens[domain] += len(chunk.ends)
-                for layer, point in points.items():
-                    w, bias = routers[layer]
-                    idx, gate = route(torch.nn.functional.linear(chunk.states[point], w), spec, bias)
-                    counts[domain][layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
-                    weights[domain][layer].index_add_(0, idx.reshape(-1), gate.reshape(-1).double())
-    finally:
-        del model
-        release_memory()
+            pieces = []
+            for ids in dense_forward.token_ids(out_dir, texts):
+                for lo in range(0, len(ids), chunk):
+                    budget = max_tokens - sum(map(len, pieces))
+                    if budget > 0:
+                        pieces.append(ids[lo:lo + min(chunk, budget)])
+            for states in dense_forward.layer_states(out_dir, [p for p in pieces if p], list(routers)):
+                tokens[domain] += len(next(iter(states.values())))
+                count(domain, states)
+    else:
+        model, tokenizer = load_for_calibration(out_dir, **(load or {}))
+        try:
+            for domain, texts in tqdm(list(domains.items()), desc="routing report", disable=not progress,
+                                      leave=False):
+                for chunk in capture_hidden(model, tokenizer, texts, list(points.values()),
+                                            max_total_tokens=max_tokens, progress=False):
+                    tokens[domain] += len(chunk.ends)
+                    count(domain, {layer: chunk.states[point] for layer, point in points.items()})
+        finally:
+            del model
+            release_memory()
     layers = {}
     for layer in routers:
         per_domain = {}

@@ -1,5 +1,6 @@
-"""A forward pass of dense Llama-family decoders (Llama, Mistral, Qwen3) over a few prompts, layer by layer,
-straight from the checkpoint: the MLP inputs that prompt-based router rows need, without transformers.
+"""A forward pass of Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, and their MoE forms Mixtral, Qwen2-MoE,
+Qwen3-MoE) over a few prompts, layer by layer, straight from the checkpoint: the MLP (or MoE block) inputs that
+prompt-based router rows and the routing report need, without transformers.
 
 Why: mergekit-moe's `hidden` gate mode runs the base on each expert's prompts. Loading transformers'
 model classes for that costs seconds of imports and holds the whole model; this pass reads one
@@ -11,7 +12,9 @@ uses transformers. A test holds it equal to transformers' forward.
 Per layer l, for the states h (tokens, hidden):
     x = rmsnorm(h) * w_in;  h = h + o(attn(rope(q(x)), rope(k(x)), v(x)))      (causal, GQA)
     m = rmsnorm(h) * w_post  <- captured: the MLP's input;  h = h + down(silu(gate(m)) * up(m))
-with rmsnorm(x) = x / sqrt(mean(x^2) + eps), computed in float32 as transformers does.
+with rmsnorm(x) = x / sqrt(mean(x^2) + eps), computed in float32 as transformers does. An MoE layer replaces
+the MLP by sum_{e in topk} w_e expert_e(m) (the family's routing rule, maths/routing.py), plus Qwen2-MoE's
+shared expert sigmoid(g . m) shared(m).
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ import torch.nn.functional as F
 
 from ..architectures import ARCHITECTURES, tensor_name
 from ..io.reader import Checkpoint
+from ..maths.routing import RoutingSpec, route, routing_spec
+
+# Tokens per sequence the callers pass (prompts are cut, long texts chunked); `supported` checks that no
+# sliding window is reached within it.
+PLAIN_MAX_TOKENS = 512
 
 
 def _rope_theta(config: dict[str, Any]) -> float | None:
@@ -74,6 +82,14 @@ class _Layer:
         self.q_norm, self.k_norm = get("q_norm"), get("k_norm")
         self.gate, self.up, self.down = get("mlp_gate"), get("mlp_up"), get("mlp_down")
         self.gate_b, self.up_b, self.down_b = (get(r, "bias") for r in ("mlp_gate", "mlp_up", "mlp_down"))
+        self.router = get("router")
+        self.experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if self.router is not None:
+            for e in range(self.router.shape[0]):
+                names = [tensor_name(arch, r, layer, e) for r in ("expert_gate", "expert_up", "expert_down")]
+                self.experts.append(tuple(ckpt.read(n).to(dtype) for n in names))
+        self.shared = tuple(get(r) for r in ("shared_gate", "shared_up", "shared_down"))
+        self.shared_router = get("shared_router")
 
 
 def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
@@ -97,6 +113,24 @@ def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return F.linear(out, L.o, L.ob)
 
 
+def _mlp(L: _Layer, m: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
+    """The layer's MLP, or its MoE block: the routed experts' weighted sum plus a shared expert where it has one."""
+    if L.router is None:
+        return F.linear(F.silu(F.linear(m, L.gate, L.gate_b)) * F.linear(m, L.up, L.up_b), L.down, L.down_b)
+    idx, weights = route(F.linear(m, L.router), spec)
+    out = torch.zeros_like(m)
+    for e, (gate, up, down) in enumerate(L.experts):
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        if len(rows):
+            x = m[rows]
+            out.index_add_(0, rows, F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+                           * weights[rows, slot, None].to(m.dtype))
+    if L.shared[0] is not None:
+        shared = F.linear(F.silu(F.linear(m, L.shared[0])) * F.linear(m, L.shared[1]), L.shared[2])
+        out = out + (torch.sigmoid(F.linear(m, L.shared_router)) * shared if L.shared_router is not None else shared)
+    return out
+
+
 def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], *,
                dtype: torch.dtype = torch.float32, max_tokens: int = 512,
                point: str = "mlp") -> list[dict[int, torch.Tensor]]:
@@ -106,11 +140,22 @@ def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], 
     Texts are tokenised with the model's tokenizer.json, no special tokens added, each cut to its
     first `max_tokens` tokens (as `capture_batch` does).
     """
+    return layer_states(folder, [ids[:max_tokens] for ids in token_ids(folder, texts)], layers, dtype=dtype,
+                        point=point)
+
+
+def token_ids(folder: str | Path, texts: Sequence[str]) -> list[list[int]]:
+    """The texts tokenised with the model's tokenizer.json, no special tokens added."""
     from tokenizers import Tokenizer
 
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    return [tok.encode(t, add_special_tokens=False).ids for t in texts]
+
+
+def layer_states(folder: str | Path, ids: Sequence[Sequence[int]], layers: Sequence[int], *,
+                 dtype: torch.dtype = torch.float32, point: str = "mlp") -> list[dict[int, torch.Tensor]]:
+    """`mlp_inputs` for token id sequences (each its own context)."""
     folder = Path(folder)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    ids = [tok.encode(t, add_special_tokens=False).ids[:max_tokens] for t in texts]
     with Checkpoint.open(folder, check_shapes=False) as ckpt:
         config = ckpt.config
         arch = ARCHITECTURES[config["architectures"][0]]
@@ -121,8 +166,9 @@ def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], 
         states = [embed[row].to(dtype) for row in ids]
         del embed
         wanted = set(layers)
-        out: list[dict[int, torch.Tensor]] = [{} for _ in texts]
+        out: list[dict[int, torch.Tensor]] = [{} for _ in ids]
         theta = _rope_theta(config)
+        spec = routing_spec(config)
         for layer in range(max(layers) + 1):
             L = _Layer(ckpt, arch, layer, dtype)
             hd = L.q.shape[0] // heads
@@ -137,8 +183,7 @@ def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], 
                 m = _rmsnorm(h, L.w_post, eps)
                 if layer in wanted and point == "mlp":
                     out[i][layer] = m.float()
-                states[i] = h + F.linear(F.silu(F.linear(m, L.gate, L.gate_b)) * F.linear(m, L.up, L.up_b),
-                                         L.down, L.down_b)
+                states[i] = h + _mlp(L, m, spec)
     return out
 
 

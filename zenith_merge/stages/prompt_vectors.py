@@ -84,9 +84,8 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
     return out
 
 
-# Prompts longer than this (in tokens) are cut, as capture_batch cuts them; the plain pass checks
-# that no sliding window is reached within it.
-PLAIN_MAX_TOKENS = 512
+# Prompts longer than this (in tokens) are cut, as capture_batch cuts them.
+PLAIN_MAX_TOKENS = dense_forward.PLAIN_MAX_TOKENS
 
 
 def _plain_vectors(base_path: Path, layers: Sequence[int],

@@ -80,8 +80,9 @@ def build_dense(path: Path, seed: int, dims: dict, tokenizer_dir: Path, shard_by
                                    tokenizer_from=tokenizer_dir)
 
 
-def write_configs(work: Path, models: list[Path], family: str = "qwen3") -> tuple[Path, Path]:
-    """One mergekit-moe YAML that both tools run unchanged, and the same plus zenith-merge's memory cap.
+def write_configs(work: Path, models: list[Path], family: str = "qwen3") -> tuple[Path, Path, Path]:
+    """One mergekit-moe YAML that both tools run unchanged, the same plus zenith-merge's memory cap, and the same
+    with `routing_report: false` (the tensors mergekit-moe writes, without the report only zenith-merge makes).
 
     `calibration_max_memory` lets zenith-merge's hidden-state pass keep (almost) no weights in
     memory: accelerate reads the base's layers from disk during the forward pass.
@@ -97,10 +98,11 @@ def write_configs(work: Path, models: list[Path], family: str = "qwen3") -> tupl
         "experts_per_token": 2,
         "experts": [{"source_model": str(m), "positive_prompts": PROMPTS[i % len(PROMPTS)]} for i, m in enumerate(models)],
     }
-    shared, capped = work / "mergekit.yml", work / "zenith-capped.yml"
+    shared, capped, bare = work / "mergekit.yml", work / "zenith-capped.yml", work / "zenith-no-report.yml"
     shared.write_text(yaml.safe_dump(body, sort_keys=False))
     capped.write_text(yaml.safe_dump({**body, "calibration_max_memory": "1MB"}, sort_keys=False))
-    return shared, capped
+    bare.write_text(yaml.safe_dump({**body, "routing_report": False}, sort_keys=False))
+    return shared, capped, bare
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, int, float]:
@@ -276,15 +278,17 @@ def main() -> None:
         models = [build_dense(work / f"dense-{i}", 1000 + i, dims, tok_dir, args.shard_mb * 10**6, args.family)
                   for i in range(4)]
         build_s = time.perf_counter() - t0
-        mk_cfg, capped_cfg = write_configs(work, models, args.family)
-        capped = "zenith-merge, calibration_max_memory: 1MB"
-        runs = {"mergekit-moe": [], "zenith-merge": [], capped: []}
-        outs = {"mergekit-moe": work / "out-mergekit", "zenith-merge": work / "out-zenith", capped: work / "out-capped"}
+        mk_cfg, capped_cfg, bare_cfg = write_configs(work, models, args.family)
+        capped, bare = "zenith-merge, calibration_max_memory: 1MB", "zenith-merge, routing_report: false"
+        runs = {"mergekit-moe": [], "zenith-merge": [], capped: [], bare: []}
+        outs = {"mergekit-moe": work / "out-mergekit", "zenith-merge": work / "out-zenith", capped: work / "out-capped",
+                bare: work / "out-bare"}
         cmds = {
             "mergekit-moe": [*MERGEKIT, str(mk_cfg), str(outs["mergekit-moe"]), "--device", "cpu", "--quiet"],
             "zenith-merge": [*ZENITH, "merge", str(mk_cfg), "--output", str(outs["zenith-merge"]), "--overwrite",
                              "--no-progress"],
             capped: [*ZENITH, "merge", str(capped_cfg), "--output", str(outs[capped]), "--overwrite", "--no-progress"],
+            bare: [*ZENITH, "merge", str(bare_cfg), "--output", str(outs[bare]), "--overwrite", "--no-progress"],
         }
         load_before = os.getloadavg()[0]
         for r in range(args.repeats):

@@ -96,18 +96,21 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
 
     chunk = dense_forward.PLAIN_MAX_TOKENS
     if not (load or {}).get("load_in_8bit") and dense_forward.supported(config, max_tokens=chunk):
-        # the plain layer-by-layer pass: no transformers import, one layer's weights in memory at a time; each
-        # text cut into chunks of at most 512 tokens (each its own context), as capture_hidden cuts them
-        for domain, texts in tqdm(list(domains.items()), desc="routing report", disable=not progress, leave=False):
-            pieces = []
+        # the plain layer-by-layer pass: no transformers import, one layer's weights in memory at a time (read
+        # once for every text); each text cut into chunks of at most 512 tokens (each its own context), as
+        # capture_hidden cuts them
+        pieces: list[tuple[str, list[int]]] = []
+        for domain, texts in domains.items():
+            budget = max_tokens
             for ids in dense_forward.token_ids(out_dir, texts):
                 for lo in range(0, len(ids), chunk):
-                    budget = max_tokens - sum(map(len, pieces))
-                    if budget > 0:
-                        pieces.append(ids[lo:lo + min(chunk, budget)])
-            for states in dense_forward.layer_states(out_dir, [p for p in pieces if p], list(routers)):
-                tokens[domain] += len(next(iter(states.values())))
-                count(domain, states)
+                    if budget > 0 and ids[lo:lo + min(chunk, budget)]:
+                        pieces.append((domain, ids[lo:lo + min(chunk, budget)]))
+                        budget -= len(pieces[-1][1])
+        for (domain, ids), states in zip(pieces, dense_forward.layer_states(out_dir, [ids for _, ids in pieces],
+                                                                             list(routers))):
+            tokens[domain] += len(ids)
+            count(domain, states)
     else:
         model, tokenizer = load_for_calibration(out_dir, **(load or {}))
         try:

@@ -173,17 +173,21 @@ def layer_states(folder: str | Path, ids: Sequence[Sequence[int]], layers: Seque
             L = _Layer(ckpt, arch, layer, dtype)
             hd = L.q.shape[0] // heads
             inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+            mlp_in = []
             for i, h in enumerate(states):
                 if layer in wanted and point == "layer":
                     out[i][layer] = h.float()
                 freqs = torch.arange(h.shape[0]).float()[:, None] * inv[None]
                 emb = torch.cat((freqs, freqs), dim=-1)
                 cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-                h = h + _attention(L, _rmsnorm(h, L.w_in, eps), cos, sin, heads, kv_heads, eps)
-                m = _rmsnorm(h, L.w_post, eps)
+                states[i] = h + _attention(L, _rmsnorm(h, L.w_in, eps), cos, sin, heads, kv_heads, eps)
+                mlp_in.append(_rmsnorm(states[i], L.w_post, eps))
                 if layer in wanted and point == "mlp":
-                    out[i][layer] = m.float()
-                states[i] = h + _mlp(L, m, spec)
+                    out[i][layer] = mlp_in[-1].float()
+            # the MLP / MoE block acts on each token alone: every sequence's tokens in one batch, so each weight
+            # is read from memory once per layer, not once per sequence
+            mlp_out = _mlp(L, torch.cat(mlp_in), spec).split([len(m) for m in mlp_in])
+            states = [h + o for h, o in zip(states, mlp_out)]
     return out
 
 

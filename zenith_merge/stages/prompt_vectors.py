@@ -95,19 +95,18 @@ def _plain_vectors(base_path: Path, layers: Sequence[int],
     if dtype == "stored":
         dtype = stored_dtype(base_path, cuda=False)
     bos = dense_forward.bos_text(base_path)
-
-    def mean_state(texts: Sequence[str]) -> dict[int, torch.Tensor]:
-        per_text = dense_forward.mlp_inputs(base_path, [bos + t for t in texts], layers, dtype=dtype or torch.float32,
-                                            max_tokens=PLAIN_MAX_TOKENS, point=point)
-        return {layer: torch.stack([s[layer].mean(0) if mode == "hidden_avg" else s[layer][-1]
-                                    for s in per_text]).mean(0) for layer in layers}
-
-    out = {}
-    for source, (positive, negative) in prompts.items():
-        pos = mean_state(positive)
-        neg = mean_state(negative) if negative else None
-        out[source] = _unit(torch.stack([pos[layer] - (neg[layer] if neg is not None else 0) for layer in layers]))
-    return out
+    groups = [(source, sign, texts) for source, (positive, negative) in prompts.items()
+              for sign, texts in ((1.0, positive), (-1.0, negative)) if texts]
+    flat = [bos + text for _, _, texts in groups for text in texts]  # one pass for every source's prompts
+    per_text = iter(dense_forward.mlp_inputs(base_path, flat, layers, dtype=dtype or torch.float32,
+                                             max_tokens=PLAIN_MAX_TOKENS, point=point))
+    sums = {source: {layer: 0.0 for layer in layers} for source in prompts}
+    for source, sign, texts in groups:
+        states = [next(per_text) for _ in texts]
+        for layer in layers:
+            sums[source][layer] = sums[source][layer] + sign * torch.stack(
+                [s[layer].mean(0) if mode == "hidden_avg" else s[layer][-1] for s in states]).mean(0)
+    return {source: _unit(torch.stack([sums[source][layer] for layer in layers])) for source in prompts}
 
 
 def cheap_embed_vectors(base_path: Path, layers: Sequence[int],

@@ -15,17 +15,21 @@ from zenith_merge.stages import prompt_vectors
 TEXTS = ["def add(a, b):\n    return a + b", "What is 3 + 4? It is 7.", "class Stack:"]
 
 
-@pytest.mark.parametrize("cls", ["Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"])
-def test_mlp_inputs_equal_transformers_forward(cls, tmp_path):
-    folder = make_tiny_dense(tmp_path / cls, cls=cls, layers=3, dtype=torch.float32)
-    mine = dense_forward.mlp_inputs(folder, TEXTS, [0, 2])
+def _assert_equal_to_transformers(folder, layers=(0, 2)) -> None:
+    """The plain pass's MLP (or MoE block) inputs equal those transformers' forward feeds the modules."""
+    mine = dense_forward.mlp_inputs(folder, TEXTS, list(layers))
     model, tok = load_for_calibration(folder)
-    points = {layer: CapturePoint.input_of(f"model.layers.{layer}.mlp") for layer in (0, 2)}
+    points = {layer: CapturePoint.input_of(f"model.layers.{layer}.mlp") for layer in layers}
     ref = capture_batch(model, tok, TEXTS, list(points.values()))
     for i in range(len(TEXTS)):
+        assert set(mine[i]) == set(layers)
         for layer, point in points.items():
             torch.testing.assert_close(mine[i][layer], ref[i][point], rtol=1e-5, atol=1e-5)
-            assert set(mine[i]) == {0, 2}
+
+
+@pytest.mark.parametrize("cls", ["Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"])
+def test_mlp_inputs_equal_transformers_forward(cls, tmp_path):
+    _assert_equal_to_transformers(make_tiny_dense(tmp_path / cls, cls=cls, layers=3, dtype=torch.float32))
 
 
 def _tiny_moe(folder, cls: str):
@@ -54,13 +58,7 @@ def test_moe_block_inputs_equal_transformers_forward(cls, tmp_path):
     import json
 
     assert dense_forward.supported(json.loads((folder / "config.json").read_text()), 512)
-    mine = dense_forward.mlp_inputs(folder, TEXTS, [0, 2])
-    model, tok = load_for_calibration(folder)
-    points = {layer: CapturePoint.input_of(f"model.layers.{layer}.mlp") for layer in (0, 2)}
-    ref = capture_batch(model, tok, TEXTS, list(points.values()))
-    for i in range(len(TEXTS)):
-        for layer, point in points.items():
-            torch.testing.assert_close(mine[i][layer], ref[i][point], rtol=1e-5, atol=1e-5)
+    _assert_equal_to_transformers(folder)
 
 
 def test_biased_llama_attention_and_mlp_are_included(tmp_path):

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, *, tight: bool = True) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(tmp, format="png", dpi=120, **({"bbox_inches": "tight"} if tight else {}))
     tmp.replace(path)
     return path
 
@@ -55,26 +55,38 @@ def lambda_sweep_plot(path: Path, *, sweep: Sequence[tuple[float, float, float]]
     return _save(fig, path)
 
 
+LABELLED_CELLS = 160
+
+
 def routing_heatmap(path: Path, report: dict) -> Path:
     """One heatmap per source and measure (share of top-k picks, share of routing weight): domains x
-    MoE layers, each cell in %, with a last row giving the source's share of the slots (what uniform
-    routing would give)."""
+    MoE layers, with a last row giving the source's share of the slots (what uniform routing would give).
+
+    Each cell is labelled in % while the figure has at most LABELLED_CELLS cells; past that a colour bar
+    reads the values (the labels were most of the drawing time, and routing.json holds the numbers).
+    """
     from matplotlib.figure import Figure
 
     sources, layers = report["sources"], list(report["layers"])
     domains = list(report["domains"])
     rows = [*domains, "(share of slots)"]
-    fig = Figure(figsize=(max(4.0, 1.2 + 0.55 * len(layers)) * len(sources), 1.2 + 0.45 * len(rows) * 2),
-                 layout="constrained")
+    labelled = 2 * len(sources) * len(layers) * len(rows) <= LABELLED_CELLS
+    width, height = max(4.0, 1.2 + 0.55 * len(layers)) * len(sources), 1.2 + 0.45 * len(rows) * 2
+    fig = Figure(figsize=(width, height))
+    # fixed margins (in inches, as fractions of the figure) instead of a layout engine: the engine cost more
+    # than the drawing
+    fig.subplots_adjust(left=min(0.4, 1.3 / width), right=1 - min(0.2, 0.7 / width), bottom=0.5 / height,
+                        top=1 - 0.7 / height, wspace=0.15, hspace=0.35 + 0.6 / height)
     axes = fig.subplots(2, len(sources), squeeze=False)
+    image = None
     for col, source in enumerate(sources):
         slots = [report["slots"][layer][source] / sum(report["slots"][layer].values()) for layer in layers]
         for row, measure in enumerate(("picks", "weight")):
             grid = [[_nan(report["layers"][layer][d][source][measure]) for layer in layers] for d in domains]
             grid.append(slots)
             ax = axes[row][col]
-            ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-            for i, values in enumerate(grid):
+            image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            for i, values in enumerate(grid if labelled else []):
                 for j, v in enumerate(values):
                     if v == v:  # not NaN
                         ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
@@ -83,8 +95,11 @@ def routing_heatmap(path: Path, report: dict) -> Path:
             ax.set_yticks(range(len(rows)), rows if col == 0 else [""] * len(rows), fontsize=7)
             ax.set_title(f"{source}: share of {'top-k picks' if measure == 'picks' else 'routing weight'} (%)",
                          fontsize=8)
+    if not labelled and image is not None:
+        bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+        bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0], labels=["0%", "25%", "50%", "75%", "100%"], fontsize=7)
     fig.suptitle(f"routing of the merged model (top-{report['top_k']})", fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, tight=False)
 
 
 def _nan(x: float | None) -> float:

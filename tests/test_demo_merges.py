@@ -204,12 +204,14 @@ def test_thinking_check_fails_when_the_merge_no_longer_opens_think(flagship, tmp
     import shutil
 
     from zenith_merge.checks.smoke import run_smoke_test
+    from zenith_merge.io.manifest import changing
 
     out = tmp_path / "copy"
     shutil.copytree(flagship, out)
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with changing(out):  # an edit on purpose: the completion record takes the new sha256
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     report = run_smoke_test(out)
     assert report.failed == ["thinking"]
     assert "not in the merge" in {c.name: c.detail for c in report.checks}["thinking"]

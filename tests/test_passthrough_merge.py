@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from zenith_merge.cli import main
 from zenith_merge.config import load_config
-from zenith_merge.errors import OutputError, PlanError
+from zenith_merge.errors import CheckpointError, OutputError, PlanError
 from zenith_merge.pipeline import run_merge
 from zenith_merge.plan.build import build_plan
 
@@ -49,6 +50,48 @@ def test_output_loads_and_gives_the_base_logits(tmp_path, tiny_deepseek):
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(base(ids).logits, merged(ids).logits)
+
+
+def test_the_completion_record_is_the_last_write_and_lists_every_file(tmp_path, tiny_deepseek):
+    result = _merge(tmp_path, tiny_deepseek)
+    out = result.output_dir
+    manifest = json.loads((out / ".zenith" / "manifest.json").read_text())
+    assert manifest["state"] == "complete"
+    files = [p for p in out.iterdir() if p.is_file()] + [out / ".zenith" / "plan.json"]
+    assert {p.relative_to(out).as_posix() for p in files} <= set(manifest["files"])
+    newest = max(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file())
+    assert (out / ".zenith" / "manifest.json").stat().st_mtime_ns == newest
+
+
+def test_resume_removes_the_temporary_files_a_kill_left(tmp_path, tiny_deepseek):
+    out = _merge(tmp_path, tiny_deepseek).output_dir
+    left = [out / ".zenith" / ".plan.json.tmp", out / ".zenith" / ".routing.json.tmp", out / ".config.json.tmp",
+            out / ".zenith" / ".usage.json.tmp-123"]
+    for p in left:
+        p.write_text("partial")
+    run_merge(load_config(tmp_path / "merge.yml"), config_dir=tmp_path, progress=False, resume=True)
+    assert not [p for p in left if p.exists()]
+
+
+def test_nonfinite_weights_are_refused_naming_the_tensor_unless_allowed(tmp_path, tiny_deepseek):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_deepseek, src)
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    tensors = load_file(str(shard))
+    name = next(n for n, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[:2] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor '{re.escape(name)}': 2 NaN/Inf values \(copied from "
+                                              rf".*{shard.name}\).*allow_nonfinite: true"):
+        _merge(tmp_path, src)
+    (tmp_path / "out").rename(tmp_path / "failed")
+    result = _merge(tmp_path, src, allow_nonfinite=True)
+    assert torch.isnan(_tensors(result.output_dir)[name]).sum() == 2
 
 
 def test_output_has_several_shards_with_index_written_last(tmp_path, tiny_deepseek):

@@ -98,6 +98,17 @@ def test_a_report_is_kept_only_for_the_bytes_it_describes(flagship, tmp_path):
     assert load_routing(copy) is None
 
 
+def test_a_report_without_its_heatmap_is_made_again(flagship, tmp_path):
+    """A kill between the heatmap and the JSON can no longer leave a JSON without a PNG (the PNG comes first);
+    a folder that has one anyway (an older version's, or a deleted PNG) gets both made again on resume."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(flagship, copy)
+    (copy / ".zenith" / "routing.png").unlink()
+    assert load_routing(copy) is None
+
+
 def test_routing_command_routes_named_texts(flagship, tmp_path, capsys):
     text = tmp_path / "sums.txt"
     text.write_text("What is 12 + 30? 12 + 30 = 42.\n" * 20)

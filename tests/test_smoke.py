@@ -72,6 +72,31 @@ def test_nan_fails_finite(broken):
     assert "model.norm.weight" in {c.name: c.detail for c in report.checks}["finite"]
 
 
+def test_an_interrupted_merge_fails_even_with_every_file_there(broken):
+    """Killed after the index (or anywhere before the completion record): the manifest says "writing"."""
+    from zenith_merge.io.manifest import mark_writing
+
+    mark_writing(broken)
+    report = run_smoke_test(broken, generate=False)
+    assert "manifest" in report.failed
+    assert "not complete: the merge was interrupted" in {c.name: c.detail for c in report.checks}["manifest"]
+
+
+def test_a_side_file_changed_after_the_merge_fails_manifest(broken):
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    report = run_smoke_test(broken, generate=False)
+    assert "config.json: sha256 differs" in {c.name: c.detail for c in report.checks}["manifest"]
+
+
+def test_the_smoke_reports_keep_a_merge_complete(broken):
+    from zenith_merge.io.manifest import is_complete
+
+    assert main(["smoke-test", str(broken), "--no-generate"]) == 0
+    assert is_complete(broken) and (broken / "report.json").is_file()
+    assert run_smoke_test(broken, generate=False).ok  # the reports' new sha256s are recorded
+
+
 def test_vocab_disagreement_fails_config_tokenizer(broken):
     cfg = json.loads((broken / "config.json").read_text())
     cfg["vocab_size"] = 50

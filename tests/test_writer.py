@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -41,6 +43,20 @@ class SeededSource:
     def produce(self, spec: TensorSpec):
         seed = int(hashlib.sha256(spec.name.encode()).hexdigest()[:8], 16)
         return torch.randn(spec.shape, generator=torch.Generator().manual_seed(seed)).to(TORCH[spec.dtype])
+
+
+class KillOnce:
+    """Wraps a source: SIGKILLs the process producing `victim` (a pool or Ray worker), the first time only. The marker
+    file records that it happened, so a retry or a resume does not kill again."""
+
+    def __init__(self, inner, victim: str, marker: Path):
+        self.inner, self.victim, self.marker = inner, victim, marker
+
+    def produce(self, spec):
+        if spec.name == self.victim and not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.produce(spec)
 
 
 class BytesSource(SeededSource):
@@ -267,6 +283,16 @@ def test_parallel_workers_need_a_picklable_source(tmp_path):
         _write(tmp_path, workers=2, source=Local())
 
 
+def test_a_killed_pool_worker_fails_naming_the_shard_and_resume_completes(tmp_path):
+    shard = layout_shards(SPECS, 6000)[2]
+    source, out = KillOnce(SeededSource(), shard.tensors[1].name, tmp_path / "killed"), tmp_path / "pool"
+    with pytest.raises(OutputError, match=f"a worker process died .*shard.* unwritten .*{shard.filename}.*--resume"):
+        _write(out, workers=2, source=source)
+    _write(out, workers=2, source=source, resume=True)
+    _write(tmp_path / "one")
+    assert _digests(out) == _digests(tmp_path / "one")
+
+
 def test_parallel_workers_write_identical_bytes(tmp_path, tiny_deepseek):
     source = CopySource(tiny_deepseek)  # carries an open Checkpoint, which reopens its files in each worker
     shards = _copy_plan(source.ckpt, 30_000)
@@ -274,19 +300,6 @@ def test_parallel_workers_write_identical_bytes(tmp_path, tiny_deepseek):
     two = write_checkpoint(tmp_path / "two", shards, source, plan_id="c", progress=False, workers=2)
     assert _digests(tmp_path / "one") == _digests(tmp_path / "two")
     assert one == two and len(two.written) > 2
-
-
-def test_ray_backend(tmp_path):
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        with pytest.raises(OutputError, match=r"pip install 'zenith-merge\[distributed\]'"):
-            _write(tmp_path / "ray", workers=2, plan_id="r", backend="ray")
-        assert not (tmp_path / "ray").exists()
-    else:
-        _write(tmp_path / "ray", workers=2, plan_id="r", backend="ray")
-        _write(tmp_path / "local", plan_id="r")
-        assert _digests(tmp_path / "ray") == _digests(tmp_path / "local")
 
 
 # -- resume ---------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """User-facing errors. The CLI prints their message (no traceback) and exits with status 2."""
 
+import errno
+
 
 class ZenithError(Exception):
     """Base class: something the user can fix (a config key, a file, a tensor); the message says what."""
@@ -23,3 +25,25 @@ class OutputError(ZenithError):
 
 class CalibrationError(ZenithError):
     """A calibration forward pass cannot run (model folder unloadable, 8-bit or offload unavailable here)."""
+
+
+class FileSystemError(ZenithError):
+    """A file could not be read or written (permission, disk full, read-only filesystem, ...)."""
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (or choose another output folder), then rerun with --resume",
+    errno.EDQUOT: "the disk quota is exceeded: free space, then rerun with --resume",
+    errno.EACCES: "permission denied: check the folder's permissions",
+    errno.EPERM: "operation not permitted: check the folder's permissions",
+    errno.EROFS: "the filesystem is read-only: choose another output folder",
+}
+
+
+def from_os_error(err: OSError) -> FileSystemError:
+    """The one-line error for an OSError that reached a command: the file, what failed, what to do."""
+    where = err.filename if err.filename is not None else "a file"
+    if err.filename2 is not None:
+        where = f"{where} -> {err.filename2}"
+    hint = _HINTS.get(err.errno)
+    return FileSystemError(f"{where}: {err.strerror or err}" + (f" ({hint})" if hint else ""))

@@ -28,7 +28,7 @@ from .architectures.fp8 import quantizable, quantization_config
 from .errors import CheckpointError
 from .io.dequantize import StreamingDequantizer, torch_threads
 from .io.layout import ShardSpec, TensorSpec
-from .io.manifest import copy_file_atomic, write_json_atomic
+from .io.manifest import copy_file_atomic, mark_complete, write_json_atomic
 from .io.reader import Checkpoint
 from .io.writer import WriteResult, prepare_output_dir, write_checkpoint
 from .kernels.fp8 import DEFAULT_BLOCK, quantize, scale_shape
@@ -113,7 +113,7 @@ def _cast_id(ckpt: Checkpoint, to: str, block: tuple[int, int]) -> str:
 
 def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "bf16",
              block: tuple[int, int] | None = None, resume: bool = False, overwrite: bool = False,
-             workers: int = 1, progress: bool = True) -> WriteResult:
+             workers: int = 1, progress: bool = True, allow_nonfinite: bool = False) -> WriteResult:
     """Convert the checkpoint in `src` into `dst` (see the module docstring); returns what the writer did."""
     src, dst = Path(src), Path(dst)
     with Checkpoint.open(src, check_shapes=False) as ckpt:
@@ -131,7 +131,7 @@ def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "
     try:
         with torch_threads(1) if to == "bf16" else contextlib.nullcontext():
             result = write_checkpoint(dst, shards, source, plan_id=cast_id, resume=resume, workers=workers,
-                                      progress=progress)
+                                      progress=progress, allow_nonfinite=allow_nonfinite)
     finally:
         source.close()
     config.pop("quantization_config", None)
@@ -141,4 +141,5 @@ def fp8_cast(src: str | Path, dst: str | Path, *, to: Literal["bf16", "fp8"] = "
         if f.is_file() and f.suffix not in WEIGHT_FILES and f.name not in SKIPPED_FILES:
             copy_file_atomic(f, dst / f.name)
     write_json_atomic(dst / "config.json", config)
+    mark_complete(dst)
     return result

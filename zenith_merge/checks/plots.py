@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..io.failpoints import step
+
 
 def _save(fig, path: Path, *, tight: bool = True) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=120, **({"bbox_inches": "tight"} if tight else {}))
     tmp.replace(path)
+    step(f"wrote {path.name}")
     return path
 
 

@@ -23,9 +23,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
+from ..errors import OutputError
 from ..forward import dense as dense_forward
 from ..forward.calibration import CapturePoint, capture_hidden
 from ..forward.loading import load_for_calibration, release_memory
+from ..io.json_files import read_json_file
 from ..io.manifest import read_manifest, write_json_atomic
 from ..io.reader import Checkpoint
 from ..maths.routing import route, routing_spec
@@ -145,20 +147,24 @@ def _share(part: float, total: float) -> float | None:
 
 
 def save_routing(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    """`.zenith/routing.json` and its heatmap `.zenith/routing.png`."""
+    """`.zenith/routing.json` and its heatmap `.zenith/routing.png`: the heatmap first, so that the JSON,
+    which a resume looks for, is there only when both are."""
     from .plots import routing_heatmap
 
     zdir = Path(out_dir) / ".zenith"
+    zdir.mkdir(parents=True, exist_ok=True)
+    png = routing_heatmap(zdir / ROUTING_PNG, report)
     write_json_atomic(zdir / ROUTING_FILE, report)
-    return zdir / ROUTING_FILE, routing_heatmap(zdir / ROUTING_PNG, report)
+    return zdir / ROUTING_FILE, png
 
 
 def load_routing(out_dir: Path) -> dict | None:
-    """The saved routing report, when it belongs to the bytes now in `out_dir`; else None."""
+    """The saved routing report, when it belongs to the bytes now in `out_dir` and its heatmap is there too;
+    else None (and the report is made again)."""
     path = Path(out_dir) / ".zenith" / ROUTING_FILE
-    if not path.is_file():
+    if not (path.is_file() and path.with_name(ROUTING_PNG).is_file()):
         return None
-    report = json.loads(path.read_text())
+    report = read_json_file(path, error=OutputError)
     return report if report.get("key") == output_key(Path(out_dir)) else None
 
 

@@ -20,6 +20,7 @@ temporary folder that is named on the way out, so that a source model's folder i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from collections.abc import Callable
@@ -191,7 +192,7 @@ def write_reports(report: SmokeReport, report_dir: str | Path | None = None) -> 
     """`report.json` and `report.md` (the checks, the samples, the routing report with its heatmap) in
     `report_dir_for(report, report_dir)`, and the smoke-test table in the model card (README.md) when that is
     the checked folder itself (a merge). Returns the two paths."""
-    from ..io.manifest import write_json_atomic, write_text_atomic
+    from ..io.manifest import changing, write_json_atomic, write_text_atomic
 
     folder = report.folder
     out = report_dir_for(report, report_dir)
@@ -201,7 +202,6 @@ def write_reports(report: SmokeReport, report_dir: str | Path | None = None) -> 
             "checks": [{"name": c.name, "ok": c.ok, "skipped": c.skipped, "detail": c.detail}
                        for c in report.checks],
             "samples": report.samples, "quality_bits_per_byte": report.quality, "routing": routing}
-    write_json_atomic(out / REPORT_JSON, data)
     result = "ok" if report.ok else "FAILED: " + ", ".join(report.failed)
     md = [f"# Smoke test of {folder.name}", "", f"**{result}**", "", *report_table(report), ""]
     if report.samples:
@@ -217,9 +217,12 @@ def write_reports(report: SmokeReport, report_dir: str | Path | None = None) -> 
 
         image = f".zenith/{ROUTING_PNG}" if out == folder else str(folder / ".zenith" / ROUTING_PNG)
         md += ["## Routing", "", *routing_table(routing), "", f"![routing]({image})", ""]
-    write_text_atomic(out / REPORT_MD, "\n".join(md))
-    if out == folder:
-        _update_model_card(folder, report, routing)
+    # a merge's own folder stays complete (its manifest records the new files' sha256s) or incomplete
+    with changing(folder) if out == folder else contextlib.nullcontext():
+        write_json_atomic(out / REPORT_JSON, data)
+        write_text_atomic(out / REPORT_MD, "\n".join(md))
+        if out == folder:
+            _update_model_card(folder, report, routing)
     return out / REPORT_JSON, out / REPORT_MD
 
 

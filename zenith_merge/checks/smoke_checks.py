@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ZenithError
+from ..io.manifest import MANIFEST_FILE, STATE_COMPLETE, read_manifest
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MANIFEST_FILE = ".zenith/manifest.json"
 PLAN_FILE = ".zenith/plan.json"  # as plan.PLAN_FILE, without importing the planner for a folder that has none
 SLAB_BYTES = 32 * 2**20  # the finite check reads weights in slabs of about this many bytes
 HASH_WORKERS = 2  # shards hashed at once (hashlib releases the GIL: one core each)
@@ -75,22 +75,30 @@ def check_index(folder: Path) -> str:
 
 
 def check_manifest(folder: Path) -> str:
-    """Every shard's sha256 equals the one recorded when it was written (shards hashed two at a time). A
-    folder zenith-merge did not write (no `.zenith/`) has no record: skipped; a merge without its manifest
-    fails."""
+    """The folder is complete (its manifest's last write said so: an interrupted merge or cast fails here,
+    whatever else it holds), and every file the manifest records, shards and side files, has the sha256
+    recorded when it was written (hashed two at a time). A folder zenith-merge did not write (no `.zenith/`)
+    has no record: skipped; a merge without its manifest fails."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
         if is_zenith_output(folder):
             raise ZenithError(f"{MANIFEST_FILE} is missing")
         raise Skipped(f"no {MANIFEST_FILE}: not written by zenith-merge, no sha256s recorded")
-    shards = json.loads(path.read_text())["shards"]
-    names = sorted(shards)
+    manifest = read_manifest(folder)
+    if manifest.get("state") != STATE_COMPLETE:
+        raise ZenithError(f"{MANIFEST_FILE}: state {manifest.get('state')!r}, not complete: the merge was "
+                          f"interrupted (or failed) before its last step; rerun it with --resume")
+    files = {**manifest["shards"], **manifest.get("files", {})}
+    names = sorted(files)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise ZenithError(f"{missing[0]}: recorded in the manifest, missing from the folder")
     with ThreadPoolExecutor(HASH_WORKERS) as pool:
         digests = dict(zip(names, pool.map(lambda n: _sha256(folder / n), names)))
     for name in names:
-        if digests[name] != shards[name]["sha256"]:
+        if digests[name] != files[name]["sha256"]:
             raise ZenithError(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
-    return f"{len(shards)} shards verified"
+    return f"complete; {len(manifest['shards'])} shards and {len(names) - len(manifest['shards'])} other files verified"
 
 
 def check_planned_tensors(folder: Path) -> str:

@@ -4,6 +4,8 @@ config's relative paths resolved against its folder.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +63,81 @@ def load_config(path: str | Path) -> MergeConfig:
     return parse_config(read_yaml(path), where=str(path))
 
 
+MAX_CONFIG_BYTES = 4 * 2**20  # a config with long prompts is some kilobytes
+MAX_DEPTH = 32  # a zenith config nests 4 levels, a mergekit one 5
+MAX_NODES = 200_000  # values after aliases are expanded ("billion laughs" stays below it, or is refused)
+MAX_NUMBER_CHARS = 64
+MAX_INT = 2**63 - 1
+_NUMBER = re.compile(r"[-+]?[0-9][0-9_.,:eExXoObBa-fA-F+-]*")
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _check_events(text: str, path: Path) -> None:
+    """Bound a YAML text before anything is built from it: nesting depth, values after alias expansion
+    (each alias counts the nodes of what it repeats), number length, and no explicit tags (`!!int x`,
+    `!!python/...`: a config writes values plainly). The event parser holds one event at a time."""
+    sizes: dict[str, int] = {}  # anchor -> nodes it stands for
+    stack: list[list] = []  # per open collection: [nodes so far, its anchor]
+
+    def add(n: int) -> None:
+        # a collection counts itself and its children; an alias, every node of what it repeats
+        if (stack[-1][0] + n if stack else n) > MAX_NODES:
+            raise ConfigError(f"{path}: more than {MAX_NODES} values once aliases are expanded (an alias bomb?); "
+                              f"write the config without so many repeated anchors")
+        if stack:
+            stack[-1][0] += n
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else 0
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!", _STR_TAG) and not isinstance(event, yaml.AliasEvent):
+            shown = tag.replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(f"{path}: line {line}: YAML tag {shown} is not accepted in a config; write the value "
+                              f"plainly")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([1, event.anchor])
+            if len(stack) > MAX_DEPTH:
+                raise ConfigError(f"{path}: line {line}: nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            n, anchor = stack.pop()
+            if anchor:
+                sizes[anchor] = n
+            add(n)
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.style is None and len(event.value) > MAX_NUMBER_CHARS and _NUMBER.fullmatch(event.value):
+                raise ConfigError(f"{path}: line {line}: a number of {len(event.value)} characters; give a "
+                                  f"plausible value")
+            if event.anchor:
+                sizes[event.anchor] = 1
+            add(1)
+        elif isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for _, anchor in stack):
+                raise ConfigError(f"{path}: line {line}: alias *{event.anchor} is inside the collection it names (a "
+                                  f"recursive value); write the config without it")
+            add(sizes.get(event.anchor, 1))
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML config file's data, duplicate keys refused, errors naming the file."""
+    """A YAML config file's data, duplicate keys refused, errors naming the file.
+
+    Bounded before any Python structure is built (size, depth, alias expansion, number length, tags), so
+    a hostile file is an error, not a hang; non-finite numbers and integers past 64 bits are refused
+    with their key path.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES} bytes (is this the "
+                          f"right file?)")
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    try:
+        _check_events(text, path)
         loader = _UniqueKeyLoader(text)
         loader.name = str(path)
         try:
@@ -77,7 +146,25 @@ def read_yaml(path: str | Path) -> Any:
             loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deep") from None
+    _check_numbers(data, path, ())
     return data
+
+
+def _check_numbers(value: Any, path: Path, keys: tuple) -> None:
+    """Refuse NaN, infinities and integers past 64 bits anywhere in `value`, naming the key path."""
+    where = ".".join(str(k) for k in keys) or "(top level)"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {where}: {value} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ConfigError(f"{path}: {where}: {value} is out of range")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_numbers(v, path, (*keys, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_numbers(v, path, (*keys, i))
 
 
 # Config entries that name files or models, relative to the config's folder: (path of keys, is a list).

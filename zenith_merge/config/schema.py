@@ -40,7 +40,10 @@ def parse_byte_size(value: Any) -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(value), flags=re.IGNORECASE)
         if not m:
             raise ValueError(f"expected a byte size such as 5GB, 500MB or 4GiB, got {value!r}")
-        size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+        size = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]
+        size = int(size) if size < 2**62 else 2**62  # refused below, not an OverflowError from int(inf)
+    if size >= 2**62:
+        raise ValueError(f"{value!r} is not a plausible byte size")
     if size <= 0:
         raise ValueError(f"must be a positive byte size, got {value!r}")
     return size
@@ -343,6 +346,9 @@ class MergeConfig(_Strict):
     workers: int = Field(1, ge=1, description="shards written in parallel")
     backend: Literal["local", "ray"] = "local"
     allow_pickle: bool = Field(False, description="read .bin pickles (weights_only) when a source has no safetensors")
+    allow_nonfinite: bool = Field(False, description="write tensors holding NaN or Inf values (counted as every "
+                                                     "tensor is written); by default such a tensor stops the "
+                                                     "merge, naming it and the count")
     seed: int = 0
 
     @field_validator("architecture")

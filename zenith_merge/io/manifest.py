@@ -1,12 +1,20 @@
 """The output folder's bookkeeping: atomic JSON files and the manifest of finished shards.
 
-`.zenith/manifest.json` is `{"version": 1, "plan_id": ..., "shards": {filename: {"sha256": ..., "bytes": ...}}}`.
+`.zenith/manifest.json` is `{"version": 1, "plan_id": ..., "state": "writing" | "complete",
+"shards": {filename: {"sha256": ..., "bytes": ...}}}`, and once complete `"files"` too.
 It is rewritten atomically after every finished shard, so after a crash it lists exactly
 the shards that were complete, and a resume can trust it. Only the parent process writes it.
+
+Completion is explicit: `mark_complete` is the last step of a merge or cast, after every other file
+(config, tokenizer, model card, reports); it records every file a client loads and every report with its
+sha256 and sets `"state": "complete"`. Anything that starts writing into the folder first sets the state
+back to "writing" (`mark_writing`). A folder whose manifest is not complete was interrupted, whatever else
+is in it; the smoke test fails it and `--resume` finishes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -15,10 +23,13 @@ import shutil
 from pathlib import Path
 
 from ..errors import OutputError
+from .failpoints import step
 
 MANIFEST_FILE = ".zenith/manifest.json"
 MANIFEST_VERSION = 1
 TMP_SUFFIX = ".tmp"
+STATE_WRITING, STATE_COMPLETE = "writing", "complete"
+REPORT_SUFFIXES = frozenset({".json", ".md", ".png"})
 
 
 def temp_path(path: Path, tag: str = "") -> Path:
@@ -80,6 +91,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = temp_path(Path(path))
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    step(f"wrote {Path(path).name}")
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -92,6 +104,7 @@ def write_json_atomic(path: Path, data) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    step(f"wrote {path.name}")
 
 
 def file_sha256(path: Path) -> str:
@@ -124,9 +137,74 @@ def read_manifest(out_dir: Path) -> dict | None:
 
 
 def write_manifest(out_dir: Path, plan_id: str, shards: dict[str, dict]) -> None:
-    """Record `plan_id` and the finished shards (filename -> {"sha256", "bytes"})."""
+    """Record `plan_id` and the finished shards (filename -> {"sha256", "bytes"}); the folder is being written."""
     write_json_atomic(Path(out_dir) / MANIFEST_FILE,
-                      {"version": MANIFEST_VERSION, "plan_id": plan_id, "shards": dict(sorted(shards.items()))})
+                      {"version": MANIFEST_VERSION, "plan_id": plan_id, "state": STATE_WRITING,
+                       "shards": dict(sorted(shards.items()))})
+
+
+def is_complete(out_dir: Path) -> bool:
+    """True when the folder's manifest says its last write finished (`mark_complete`)."""
+    manifest = read_manifest(out_dir)
+    return manifest is not None and manifest.get("state") == STATE_COMPLETE
+
+
+def mark_writing(out_dir: Path) -> None:
+    """Before anything is written into a finished folder: it is no longer complete until `mark_complete`."""
+    manifest = read_manifest(out_dir)
+    if manifest is not None and manifest.get("state") != STATE_WRITING:
+        write_manifest(out_dir, manifest.get("plan_id"), manifest["shards"])
+
+
+def completed_files(out_dir: Path) -> list[Path]:
+    """The files a completion record covers: every file at the folder's top level (what a client loads) and
+    the reports in `.zenith/` (JSON, Markdown, PNG); not the manifest, temporaries, or stage artefacts (each
+    is keyed to its plan already)."""
+    out_dir = Path(out_dir)
+    zdir = out_dir / ".zenith"
+    top = [p for p in out_dir.iterdir() if p.is_file()]
+    reports = [p for p in zdir.iterdir() if p.is_file() and p.suffix in REPORT_SUFFIXES] if zdir.is_dir() else []
+    return sorted(p for p in top + reports
+                  if not p.name.startswith(".") and p != out_dir / MANIFEST_FILE)
+
+
+def mark_complete(out_dir: Path) -> None:
+    """The last step of a write: record every completed file's sha256 (shards from the manifest, hashed as
+    they were written; the others now) and set the state to complete, in one atomic rename."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise OutputError(f"{out_dir / MANIFEST_FILE}: missing; the folder cannot be marked complete")
+    shards = manifest["shards"]
+    files = {}
+    for path in completed_files(out_dir):
+        rel = path.relative_to(out_dir).as_posix()
+        files[rel] = shards.get(rel) or {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    write_json_atomic(out_dir / MANIFEST_FILE, {**manifest, "state": STATE_COMPLETE, "files": files})
+
+
+@contextlib.contextmanager
+def changing(out_dir: Path):
+    """Around a command that changes files of a finished folder on purpose (the smoke test's reports,
+    update-config, a new routing report): the folder is marked as being written while it runs, and complete
+    again, with the new sha256s, when it ends well. A folder that was not complete stays as it was."""
+    was_complete = is_complete(out_dir)
+    if was_complete:
+        mark_writing(out_dir)
+    yield
+    if was_complete:
+        mark_complete(out_dir)
+
+
+def remove_temporaries(out_dir: Path) -> None:
+    """Delete the temporary files a killed run left (`.NAME.tmp`, `.NAME.PID.tmp`, `.NAME.tmp-PID`) in the
+    folder and in `.zenith/` (and its subfolders), before a resume writes again."""
+    out_dir = Path(out_dir)
+    for folder in [out_dir, *(p for p in (out_dir / ".zenith").rglob("*") if p.is_dir()), out_dir / ".zenith"]:
+        if folder.is_dir():
+            for tmp in folder.glob(".*"):
+                if tmp.is_file() and (tmp.name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}-" in tmp.name):
+                    tmp.unlink(missing_ok=True)
 
 
 def copy_file_atomic(src: Path, dst: Path) -> None:
@@ -136,4 +214,5 @@ def copy_file_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
     tmp.replace(dst)
+    step(f"copied {dst.name}")
 

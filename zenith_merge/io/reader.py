@@ -25,7 +25,6 @@ config.json, FP8 weights without a `quantization_config`.
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..architectures import expected_shape
 from ..errors import CheckpointError
 from ..kernels.fp8 import scale_shape
 from .byte_range import ByteRange, pread_into
+from .json_files import read_json_file
 from .safetensors_format import CODES, FLOAT_CODES, FP8_CODES, read_header, torch_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -89,13 +89,7 @@ def _inside(folder: Path, entry: object, listed_in: str | None) -> Path:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
+    return read_json_file(path, error=CheckpointError)
 
 
 def _weight_map(folder: Path, index_name: str) -> dict[str, str]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .failpoints import step
+from .json_files import loads_bounded
 
 # safetensors dtype code -> torch dtype. Codes whose torch dtype this torch build lacks are left out.
 DTYPES: dict[str, torch.dtype] = {
@@ -39,6 +41,7 @@ UNSUPPORTED_CODES = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"}) | FP8_CODES
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+HEADER_DEPTH = 4  # {name: {"shape": [...]}}, and __metadata__'s {key: value}: 3 levels; one spare
 DEFAULT_METADATA = {"format": "pt"}  # transformers refuses files without it
 
 
@@ -93,6 +96,8 @@ def _entry(path: Path, name: str, raw: object, data_len: int, file_size: int, da
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
         raise CheckpointError(f"{where}: corrupt safetensors header (data_offsets {offsets!r})")
+    if not isinstance(code, str):
+        raise CheckpointError(f"{where}: corrupt safetensors header (dtype {code!r})")
     if code in UNSUPPORTED_CODES:
         raise CheckpointError(f"{where} has dtype {code}, which zenith-merge does not support yet")
     if code not in DTYPES:
@@ -132,10 +137,8 @@ def read_header(path: Path) -> Header:
             raw = f.read(n)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    data = loads_bounded(raw, where=f"{path}: corrupt safetensors header", error=CheckpointError, finite=True,
+                         max_depth=HEADER_DEPTH)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = data.pop("__metadata__", None) or {}
@@ -185,6 +188,7 @@ def save_keyed(tensors: dict[str, torch.Tensor], path: Path, key: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"key": key})
     os.replace(tmp, path)
+    step(f"wrote {path.name}")
     return path
 
 

@@ -5,8 +5,9 @@ read, so each shard's safetensors header is written first and its tensors are
 then produced and appended one at a time: memory holds about one tensor, never a
 shard. Each shard is written under a hidden temporary name, fsync'd and renamed;
 the manifest (`.zenith/manifest.json`, each finished shard's sha256 and size) is
-rewritten atomically after every shard; the index is written last, so its presence
-means the folder is complete. A run killed at any point and resumed keeps the
+rewritten atomically after every shard, and the index after the shards; the folder is
+complete only when the merge's last step marks the manifest so (`manifest.mark_complete`),
+after its config, tokenizer and reports. A run killed at any point and resumed keeps the
 finished shards and ends byte-identical to an uninterrupted run. Shards are
 independent, so they can be written in parallel by local processes or Ray tasks.
 
@@ -16,6 +17,7 @@ platform torch ships for, as safetensors requires.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -28,22 +30,25 @@ from typing import Literal, Protocol
 import torch
 from tqdm import tqdm
 
-from ..errors import OutputError
+from ..errors import CheckpointError, OutputError
 from .byte_range import COPY_CHUNK_BYTES, ByteRange, pread_into
+from .failpoints import step
+from .finite import nonfinite_count
 from .layout import ShardSpec, TensorSpec, layout_shards
 from .manifest import (
     MANIFEST_FILE,
-    TMP_SUFFIX,
     file_sha256,
     fsync_dir,
+    mark_writing,
     read_manifest,
+    remove_temporaries,
     stream_to_disk,
     temp_path,
     write_json_atomic,
     write_manifest,
 )
 from .parallel import import_ray, write_with_pool, write_with_ray
-from .safetensors_format import CODES, build_header
+from .safetensors_format import CODES, build_header, itemsize
 
 __all__ = [
     "ByteRange",
@@ -161,20 +166,23 @@ class _RangeCopier:
         self._bufs: list[memoryview] = []
         self._pending: list[Future | None] = [None, None]
 
-    def copy(self, spec: TensorSpec, rng: ByteRange, sink: _HashingSink) -> None:
+    def copy(self, spec: TensorSpec, rng: ByteRange, sink: _HashingSink) -> int:
+        """Stream `rng` into `sink`; returns how many NaN/Inf values it held (counted chunk by chunk)."""
         if rng.nbytes != spec.nbytes:
             raise OutputError(f"tensor {spec.name!r}: produced a range of {rng.nbytes} bytes, planned {spec.nbytes} "
                               f"({spec.dtype}{list(spec.shape)})")
         if rng.nbytes == 0:
-            return
+            return 0
         f = self._files.get(rng.file)
         if f is None:
             f = self._files[rng.file] = open(rng.file, "rb", buffering=0)  # closed in close()
-        need = min(COPY_CHUNK_BYTES, rng.nbytes)
+        item = itemsize(spec.dtype)
+        need = min(max(COPY_CHUNK_BYTES, item), rng.nbytes)
         if not self._bufs or len(self._bufs[0]) < need:
             self.wait()
             self._bufs = [memoryview(bytearray(need)), memoryview(bytearray(need))]
-        size = len(self._bufs[0])
+        size = len(self._bufs[0]) - len(self._bufs[0]) % item  # whole elements in every chunk (counted apart)
+        bad = 0
         for k, start in enumerate(range(0, rng.nbytes, size)):
             i = k % 2
             if self._pending[i] is not None:
@@ -182,6 +190,8 @@ class _RangeCopier:
             chunk = self._bufs[i][:min(size, rng.nbytes - start)]
             pread_into(f, chunk, rng.offset + start, None, f"tensor {spec.name!r}")
             self._pending[i] = sink.write(chunk)
+            bad += nonfinite_count(chunk, spec.dtype)
+        return bad
 
     def wait(self) -> None:
         """Until every chunk handed to the sink is hashed."""
@@ -196,11 +206,22 @@ class _RangeCopier:
         self._files.clear()
 
 
+def _refuse_nonfinite(spec: TensorSpec, count: int, data) -> None:
+    origin = (f"copied from {data.file}" if isinstance(data, ByteRange)
+              else "computed from the sources: `zenith-merge plan` shows its recipe")
+    raise CheckpointError(f"tensor {spec.name!r}: {count} NaN/Inf value{'s' * (count != 1)} ({origin}); refused, "
+                          f"so that a broken weight is not passed on silently: fix the source, or set "
+                          f"allow_nonfinite: true to write them (finished shards are kept for --resume)")
+
+
 def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
-                on_bytes: Callable[[int], None] | None = None) -> tuple[str, str, int]:
+                on_bytes: Callable[[int], None] | None = None, *,
+                allow_nonfinite: bool = False) -> tuple[str, str, int]:
     """Write one shard atomically and return (filename, sha256, size): the unit of work of a worker.
 
     The sha256 is computed from the bytes as they are written, so the file is never read back.
+    Every float tensor's NaN/Inf values are counted on the way (`finite.nonfinite_count`); unless
+    `allow_nonfinite`, a tensor with any is refused, naming it, its count and where it came from.
     The temporary name carries the process id, so a worker orphaned by a killed parent can
     never write into a file a resumed run is writing.
     """
@@ -216,10 +237,16 @@ def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
             for spec in shard.tensors:
                 data = source.produce(spec)
                 if isinstance(data, ByteRange):
-                    copier.copy(spec, data, sink)
+                    bad = copier.copy(spec, data, sink)
                 else:
-                    sink.write(_as_bytes(spec, data)).result()
-                del data  # drop this tensor before producing the next
+                    view = _as_bytes(spec, data)
+                    done = sink.write(view)
+                    bad = nonfinite_count(view, spec.dtype)
+                    done.result()
+                if bad and not allow_nonfinite:
+                    _refuse_nonfinite(spec, bad, data)
+                del data
+                step(f"tensor {spec.name}")  # drop this tensor before producing the next
                 if on_bytes is not None:
                     on_bytes(spec.nbytes)
             copier.wait()
@@ -228,14 +255,17 @@ def write_shard(out_dir: Path, shard: ShardSpec, source: TensorSource,
             os.fsync(f.fileno())
             size = f.tell()
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file: say which
+            err.filename = str(tmp)
         raise
     finally:
         copier.close()
         if sink is not None:
             sink.close()
     fsync_dir(final.parent)
+    step(f"wrote {shard.filename}")
     return shard.filename, digest, size
 
 
@@ -278,6 +308,7 @@ def write_checkpoint(
     progress: bool = True,
     verify_on_resume: bool = True,
     carry: tuple[str, frozenset[str]] | None = None,
+    allow_nonfinite: bool = False,
 ) -> WriteResult:
     """Write `shards` into `out_dir`, pulling each tensor from `source`, then the index.
 
@@ -289,6 +320,7 @@ def write_checkpoint(
     Output bytes do not depend on `workers` or `backend`. `carry=(earlier_plan_id, shards)`: a
     manifest of that earlier plan is accepted on resume, and of its finished shards those named
     are kept (their bytes are the same under both plans; router training relies on it).
+    A tensor holding NaN/Inf values is refused unless `allow_nonfinite` (`write_shard`).
     """
     _check_layout(shards)
     if backend not in ("local", "ray"):
@@ -304,9 +336,9 @@ def write_checkpoint(
         raise OutputError(f"{out_dir}: the output folder was written from a different plan (plan "
                           f"{str(manifest.get('plan_id'))[:12]}, now {plan_id[:12]}): the config or a source changed; "
                           f"use overwrite to start again")
-    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # its presence means "complete"; it comes back last
-    for stale in out_dir.glob(f".*{TMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
+    mark_writing(out_dir)  # no longer complete, before anything changes
+    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # it comes back after the shards
+    remove_temporaries(out_dir)
 
     done = _finished_shards(out_dir, shards, manifest, verify_on_resume) if manifest else {}
     records = dict(done)
@@ -318,15 +350,16 @@ def write_checkpoint(
         write_manifest(out_dir, plan_id, records)
 
     total = sum(s.nbytes for s in shards)
+    shard_writer = functools.partial(write_shard, allow_nonfinite=allow_nonfinite)  # picklable, for the backends
     with tqdm(total=total, initial=total - sum(s.nbytes for s in todo), unit="B", unit_scale=True,
               unit_divisor=1024, desc="writing shards", disable=not progress, dynamic_ncols=True) as bar:
         if backend == "ray":
-            write_with_ray(write_shard, out_dir, todo, source, workers, record, bar.update)
+            write_with_ray(shard_writer, out_dir, todo, source, workers, record, bar.update)
         elif workers > 1 and len(todo) > 1:
-            write_with_pool(write_shard, out_dir, todo, source, workers, record, bar.update)
+            write_with_pool(shard_writer, out_dir, todo, source, workers, record, bar.update)
         else:
             for shard in todo:
-                record(*write_shard(out_dir, shard, source, on_bytes=bar.update))
+                record(*shard_writer(out_dir, shard, source, on_bytes=bar.update))
 
     weight_map = {t.name: s.filename for s in shards for t in s.tensors}
     write_json_atomic(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -368,4 +401,7 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool, source_d
         if overwrite:
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        else:
+            mark_writing(out)  # a resumed folder is not complete until the run that continues it says so
+            remove_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import MergeConfig
 from ..errors import OutputError
-from ..io.manifest import copy_file_atomic, write_json_atomic
+from ..io.manifest import copy_file_atomic, mark_complete, write_json_atomic
 from ..io.writer import WriteResult, write_checkpoint
 from ..plan.models import (
     UNION_SIDE_FILES,
@@ -123,7 +123,8 @@ def run_merge(
     plan = prepare_stages(cfg, config_dir=config_dir, output_dir=output_dir, resume=resume, overwrite=overwrite,
                           progress=progress)
     out = Path(plan.output_dir)
-    write = dict(workers=workers or cfg.workers, backend=cfg.backend, progress=progress)
+    write = dict(workers=workers or cfg.workers, backend=cfg.backend, progress=progress,
+                 allow_nonfinite=cfg.allow_nonfinite)
     if plan.stages.train_routers:
         from ..stages.router_training import TRAINED_FILE, train_routers, trained_key
 
@@ -161,5 +162,6 @@ def run_merge(
     from ..checks.routing_report import load_routing
 
     write_model_card(plan, out, token_map, load_routing(out))
+    mark_complete(out)  # the last step: only now does the folder say it is complete
     log.info("merged %d tensors into %s", len(plan.tensors), out)
     return MergeResult(plan=plan, output_dir=out, write=result)

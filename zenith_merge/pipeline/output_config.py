@@ -9,13 +9,13 @@ by another tool can be checked without being written.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..architectures import ARCHITECTURES
 from ..errors import OutputError
+from ..io.json_files import read_json_file
 from ..io.manifest import write_json_atomic
 
 # Config keys the merge owns, beyond an architecture's own dimension keys.
@@ -40,10 +40,7 @@ class Drift:
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise OutputError(f"{path}: not valid JSON ({err})") from None
+    return read_json_file(path, error=OutputError)
 
 
 def token_id(tokenizer_json: dict[str, Any], token: str) -> int | None:

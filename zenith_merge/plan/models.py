@@ -17,11 +17,13 @@ from ..architectures import (
     classify,
 )
 from ..errors import PlanError
+from ..io.manifest import write_text_atomic
 from ..io.writer import ShardSpec, TensorSpec
 from .vocab import VocabPlan
 
 PLAN_FORMAT_VERSION = 1
 PLAN_FILE = ".zenith/plan.json"
+WRITING_KEYS = frozenset({"workers", "backend"})  # config keys that change how the output is written, not its bytes
 # `Plan.side_files` value of files the tokenizer stage writes (the union tokenizer), not copied from a source.
 UNION_SIDE_FILES = "union"
 
@@ -292,8 +294,10 @@ class Plan(_Frozen):
 
     @property
     def plan_id(self) -> str:
-        """sha256 of everything that determines the output bytes (not where they are written)."""
+        """sha256 of everything that determines the output bytes (not where, nor by how many workers or which
+        backend, they are written: a merge started on Ray may be resumed locally)."""
         payload = self.model_dump(mode="json", exclude={"output_dir", "estimates"})
+        payload["config"] = {k: v for k, v in payload["config"].items() if k not in WRITING_KEYS}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def shard_specs(self) -> list[ShardSpec]:
@@ -305,9 +309,7 @@ class Plan(_Frozen):
         """Write the plan to `<out>/.zenith/plan.json` atomically."""
         path = out_dir / PLAN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=1))
-        tmp.replace(path)
+        write_text_atomic(path, self.model_dump_json(indent=1))
         return path
 
     @classmethod

@@ -10,7 +10,6 @@ its interrupted run planned from, so it can tell that its inputs are still the o
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any
 
 from ..config import DEMO_SCHEME, resolve_path
 from ..errors import CheckpointError, OutputError, PlanError
+from ..io.json_files import read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,15 @@ def check_unchanged(sources: Mapping[str, Any], where: Path) -> None:
 
 
 def tokenizer_files(path: Path) -> list[str]:
-    """Names of the tokenizer and generation-config files present in a model folder."""
+    """Names of the tokenizer and generation-config files present in a model folder; the JSON ones are
+    parsed here, so that a corrupt one fails the plan naming it, before any shard is written (they are
+    copied byte for byte, and read back to patch the output's config)."""
     found = {f.name for pattern in TOKENIZER_FILE_PATTERNS for f in path.glob(pattern) if f.is_file()}
     if (path / GENERATION_CONFIG).is_file():
         found.add(GENERATION_CONFIG)
+    for name in sorted(found):
+        if name.endswith(".json"):
+            read_json_file(path / name, error=CheckpointError)
     return sorted(found)
 
 
@@ -232,7 +237,4 @@ def side_file_kind(name: str) -> str:
 
 def read_json(path: Path) -> dict:
     """A JSON file as a dict, with an error naming the file when it is unreadable."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read JSON ({err})") from None
+    return read_json_file(path, error=CheckpointError)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ZenithError
+from ..io.json_files import read_json_file
 
 TokenizerKind = Literal["byte_level", "metaspace"]
 METASPACE = "\u2581"  # ▁
@@ -119,11 +120,7 @@ class TokenizerModel:
         if not path.is_file():
             raise TokenizerError(f"{path}: missing; the union reads a fast tokenizer's tokenizer.json (save the "
                                  f"tokenizer with transformers' fast tokenizer to produce one)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise TokenizerError(f"{path}: cannot read ({err})") from None
-        return cls(data, path)
+        return cls(read_json_file(path, error=TokenizerError), path)
 
     @property
     def size(self) -> int:

@@ -40,7 +40,13 @@ def parse_config(data: Any, *, where: str = "config") -> MergeConfig:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently), and
+    reads dates and times as the text they are (no config key takes one; `2024-13-01` would otherwise be
+    a ValueError from the date constructor)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
@@ -73,19 +79,23 @@ _STR_TAG = "tag:yaml.org,2002:str"
 
 
 def _check_events(text: str, path: Path) -> None:
-    """Bound a YAML text before anything is built from it: nesting depth, values after alias expansion
-    (each alias counts the nodes of what it repeats), number length, and no explicit tags (`!!int x`,
-    `!!python/...`: a config writes values plainly). The event parser holds one event at a time."""
-    sizes: dict[str, int] = {}  # anchor -> nodes it stands for
-    stack: list[list] = []  # per open collection: [nodes so far, its anchor]
+    """Bound a YAML text before anything is built from it: nesting depth and the number of values, both
+    counted with aliases expanded (an alias stands for every node of what it repeats, as deep as it goes),
+    recursive aliases, number length, and no explicit tags (`!!int x`, `!!python/...`: a config writes
+    values plainly). The event parser holds one event at a time."""
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, depth) of what it stands for
+    stack: list[list] = []  # per open collection: [nodes so far, deepest child so far, its anchor]
 
-    def add(n: int) -> None:
-        # a collection counts itself and its children; an alias, every node of what it repeats
-        if (stack[-1][0] + n if stack else n) > MAX_NODES:
+    def add(line: int, nodes: int, depth: int) -> None:
+        """A child of `nodes` nodes, `depth` levels deep, joins the innermost open collection."""
+        if len(stack) + depth > MAX_DEPTH:
+            raise ConfigError(f"{path}: line {line}: nested more than {MAX_DEPTH} levels deep (aliases expanded)")
+        if (stack[-1][0] + nodes if stack else nodes) > MAX_NODES:
             raise ConfigError(f"{path}: more than {MAX_NODES} values once aliases are expanded (an alias bomb?); "
                               f"write the config without so many repeated anchors")
         if stack:
-            stack[-1][0] += n
+            stack[-1][0] += nodes
+            stack[-1][1] = max(stack[-1][1], depth)
 
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         line = event.start_mark.line + 1 if event.start_mark else 0
@@ -95,26 +105,26 @@ def _check_events(text: str, path: Path) -> None:
             raise ConfigError(f"{path}: line {line}: YAML tag {shown} is not accepted in a config; write the value "
                               f"plainly")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            stack.append([1, event.anchor])
-            if len(stack) > MAX_DEPTH:
+            if len(stack) >= MAX_DEPTH:
                 raise ConfigError(f"{path}: line {line}: nested more than {MAX_DEPTH} levels deep")
+            stack.append([1, 0, event.anchor])
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            n, anchor = stack.pop()
+            nodes, deepest, anchor = stack.pop()
             if anchor:
-                sizes[anchor] = n
-            add(n)
+                sizes[anchor] = (nodes, deepest + 1)
+            add(line, nodes, deepest + 1)
         elif isinstance(event, yaml.ScalarEvent):
             if event.style is None and len(event.value) > MAX_NUMBER_CHARS and _NUMBER.fullmatch(event.value):
                 raise ConfigError(f"{path}: line {line}: a number of {len(event.value)} characters; give a "
                                   f"plausible value")
             if event.anchor:
-                sizes[event.anchor] = 1
-            add(1)
+                sizes[event.anchor] = (1, 0)
+            add(line, 1, 0)
         elif isinstance(event, yaml.AliasEvent):
-            if any(anchor == event.anchor for _, anchor in stack):
+            if any(entry[2] == event.anchor for entry in stack):
                 raise ConfigError(f"{path}: line {line}: alias *{event.anchor} is inside the collection it names (a "
                                   f"recursive value); write the config without it")
-            add(sizes.get(event.anchor, 1))
+            add(line, *sizes.get(event.anchor, (1, 0)))
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -146,6 +156,8 @@ def read_yaml(path: str | Path) -> Any:
             loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (ValueError, TypeError, OverflowError) as err:  # a value the YAML constructors cannot build
+        raise ConfigError(f"{path}: a value YAML cannot read ({err})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deep") from None
     _check_numbers(data, path, ())

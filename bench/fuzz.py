@@ -11,14 +11,18 @@ hypothesis's memory of past inputs stays small), until the wall clock runs out.
 
 Every input is written to <out>/<target>/work/input.<ext> and parsed in-process. It counts as a crash
 when the parser raises anything but a `ZenithError` (exception), runs past --time-limit seconds (hang,
-SIGALRM), raises the process's peak RSS by more than --rss-limit-mb (memory), or kills the process
-(died: a C-level hang past 3x the time limit, ended by faulthandler, or the OOM killer; the worker is
-restarted and the run goes on). The peak RSS only rises, so after a memory blow-up the worker is
-restarted too (up to --max-restarts times), and the next one shows as well. A refusal that does not name the file, or an accepted input that breaks
-the parser's promise (a non-finite number in a loaded config, ...), is counted as a violation. Each
-crash or violation is kept, up to --keep per distinct signature, as <out>/<target>/crashes/<kind>-<sig>-<n>.<ext>
-with a .txt beside it (exception, message, traceback). Soft concerns (multi-line messages, lone
-surrogates accepted, ...) are counted and a few examples kept under <out>/<target>/concerns/.
+SIGALRM), allocates more than --memory-limit-mb at its peak (tracemalloc) or raises the process's peak
+RSS by as much (memory), or kills the process (died: a C-level hang past 3x the time limit, ended by
+faulthandler, or the OOM killer; the worker is restarted and the run goes on). A refusal that does not
+name the file, or an accepted input that breaks the parser's promise (a non-finite number in a loaded
+config, ...), counts as a violation. Each crash or violation is kept, up to --keep per distinct
+signature, as <out>/<target>/crashes/<kind>-<signature hash>-<input hash>.<ext> with a .txt beside it
+(signature, traceback, message). Soft concerns (multi-line messages, lone surrogates accepted, ...) are
+counted and a few examples kept under <out>/<target>/concerns/.
+
+"slowest input s" is the whole check of one input: for config, read_yaml and load_config together (each
+call has its own time limit). The peak RSS reported is the whole worker's: torch and hypothesis (about
+300 MiB) and the generation of the inputs (up to 4 MiB each, built in memory) included.
 
 Prints a markdown table (target, minutes, inputs tried, crashes by kind, violations, peak RSS) and the
 distinct signatures, and writes both to <out>/summary.md.
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import time
 import traceback
+import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +52,6 @@ ALL = ("header", "config", "json")
 
 class _Stop(BaseException):
     """The wall clock ran out (a BaseException: hypothesis lets it through without replaying anything)."""
-
-
-class _Restart(BaseException):
-    """The worker should end and be started afresh (its peak RSS was raised by a memory blow-up)."""
-
-
-RESTART = 3  # the worker's exit status for "start me again", not a crash
 
 
 def _signature(kind: str, err: BaseException) -> str:
@@ -121,12 +119,14 @@ def _worker(args: argparse.Namespace) -> None:
     work.parent.mkdir(parents=True, exist_ok=True)
     stats = Stats(folder, target.suffix, args.keep)
     stats_file = folder / f"stats-{os.getpid()}.json"
-    limits = fz.Limits(time_s=args.time_limit, rss_mb=args.rss_limit_mb)
+    limits = fz.Limits(time_s=args.time_limit, memory_mb=args.memory_limit_mb)
     vm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                  if line.startswith("VmSize:"))
     cap = vm_kb * 1024 + args.max_memory_mb * 2**20  # address space: what is mapped now, plus the headroom
     resource.setrlimit(resource.RLIMIT_AS, (cap, resource.getrlimit(resource.RLIMIT_AS)[1]))
     faulthandler.enable()
+    if target.trace:  # once for the worker: see tests/test_fuzz_parsers.py `_call`
+        tracemalloc.start()
     deadline = time.monotonic() + args.seconds
     last_dump = time.monotonic()
 
@@ -154,8 +154,6 @@ def _worker(args: argparse.Namespace) -> None:
                     else "violation" if isinstance(err, fz.Violation) else "exception")
             report = "".join(traceback.format_exception(type(err), err, err.__traceback__)[-12:])
             stats.crash(kind, _signature(kind, err), blob, report)
-            if kind == "memory" and not args.no_restart:  # ru_maxrss only rises: restart, so the next shows too
-                raise _Restart from None
         else:
             for what in set(concerns):
                 stats.concern(what, blob)
@@ -168,9 +166,6 @@ def _worker(args: argparse.Namespace) -> None:
             one()
     except _Stop:
         pass
-    except _Restart:
-        stats.dump(stats_file)
-        sys.exit(RESTART)
     stats.dump(stats_file)
 
 
@@ -181,19 +176,17 @@ def _run_target(name: str, args: argparse.Namespace) -> dict:
     folder.mkdir(parents=True)
     end = time.monotonic() + 60 * args.minutes
     total = {"tried": 0, "kinds": {}, "signatures": {}, "concerns": {}, "peak_rss_mb": 0.0, "slowest_s": 0.0}
-    start, restarts = time.monotonic(), 0
+    start = time.monotonic()
     while (left := end - time.monotonic()) > 1:
         cmd = [sys.executable, __file__, "--worker", name, "--seconds", f"{left:.1f}", "--out", str(args.out),
-               "--time-limit", str(args.time_limit), "--rss-limit-mb", str(args.rss_limit_mb),
-               "--max-memory-mb", str(args.max_memory_mb), "--batch", str(args.batch), "--keep", str(args.keep),
-               *(["--no-restart"] if restarts >= args.max_restarts else [])]
+               "--time-limit", str(args.time_limit), "--memory-limit-mb", str(args.memory_limit_mb),
+               "--max-memory-mb", str(args.max_memory_mb), "--batch", str(args.batch), "--keep", str(args.keep)]
         log = folder / "worker.log"
         with open(log, "ab") as err:
             proc = subprocess.Popen(cmd, stdout=err, stderr=err)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
         total["peak_rss_mb"] = max(total["peak_rss_mb"], usage.ru_maxrss / 1024)
-        restarts += proc.returncode == RESTART
         stats = {}
         if (f := folder / f"stats-{proc.pid}.json").is_file():
             stats = json.loads(f.read_text())
@@ -206,7 +199,7 @@ def _run_target(name: str, args: argparse.Namespace) -> dict:
             mine = total["signatures"].setdefault(sig, {**entry, "count": 0, "examples": []})
             mine["count"] += entry["count"]
             mine["examples"] += entry["examples"]
-        if proc.returncode not in (0, RESTART):  # the input being parsed killed the worker
+        if proc.returncode != 0:  # the input being parsed killed the worker
             work = next((folder / "work").glob("input.*"), folder / "work" / "input.bin")
             blob = work.read_bytes() if work.is_file() else b""
             crashes = folder / "crashes"
@@ -252,14 +245,11 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=30.0, help="per target (default 30, the issue's target)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "fuzz"))
     p.add_argument("--time-limit", type=float, default=5.0, help="seconds per parser call before it is a hang")
-    p.add_argument("--rss-limit-mb", type=float, default=256.0, help="peak-RSS growth per parser call that is a "
-                                                                     "memory blow-up")
+    p.add_argument("--memory-limit-mb", type=float, default=256.0, help="what one parser call may allocate at its "
+                                                                        "peak (tracemalloc) or add to the peak RSS")
     p.add_argument("--max-memory-mb", type=int, default=6144, help="address space the worker may add (RLIMIT_AS)")
     p.add_argument("--batch", type=int, default=2000, help="inputs per hypothesis run")
     p.add_argument("--keep", type=int, default=10, help="inputs kept per distinct crash signature")
-    p.add_argument("--max-restarts", type=int, default=20, help="worker restarts after memory blow-ups, per target "
-                                                                "(past them, later blow-ups under the peak go uncounted)")
-    p.add_argument("--no-restart", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=ALL, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -42,6 +42,14 @@ TINY = {
     "MixtralForCausalLM": lambda: transformers.MixtralConfig(
         vocab_size=96, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "DeepseekV2ForCausalLM": lambda: transformers.DeepseekV2Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=2, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+        q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+    "Glm4MoeForCausalLM": lambda: transformers.Glm4MoeConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, attention_bias=True, use_qk_norm=True),
     "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(
         vocab_size=96, hidden_size=24, intermediate_size=40, moe_intermediate_size=12,
         shared_expert_intermediate_size=20, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -109,8 +117,8 @@ def test_num_experts_alias():
 
 
 def test_unknown_architecture_lists_supported():
-    with pytest.raises(PlanError, match="supported: DeepseekV3ForCausalLM"):
-        architecture_of({"architectures": ["GptOssForCausalLM"]})
+    with pytest.raises(PlanError, match="supported: DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, Glm4MoeForCausalLM, GptOss"):
+        architecture_of({"architectures": ["FalconForCausalLM"]})
 
 
 @given(heads=st.integers(1, 64), nope=st.integers(1, 256), rope=st.integers(1, 128))

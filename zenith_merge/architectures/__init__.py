@@ -29,11 +29,13 @@ __all__ = [
     "TensorId",
     "architecture_of",
     "check_architecture_name",
+    "check_per_expert",
     "classify",
     "dim",
     "expected_shape",
     "extra_layer_indices",
     "facts",
+    "fused_expert_roles",
     "set_dim",
     "shared_input_of",
     "tensor_name",
@@ -232,8 +234,27 @@ def shared_input_of(arch: Architecture, names: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def fused_expert_roles(arch: Architecture) -> tuple[str, ...]:
+    """The roles of `arch` that hold every expert of a layer in one tensor (`TensorRole.expert_axis`)."""
+    return tuple(role for role, spec in arch.roles.items() if spec.expert_axis is not None)
+
+
+def check_per_expert(arch: Architecture, where: str | None = None) -> None:
+    """Refuse what needs experts one by one (concat, grafting, `keep`) from a table whose experts are fused."""
+    fused = fused_expert_roles(arch)
+    if fused:
+        names = ", ".join(arch.roles[r].pattern.removeprefix("model.layers.{layer}.") for r in fused)
+        raise PlanError(f"{where + ': ' if where else ''}{arch.name} stores each layer's experts fused, one tensor "
+                        f"per projection ({names}); concatenating, grafting or selecting experts needs them one by "
+                        f"one, so it is not supported for this family: use merge_method: assembly (same family) or "
+                        f"the base alone")
+
+
 def tensor_name(arch: Architecture, role: str, layer: int | None = None, expert: int | None = None) -> str:
-    """The checkpoint name of a role's tensor (the inverse of `classify`)."""
+    """The checkpoint name of a role's tensor (the inverse of `classify`). An expert role asked of a table whose
+    experts are fused (GPT-OSS) is a PlanError saying so, not a KeyError: no tensor holds one expert there."""
+    if role not in arch.roles and role.startswith("expert_"):
+        check_per_expert(arch)
     return arch.roles[role].pattern.format(layer=layer, expert=expert)
 
 

@@ -30,11 +30,17 @@ class TensorRole:
 
     `pattern` uses `{layer}` and `{expert}` placeholders. `shape` names dimensions from
     `Architecture.dims` (or literal ints); None means "not checked".
+
+    `expert_axis`: the role is one tensor holding every routed expert of its layer, stacked along this axis
+    (GPT-OSS's `mlp.experts.gate_up_proj`, experts x hidden x 2 inter), not one tensor per `{expert}`. Such a
+    tensor interpolates like any other (same-family assembly), but no expert can be taken out of it by name:
+    selecting, grafting or concatenating experts needs the per-expert roles (`expert_gate`, ...).
     """
 
     pattern: str
     tensor_class: TensorClass
     shape: tuple[str | int, ...] | None = None
+    expert_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,8 @@ class Architecture:
     # symbolic dimension -> alternatives, first that resolves wins: a config key (aliases across
     # library versions) or a formula over other dimensions ("heads * head_dim"; + - * // and brackets)
     dims: dict[str, tuple[str, ...]]
-    # role -> tensor description; roles with "expert" in their layer-local name repeat per expert
+    # role -> tensor description; roles whose pattern has `{expert}` repeat per expert, roles with an
+    # `expert_axis` hold every expert of their layer (fused)
     roles: dict[str, TensorRole]
     # Defaults for config keys that a config may omit (transformers' class defaults).
     defaults: dict[str, object] = field(default_factory=dict)

@@ -21,6 +21,9 @@ Every inconsistency is refused with the file and tensor named: an index entry
 pointing outside the folder, a missing shard, a tensor the index and the shard
 disagree on, a truncated or corrupt file, a shape or dtype that contradicts
 config.json, FP8 weights without a `quantization_config`.
+
+GPT-OSS's MXFP4 experts (`quantization_config.quant_method: mxfp4`, each weight stored as `<name>_blocks`
+and `<name>_scales`) are read as the BF16 tensor `<name>` transformers would load (`kernels.mxfp4`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from ..architectures import expected_shape
 from ..errors import CheckpointError
 from ..kernels.fp8 import scale_shape
+from ..kernels.mxfp4 import dequantize_mxfp4, mxfp4_shape
 from .byte_range import ByteRange, pread_into
 from .json_files import read_json_file
 from .safetensors_format import CODES, FLOAT_CODES, FP8_CODES, read_header, torch_dtype
@@ -177,6 +181,7 @@ class Checkpoint:
         self._lock = threading.Lock()
         self._fp8: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # block-FP8 weight -> (stored weight, scale_inv)
         self._block: tuple[int, int] | None = None
+        self._mxfp4: dict[str, tuple[TensorInfo, TensorInfo]] = {}  # MXFP4 weight -> (blocks, scales)
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -205,6 +210,7 @@ class Checkpoint:
             raise CheckpointError(f"{folder}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
                                   f"{PICKLE_INDEX}, {PICKLE_SINGLE}){hint}")
         ckpt._resolve_fp8()
+        ckpt._resolve_mxfp4()
         ckpt._validate(check_shapes)
         return ckpt
 
@@ -280,6 +286,27 @@ class Checkpoint:
             n = info.shape[0] * info.shape[1]
             self._infos[name] = TensorInfo(name, "BF16", info.shape, info.file, info.offset, 2 * n)
 
+    def _resolve_mxfp4(self) -> None:
+        """MXFP4 weights (`<name>_blocks` + `<name>_scales`, uint8) become logical BF16 tensors `<name>`."""
+        qc = self.config.get("quantization_config")
+        if not isinstance(qc, dict) or qc.get("quant_method") != "mxfp4":
+            return
+        for blocks in [i for i in self._infos.values() if i.name.endswith("_blocks")]:
+            name = blocks.name.removesuffix("_blocks")
+            scales = self._infos.get(name + "_scales")
+            at = f"{blocks.file}: tensor {blocks.name!r}"
+            if scales is None:
+                raise CheckpointError(f"{at} is MXFP4 but its scales {name + '_scales'!r} are missing")
+            if blocks.dtype != "U8" or scales.dtype != "U8" or len(blocks.shape) < 3 or \
+                    tuple(scales.shape) != tuple(blocks.shape[:-1]):
+                raise CheckpointError(f"{at}: MXFP4 blocks {blocks.dtype}{list(blocks.shape)} with scales {scales.dtype}"
+                                      f"{list(scales.shape)}; expected U8 (..., groups, 16) and U8 (..., groups)")
+            shape = mxfp4_shape(tuple(blocks.shape))
+            self._mxfp4[name] = (blocks, scales)
+            del self._infos[blocks.name], self._infos[scales.name]
+            # BF16: two bytes a value, two values a stored byte
+            self._infos[name] = TensorInfo(name, "BF16", shape, blocks.file, blocks.offset, 4 * blocks.nbytes)
+
     def _validate(self, check_shapes: bool) -> None:
         for info in self._infos.values():
             where = f"{info.file}: tensor {info.name!r}"
@@ -305,9 +332,12 @@ class Checkpoint:
         return name in self._fp8
 
     def stored_info(self, name: str) -> TensorInfo:
-        """A tensor as stored: for a block-FP8 weight its F8_E4M3 entry, for `<weight>_scale_inv` the scales'."""
+        """A tensor as stored: for a block-FP8 weight its F8_E4M3 entry, for `<weight>_scale_inv` the scales', for
+        an MXFP4 weight its `_blocks`."""
         if name in self._fp8:
             return self._fp8[name][0]
+        if name in self._mxfp4:
+            return self._mxfp4[name][0]
         weight = name.removesuffix("_scale_inv")
         if weight != name and weight in self._fp8:
             return self._fp8[weight][1]
@@ -345,7 +375,7 @@ class Checkpoint:
 
     def read_bytes(self, name: str) -> bytearray:
         """A tensor's raw little-endian bytes in a buffer of their own: the fast path for same-dtype copies."""
-        if name in self._fp8:  # the logical (dequantised) tensor's bytes
+        if name in self._fp8 or name in self._mxfp4:  # the logical (dequantised) tensor's bytes
             return bytearray(self.read(name).reshape(-1).view(torch.uint8).numpy())
         return self._stored_bytes(self.info(name))
 
@@ -365,7 +395,8 @@ class Checkpoint:
         The fastest same-dtype copy: nothing is read until the writer streams it, and never all at once.
         """
         info = self.info(name)
-        return None if self._pickled or name in self._fp8 else ByteRange(info.file, info.offset, info.nbytes)
+        stored = self._pickled or self.stored_info(name) is not info  # FP8, MXFP4: not the bytes read
+        return None if stored else ByteRange(info.file, info.offset, info.nbytes)
 
     def stored_byte_range(self, name: str) -> ByteRange | None:
         """Where a tensor's bytes lie on disk as stored: a block-FP8 weight's float8 bytes, or (for
@@ -381,6 +412,8 @@ class Checkpoint:
 
             q_info, s_info = self._fp8[name]
             return dequantize(self._stored(q_info), self._stored(s_info), self._block)
+        if name in self._mxfp4:
+            return dequantize_mxfp4(*(self._stored(i) for i in self._mxfp4[name]))
         return self._stored(self.info(name))
 
     def read_stored(self, name: str) -> torch.Tensor:
@@ -392,7 +425,7 @@ class Checkpoint:
         (writable, large enough) and viewed there instead of in memory of its own: a caller converting
         tensor after tensor, or a large one piece by piece, reuses one buffer, so its memory stays flat.
         The tensor is valid until the buffer is reused."""
-        info = self._fp8[name][0] if name in self._fp8 else self.info(name)
+        info = self.stored_info(name)
         offset, nbytes, shape = 0, info.nbytes, tuple(info.shape)
         if rows is not None:
             start, stop = rows

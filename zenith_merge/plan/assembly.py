@@ -26,9 +26,18 @@ from .output import finish_plan, output_dtype, target_dtype_keys
 _SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")
 
 
-def _tokenizer_digest(folder: Path) -> str | None:
-    f = folder / "tokenizer.json"
-    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+# The file holding a tokenizer's vocabulary, first found wins: tokenizers' tokenizer.json, else Kimi-K2's
+# tiktoken.model (read by the custom code its tokenizer_config.json names), sentencepiece's tokenizer.model, BPE's
+# vocab.json.
+_VOCABULARY_FILES = ("tokenizer.json", "tiktoken.model", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer_digest(folder: Path) -> tuple[str, str] | None:
+    """(the folder's vocabulary file, its sha256), None where it has none of `_VOCABULARY_FILES`."""
+    for name in _VOCABULARY_FILES:
+        if (folder / name).is_file():
+            return name, hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return None
 
 
 def check_same_family(base: OpenedSource, src: OpenedSource) -> None:
@@ -48,8 +57,9 @@ def check_same_family(base: OpenedSource, src: OpenedSource) -> None:
         if a != b:
             raise PlanError(f"{src.where}: incompatible attention layout: {key} is {b!r}, the base's {a!r} "
                             f"(head and rope layouts must agree to interpolate attention)")
-    if _tokenizer_digest(src.model.path) != _tokenizer_digest(base.model.path):
-        raise PlanError(f"{src.where}: its tokenizer.json differs from the base's; assembly needs one tokenizer "
+    theirs, ours = _tokenizer_digest(src.model.path), _tokenizer_digest(base.model.path)
+    if theirs != ours:
+        raise PlanError(f"{src.where}: its {(ours or theirs)[0]} differs from the base's; assembly needs one tokenizer "
                         f"(embedding rows must mean the same tokens)")
 
 

@@ -113,6 +113,10 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
     `out` is the output's architecture: the base's, or the MoE form of a dense base (whose MLPs then become
     routed experts, as mergekit-moe does), with a shared expert from `shared` where it has one.
     """
+    from ..architectures import check_per_expert
+
+    for s in (base, *sources, *shared) if sources or shared else ():  # the base alone is copied as it is
+        check_per_expert(s.arch, s.where)
     arch = out.arch
     bf = base.facts
     converting = arch.name != base.arch.name

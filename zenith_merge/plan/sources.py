@@ -25,10 +25,12 @@ from ..io.json_files import read_json_file
 
 log = logging.getLogger(__name__)
 
-# Files of a model folder that describe its tokenizer and generation defaults.
+# Files of a model folder that describe its tokenizer and generation defaults (tiktoken.model: Kimi-K2's
+# vocabulary, read by the custom code its tokenizer_config.json names; it ships no tokenizer.json).
 TOKENIZER_FILE_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "*.tiktoken",
+    "tiktoken.model",
 )
 GENERATION_CONFIG = "generation_config.json"
 # The configs whose `auto_map` names custom-code modules of the folder (transformers' trust_remote_code).

@@ -23,8 +23,18 @@ def test_shipped_configs_validate(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_are_mergekit_moe_syntax(path):
-    """Less our own keys, every shipped config is a valid mergekit-moe config as mergekit itself parses it."""
+    """Less our own keys, every shipped config is a valid mergekit-moe (or mergekit-yaml) config as mergekit
+    itself parses it."""
+    from mergekit.config import MergeConfiguration
+
+    from zenith_merge.config.mergekit_yaml import ZENITH_KEYS as YAML_ZENITH_KEYS
+    from zenith_merge.config.mergekit_yaml import is_mergekit_yaml
+
     data = yaml.safe_load(path.read_text())
+    if is_mergekit_yaml(data):
+        parsed = MergeConfiguration.model_validate({k: v for k, v in data.items() if k not in YAML_ZENITH_KEYS})
+        assert parsed.merge_method == data["merge_method"] and len(parsed.models) == len(data["models"])
+        return
     mk = {k: v for k, v in data.items() if k not in ZENITH_KEYS}
     for e in mk.get("experts", []):
         e.pop("keep", None)
@@ -105,7 +115,7 @@ def test_remote_references_are_refused():
 
 
 def test_unknown_architecture_lists_supported():
-    msg = _error({"base_model": "/m", "architecture": "gpt_oss"})
+    msg = _error({"base_model": "/m", "architecture": "falcon"})
     assert "architecture" in msg and "DeepseekV3ForCausalLM" in msg and "Qwen3MoeForCausalLM" in msg
 
 

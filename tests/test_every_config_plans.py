@@ -26,6 +26,7 @@ from zenith_merge.plan.models import (
     CopyRecipe,
     ExpertRecipe,
     Fp8ScaleRecipe,
+    MethodRecipe,
     Recipe,
     RouterRecipe,
     VocabRecipe,
@@ -195,12 +196,15 @@ def test_recipe_label_covers_every_recipe_kind():
         VocabRecipe(part="head"),
         Fp8ScaleRecipe(tensor="model.layers.1.mlp.experts.0.down_proj.weight", via="BF16"),
         ZerosRecipe(),
+        MethodRecipe(tensor="t", tensor_class="routed_experts", method="ties", sources=("donor0", "donor1", "base"),
+                     base=2, inputs=({"weight": 1.0}, {"weight": 1.0}, {}), shared={}, merge_dtype="F32"),
     ]
     assert {r.kind for r in examples} == kinds
     labels = {r.kind: recipe_label(r) for r in examples}
     assert all(label and label != kind for kind, label in labels.items())
     assert labels["fp8_scale"] == "block scales (fp8_output)"
     assert recipe_label(examples[4]) == "attention (RegMean): 0.7 base + 0.3 donor1"
+    assert labels["method"] == "routed_experts: ties of donor0, donor1, base (method base: base), in F32"
 
 
 # README.md "Configs": every documented key resolves against config/schema.py's pydantic models.

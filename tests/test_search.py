@@ -155,3 +155,36 @@ def test_absolute_paths_keep_demo_references_and_resolve_the_rest(tmp_path):
     other = with_absolute_paths({"tokenizer": {"source": "models/b"}}, tmp_path)
     assert other["tokenizer"]["source"] == str(tmp_path / "models" / "b")
     assert data["output_dir"] == "../out"  # the input is not modified
+
+
+TIES = ROOT / "merge" / "examples" / "ties.yml"
+
+
+@pytest.mark.demo
+def test_a_method_search_scores_every_combination_and_its_best_config_merges_to_its_score(tmp_path):
+    """search.parameters of a mergekit-yaml config: every combination scored, the parents scored as themselves
+    (gap 0 and 1 by definition), best.yml carries the chosen parameters, and its merge scores as searched."""
+    data = yaml.safe_load(TIES.read_text())
+    data["search"] = {"keep": ["demo:code"], "gain": ["demo:maths"], "max_chars": 4000,
+                      "parameters": {"density": [0.5, 0.9], "lambda": [1.0, 1.2]}}
+    result = run_search(parse_config(data), config_dir=TIES.parent, progress=False, work_dir=tmp_path / "work")
+    assert result.kind == "method" and result.classes == ("density", "lambda")
+    assert sorted(s.candidate.lambdas for s in result.scores) == [
+        (("density", d), ("lambda", lam)) for d in (0.5, 0.9) for lam in (1.0, 1.2)]
+    paths = write_search(result, data, TIES, tmp_path / "out")
+    assert "| parameter | value |" in paths["md"].read_text()
+    best = yaml.safe_load(paths["config"].read_text())
+    assert best["parameters"] == {**data["parameters"], **dict(result.best.candidate.lambdas)}
+    assert best["models"][0]["model"] == "demo://zen-tiny"  # still a mergekit-yaml config
+    out = run_merge(load_config(paths["config"]), config_dir=tmp_path, output_dir=tmp_path / "best",
+                    progress=False).output_dir
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert bits_per_byte(model, tok, calibration_text("maths")[:4000]) == pytest.approx(result.best.gain_bpb, rel=1e-6)
+
+
+def test_a_method_search_needs_its_parameters():
+    data = yaml.safe_load(TIES.read_text())
+    data["search"] = {"keep": ["demo:code"], "gain": ["demo:maths"]}
+    with pytest.raises(ConfigError, match="search.parameters: give the ties parameters to search"):
+        check_searchable(parse_config(data))

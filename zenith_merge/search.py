@@ -1,4 +1,5 @@
-"""`zenith-merge search`: assembly weights per tensor class, chosen on calibration text.
+"""`zenith-merge search`: assembly weights per tensor class, or a merge method's parameters, chosen on
+calibration text.
 
 Two same-family parents (a base good at one domain, a child better at another) are
 interpolated tensor by tensor, W = (1 - lambda_c) W_first + lambda_c W_second, with one
@@ -13,6 +14,10 @@ The search is a uniform sweep (every class at one lambda: the frontier plain ave
 traces), then a small evolutionary refinement of per-class lambdas (uniform crossover of the
 best candidates, Gaussian mutation), seeded. The best candidate closes the most of the gap
 among those within `max_loss`; with none within it, the one that loses least.
+
+For a merge method (ties, dare_ties, slerp, ...: `search.parameters`), a candidate is one value per searched
+top-level parameter, and every combination is scored; its "first" and "second" are experts[0] and
+experts[1] themselves, copied bit for bit (linear with a one-hot weight).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class Candidate:
 
     lambdas: tuple[tuple[str, float], ...]
     origin: str
+
+    def parameters(self, given: dict) -> dict:
+        """A method's top-level `parameters` for this candidate: the `given` ones, each searched one set."""
+        return {**given, **dict(self.lambdas)}
 
     def weights(self, given: dict[str, list[float]]) -> dict[str, list[float]]:
         """The `assembly.weights` this candidate stands for: the `given` ones, each searched class overridden."""
@@ -72,6 +81,7 @@ class SearchResult:
     first: tuple[float, float]  # (keep, gain) bits per byte of the first parent
     second: tuple[float, float]
     scores: list[Score] = field(default_factory=list)
+    kind: str = "assembly"  # or "method": a merge method's parameters (`classes` then names them)
 
     @property
     def best(self) -> Score:
@@ -86,18 +96,45 @@ class SearchResult:
 
 def check_searchable(cfg: MergeConfig) -> SearchSettings:
     """The config's search settings, or an error naming the key that makes a search impossible."""
-    if cfg.merge_method != "assembly":
-        raise ConfigError(f"merge_method: search looks for assembly weights; this config is {cfg.merge_method!r} "
-                          f"(use merge_method: assembly with assembly.weights)")
-    if len(cfg.experts) != 2:
-        raise ConfigError(f"experts: search interpolates two parents (lambda per class between experts[0] and "
-                          f"experts[1]); this config has {len(cfg.experts)}")
+    from .config.mergekit_yaml import MERGEKIT_METHODS
+
     settings = cfg.search or SearchSettings()
+    method = cfg.merge_method in MERGEKIT_METHODS
+    if not method and cfg.merge_method != "assembly":
+        raise ConfigError(f"merge_method: search looks for assembly weights or a merge method's parameters; this "
+                          f"config is {cfg.merge_method!r} (use merge_method: assembly with assembly.weights, or a "
+                          f"method such as ties with search.parameters)")
+    if method and not settings.parameters:
+        raise ConfigError(f"search.parameters: give the {cfg.merge_method} parameters to search and their values, "
+                          f"e.g. {{density: [0.3, 0.5, 0.7], weight: [0.5, 1.0]}}")
+    if not method and settings.parameters:
+        raise ConfigError("search.parameters: searches a merge method's parameters; assembly searches "
+                          "assembly.weights per class (search.classes, search.grid)")
+    if len(cfg.experts) < 2 or (not method and len(cfg.experts) != 2):
+        raise ConfigError(f"experts: search interpolates two parents (lambda per class between experts[0] and "
+                          f"experts[1]); this config has {len(cfg.experts)}" if not method else
+                          "experts: a method search compares the merge with experts[0] and experts[1]; give both")
     for key in ("keep", "gain"):
         if not getattr(settings, key):
             raise ConfigError(f"search.{key}: give text to score candidates on (files, or demo:code / demo:maths), "
                               f"e.g. search: {{keep: [demo:code], gain: [demo:maths]}}; never the evaluation text")
     return settings
+
+
+def parameter_grid(settings: SearchSettings) -> list[Candidate]:
+    """Every combination of the searched parameters' values (a merge method's search)."""
+    import itertools
+
+    names = sorted(settings.parameters)
+    return [Candidate(tuple(zip(names, values)), "grid")
+            for values in itertools.product(*(settings.parameters[n] for n in names))]
+
+
+def one_parent(cfg: MergeConfig, index: int) -> MergeConfig:
+    """A method config that copies experts[index] bit for bit (linear, one-hot weight): a parent's score."""
+    experts = [e.model_copy(update={"parameters": {"weight": float(i == index)}}) for i, e in enumerate(cfg.experts)]
+    return cfg.model_copy(update={"merge_method": "linear", "method_base": False, "parameters": {},
+                                  "experts": experts, "merge_dtype": None})
 
 
 def searched_classes(cfg: MergeConfig, base_path: Path, names: Sequence[str]) -> tuple[str, ...]:
@@ -146,7 +183,7 @@ class CandidateScorer:
                             "tokenizer or computed router rows); drop tokenizer.source: union for the search")
         if st.regmean and work_dir is None:
             raise PlanError("search: assembly.regmean needs a folder for its statistics (the search's --out)")
-        if cfg.assembly.regmean is not None and work_dir is not None:
+        if cfg.assembly is not None and cfg.assembly.regmean is not None and work_dir is not None:
             # statistics for every weight any candidate can mix (all parents at equal weight), computed once
             from .pipeline import run_stages
 
@@ -171,11 +208,15 @@ class CandidateScorer:
 
     def __call__(self, weights: dict[str, list[float]]) -> tuple[float, float]:
         """(keep, gain) bits per byte of the assembly with these `assembly.weights`."""
+        return self.score(self.cfg.model_copy(update={"assembly": self.cfg.assembly.model_copy(
+            update={"weights": weights})}))
+
+    def score(self, cfg: MergeConfig) -> tuple[float, float]:
+        """(keep, gain) bits per byte of the merge `cfg` describes (the search's config, changed)."""
         from .demo import bits_per_byte
         from .pipeline import PlanTensorSource
         from .plan.build import build_plan
 
-        cfg = self.cfg.model_copy(update={"assembly": self.cfg.assembly.model_copy(update={"weights": weights})})
         plan = build_plan(cfg, config_dir=self.config_dir, output_dir=self.work_dir)
         if plan.stages.regmean:  # the statistics computed at the start serve every candidate
             from .pipeline import run_stages
@@ -197,24 +238,34 @@ def run_search(cfg: MergeConfig, *, config_dir: Path | None = None, progress: bo
 
     `work_dir` holds what stays the same between candidates (RegMean's statistics, in its `.zenith/`)."""
     settings = check_searchable(cfg)
+    method = bool(settings.parameters)
+    if method:  # planned once up front: with the grid's first point, the searched parameters are all set
+        cfg = cfg.model_copy(update={"parameters": parameter_grid(settings)[0].parameters(cfg.parameters)})
     score_fn = CandidateScorer(cfg, config_dir, settings, work_dir)
-    classes = searched_classes(cfg, score_fn.base_path, score_fn.names)
+    classes = tuple(sorted(settings.parameters)) if method else searched_classes(cfg, score_fn.base_path, score_fn.names)
     if not classes:
         raise ConfigError("search.classes: no tensor class to search")
-    first = score_fn({"default": [1.0, 0.0]})
-    second = score_fn({"default": [0.0, 1.0]})
+    if method:
+        first, second = (score_fn.score(one_parent(cfg, i)) for i in (0, 1))
+    else:
+        first = score_fn({"default": [1.0, 0.0]})
+        second = score_fn({"default": [0.0, 1.0]})
     if not first[1] > second[1]:
         raise ConfigError(f"search.gain: experts[1] is not better than experts[0] on this text ({second[1]:.4f} vs "
                           f"{first[1]:.4f} bits per byte), so there is no gap to close; check the text and the order "
                           f"of experts[]")
-    result = SearchResult(settings=settings, given=dict(cfg.assembly.weights), classes=classes, first=first, second=second)
+    given = dict(cfg.parameters) if method else dict(cfg.assembly.weights)
+    result = SearchResult(settings=settings, given=given, classes=classes, first=first, second=second,
+                          kind="method" if method else "assembly")
     seen: set[tuple] = set()
-    bar = tqdm(total=len(settings.grid) + settings.generations * settings.population, desc="search",
-               disable=not progress, leave=False)
+    grid = parameter_grid(settings) if method else []
+    bar = tqdm(total=len(grid) if method else len(settings.grid) + settings.generations * settings.population,
+               desc="search", disable=not progress, leave=False)
 
     def evaluate(cand: Candidate) -> None:
         seen.add(cand.lambdas)
-        keep, gain = score_fn(cand.weights(result.given))
+        keep, gain = (score_fn.score(cfg.model_copy(update={"parameters": cand.parameters(result.given)})) if method
+                      else score_fn(cand.weights(result.given)))
         loss = keep / first[0] - 1.0
         gap = (first[1] - gain) / (first[1] - second[1])
         result.scores.append(Score(cand, keep, gain, loss, gap, loss <= settings.max_loss))
@@ -223,10 +274,12 @@ def run_search(cfg: MergeConfig, *, config_dir: Path | None = None, progress: bo
         bar.update()
 
     try:
-        for lam in sorted(set(settings.grid)):
+        for cand in grid:
+            evaluate(cand)
+        for lam in [] if method else sorted(set(settings.grid)):
             evaluate(uniform(classes, lam, "sweep"))
         rng = random.Random(cfg.seed)
-        for gen in range(1, settings.generations + 1):
+        for gen in range(1, 0 if method else settings.generations + 1):
             parents = [s.candidate for s in sorted(result.scores, key=Score.rank)[:settings.population]]
             for _ in range(settings.population):
                 for _attempt in range(20):
@@ -294,8 +347,17 @@ def search_table(result: SearchResult, top: int = 10) -> str:
              f"{best.gain_bpb:.4f}, gap closed {100 * best.gap:.1f}%"
              + ("" if best.feasible else f" - NO candidate stayed within {100 * s.max_loss:g}%; this one loses least"),
              "",
-             "| class | lambda (share of experts[1]) |", "| --- | ---: |"]
+             "| parameter | value |" if result.kind == "method" else "| class | lambda (share of experts[1]) |",
+             "| --- | ---: |"]
     lines += [f"| {c} | {lam:g} |" for c, lam in best.candidate.lambdas]
+    if result.kind == "method":
+        ranked = sorted(result.scores, key=Score.rank)
+        lines += ["", f"Every candidate, best first ({', '.join(result.classes)}):", "",
+                  "| values | keep bpb | gain bpb | keep vs experts[0] | gap closed | within |",
+                  "| --- | ---: | ---: | ---: | ---: | :---: |"]
+        lines += [f"| {' '.join(f'{v:g}' for _, v in x.candidate.lambdas)} | {x.keep_bpb:.4f} | {x.gain_bpb:.4f} | "
+                  f"{_pct(x.loss)} | {100 * x.gap:.1f}% | {'yes' if x.feasible else 'no'} |" for x in ranked]
+        return "\n".join(lines)
     lines += ["", "Uniform sweep (every searched class at one lambda):", "",
               "| lambda | keep bpb | gain bpb | keep vs experts[0] | gap closed | within |",
               "| ---: | ---: | ---: | ---: | ---: | :---: |"]
@@ -338,8 +400,12 @@ def write_search(result: SearchResult, cfg_data: dict, config_path: Path, out_di
     md = f"# Assembly weight search: {config_path.name}\n\n{search_table(result)}\n\n![lambda sweep]({SEARCH_FILES['png']})\n"
     write_text_atomic(paths["md"], md)
     data = with_absolute_paths(cfg_data, config_path.parent)
-    data.setdefault("assembly", {})["weights"] = best.candidate.weights(result.given)
-    header = (f"# {config_path.name} with the weights `zenith-merge search` chose: keep {_pct(best.loss)}, "
+    if result.kind == "method":
+        data["parameters"] = best.candidate.parameters(result.given)
+    else:
+        data.setdefault("assembly", {})["weights"] = best.candidate.weights(result.given)
+    header = (f"# {config_path.name} with the {'parameters' if result.kind == 'method' else 'weights'} "
+              f"`zenith-merge search` chose: keep {_pct(best.loss)}, "
               f"gap closed {100 * best.gap:.1f}%\n# on the search text (not held-out text). Paths are absolute.\n")
     write_text_atomic(paths["config"], header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return paths

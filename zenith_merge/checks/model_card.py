@@ -69,7 +69,7 @@ def _plan_summary(plan) -> list[str]:
     from ..plan.summary import format_expert_table, human
 
     e = plan.estimates
-    lines = ["## Plan", "", f"Method `{plan.method}`: {e.tensor_count} tensors, {human(e.total_bytes)} in "
+    lines = ["## Plan", "", f"Method `{plan.method_name}`: {e.tensor_count} tensors, {human(e.total_bytes)} in "
              f"{len(plan.shards)} shards (`.zenith/plan.json` has every tensor's recipe).", ""]
     table = format_expert_table(plan)
     return lines + (["```", *table, "```", ""] if table else [])
@@ -94,7 +94,7 @@ def model_card(plan, token_map: dict[str, Any] | None = None, routing: dict[str,
     arch = (plan.target_config.get("architectures") or ["?"])[0]
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {Path(plan.output_dir).name}", "",
-             f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method}`, plan `{plan.plan_id[:12]}`).",
+             f"A `{arch}` checkpoint merged with zenith-merge (method `{plan.method_name}`, plan `{plan.plan_id[:12]}`).",
              "", "## Sources", "",
              "Fingerprint: sha256 over each source's config, index, safetensors headers, file sizes and a fixed "
              "sample of each shard's data (what the plan was made from; `zenith-merge merge --resume` refuses a "

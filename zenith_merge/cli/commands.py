@@ -79,23 +79,37 @@ _MOE_OWN = ("--overwrite", "--resume", "--dry-run", "--no-progress")
 
 def cmd_moe(args) -> int:
     """mergekit-moe's command line: CONFIG OUT_PATH and mergekit-moe 0.1.5's flags (config/mergekit_moe.py)."""
+    return _mergekit_command(args, "moe")
+
+
+def cmd_yaml(args) -> int:
+    """mergekit-yaml's command line: CONFIG OUT_PATH and mergekit-yaml 0.1.5's flags (config/mergekit_yaml.py)."""
+    return _mergekit_command(args, "yaml")
+
+
+def _mergekit_command(args, command: str) -> int:
     from ..config import parse_config
     from ..config.load import read_yaml
     from ..config.mergekit_moe import apply_flags, mergekit_refusals, parse_flags
+    from ..config.mergekit_yaml import is_mergekit_yaml
 
     own = {f for f in args.flags if f in _MOE_OWN}
-    given, notes = parse_flags([f for f in args.flags if f not in _MOE_OWN])
+    given, notes = parse_flags([f for f in args.flags if f not in _MOE_OWN], command)
     if "-v" in given or "--verbose" in given:
         logging.getLogger().setLevel(logging.INFO)
     for note in notes:
-        logging.getLogger("zenith_merge.moe").warning(note)
+        logging.getLogger(f"zenith_merge.{command}").warning(note)
     if given.get("--device") == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     path = Path(args.config).resolve()
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ZenithError(f"{path}: expected a mapping of keys at the top level")
-    mergekit_refusals(data, allow_all_same="--i-understand-this-is-not-useful-without-training" in given)
+    if command == "moe":
+        mergekit_refusals(data, allow_all_same="--i-understand-this-is-not-useful-without-training" in given)
+    elif not is_mergekit_yaml(data):
+        raise ZenithError(f"{path}: not a mergekit-yaml config (it has no models: list"
+                          f"{'; experts: is a mergekit-moe or zenith config: zenith-merge moe or merge' if 'experts' in data else ''})")
     cfg = parse_config(apply_flags(data, given), where=str(path))
     quiet = "--no-progress" in own or given.get("--quiet") is True
     if quiet:
@@ -168,6 +182,15 @@ def cmd_search(args) -> int:
     settings = check_searchable(cfg)
     out = Path(args.out).resolve() if args.out else output_path(cfg, config_dir, args.output).with_name(
         output_path(cfg, config_dir, args.output).name + "-search")
+    if args.dry_run and settings.parameters:
+        from ..search import parameter_grid
+
+        print(f"search: {len(parameter_grid(settings))} candidates (every combination of "
+              f"{', '.join(f'{k} in {v}' for k, v in sorted(settings.parameters.items()))}), each scored on keep = "
+              f"{', '.join(settings.keep)} and gain = {', '.join(settings.gain)}; allowed loss "
+              f"{100 * settings.max_loss:g}%")
+        print(f"would write {out}/search.md, search.json, search.png, best.yml\ndry run: nothing scored")
+        return 0
     if args.dry_run:
         n = len(set(settings.grid)) + settings.generations * settings.population
         print(f"search: {n} candidates at most (2 parents, {len(set(settings.grid))} uniform lambdas, "

@@ -18,6 +18,7 @@ from .commands import (
     cmd_tokenizer,
     cmd_umoe_demo,
     cmd_update_config,
+    cmd_yaml,
 )
 
 
@@ -27,10 +28,10 @@ def _config_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--output", metavar="DIR", help="output folder (overrides the config's output_dir)")
 
 
-def _mergekit_flags():
-    from ..config.mergekit_moe import FLAGS
+def _mergekit_flags(command: str):
+    from ..config.mergekit_moe import flags_of
 
-    return FLAGS
+    return flags_of(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,18 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp.set_defaults(fn=cmd_merge)
 
-    sp = sub.add_parser("moe", help="mergekit-moe's command line: CONFIG OUT_PATH [mergekit-moe flags]",
-                        description="Run a mergekit-moe config as mergekit-moe 0.1.5 would be called: every one of "
-                                    "its flags is accepted with its meaning here (honoured, or without effect and "
-                                    "said so, or refused with the reason). zenith-merge's own: --overwrite, "
-                                    "--resume, --dry-run, --no-progress.",
-                        epilog="mergekit-moe flags: " + "; ".join(f"{' / '.join(f.names)}: {f.effect} ({f.why})"
-                                                                  for f in _mergekit_flags()))
-    sp.add_argument("config", help="a mergekit-moe config (YAML)")
-    sp.add_argument("out_path", help="output folder")
-    sp.add_argument("flags", nargs=argparse.REMAINDER, help="mergekit-moe's flags, and --overwrite, --resume, "
-                                                            "--dry-run, --no-progress")
-    sp.set_defaults(fn=cmd_moe)
+    for command, what, fn in (("moe", "mergekit-moe config", cmd_moe), ("yaml", "mergekit-yaml config", cmd_yaml)):
+        tool = f"mergekit-{command}"
+        sp = sub.add_parser(command, help=f"{tool}'s command line: CONFIG OUT_PATH [{tool} flags]",
+                            description=f"Run a {what} as {tool} 0.1.5 would be called: every one of its flags is "
+                                        f"accepted with its meaning here (honoured, or without effect and said so, "
+                                        f"or refused with the reason). zenith-merge's own: --overwrite, --resume, "
+                                        f"--dry-run, --no-progress."
+                                        + (" Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, "
+                                           "breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, "
+                                           "model_stock, passthrough, and regmean (zenith's); routed experts are "
+                                           "merged slot by slot" if command == "yaml" else ""),
+                            epilog=f"{tool} flags: " + "; ".join(f"{' / '.join(f.names)}: {f.effect} ({f.why})"
+                                                                 for f in _mergekit_flags(command)))
+        sp.add_argument("config", help=f"a {what} (YAML)")
+        sp.add_argument("out_path", help="output folder")
+        sp.add_argument("flags", nargs=argparse.REMAINDER, help=f"{tool}'s flags, and --overwrite, --resume, "
+                                                                f"--dry-run, --no-progress")
+        sp.set_defaults(fn=fn)
 
     sp = sub.add_parser("align", help="run the merge's stages only: expert usage, A/B alignment fits, tokenizer, "
                                       "RegMean statistics",

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
+from .mergekit_yaml import from_mergekit_yaml, is_mergekit_yaml
 from .schema import MergeConfig
 
 
@@ -33,6 +34,11 @@ def parse_config(data: Any, *, where: str = "config") -> MergeConfig:
     """Validate a config mapping; every problem is reported with its key path and value."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    if is_mergekit_yaml(data):
+        try:
+            data = from_mergekit_yaml(data)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: mergekit-yaml config: {err}") from None
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
@@ -205,10 +211,10 @@ def with_absolute_paths(data: dict, config_dir: Path) -> dict:
             continue
         v = parent[keys[-1]]
         parent[keys[-1]] = [fix(x) for x in v] if is_list and isinstance(v, list) else fix(v)
-    for group in ("experts", "shared_experts"):
-        for e in out.get(group) or []:
-            if isinstance(e, dict) and "source_model" in e:
-                e["source_model"] = fix(e["source_model"])
+    for group, key in (("experts", "source_model"), ("shared_experts", "source_model"), ("models", "model")):
+        for e in out.get(group) or []:  # models: a mergekit-yaml config's
+            if isinstance(e, dict) and key in e:
+                e[key] = fix(e[key])
     tokenizer = out.get("tokenizer") or {}
     if isinstance(tokenizer, dict) and tokenizer.get("source") not in (None, "union", "base"):
         tokenizer["source"] = fix(tokenizer["source"])  # a model folder

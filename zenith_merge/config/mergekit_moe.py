@@ -1,6 +1,7 @@
-"""mergekit-moe's command line, as `zenith-merge moe CONFIG OUT_PATH [flags]`: every flag of mergekit-moe 0.1.5
-with its meaning here (honoured, without effect and said so once, or refused with the reason), and the config
-checks mergekit-moe makes before it merges (`is_bad_config`), so a command line that works there works here."""
+"""mergekit-moe's and mergekit-yaml's command lines, as `zenith-merge moe|yaml CONFIG OUT_PATH [flags]`: every
+flag of mergekit 0.1.5's two commands with its meaning here (honoured, without effect and said so once, or
+refused with the reason), and the config checks mergekit-moe makes before it merges (`is_bad_config`), so a
+command line that works there works here."""
 
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ class Flag:
     effect: Effect
     why: str
     takes_value: bool = False
+    moe_only: bool = False  # mergekit-moe's own flag; mergekit-yaml does not have it
 
 
-# mergekit-moe 0.1.5's flags (`mergekit-moe --help`): its own three and those of `add_merge_options`.
+# mergekit-moe 0.1.5's flags (`mergekit-moe --help`): its own three and those of `add_merge_options`, which
+# mergekit-yaml has too.
 FLAGS: tuple[Flag, ...] = (
     Flag(("--load-in-8bit",), "honoured", "the stages' forward passes load the base in bitsandbytes 8-bit "
-         "(load_in_8bit: true)"),
-    Flag(("--load-in-4bit",), "refused", "4-bit loading is not supported; use --load-in-8bit"),
+         "(load_in_8bit: true)", moe_only=True),
+    Flag(("--load-in-4bit",), "refused", "4-bit loading is not supported; use --load-in-8bit", moe_only=True),
     Flag(("--i-understand-this-is-not-useful-without-training",), "honoured",
-         "allows experts that are all the same model (upcycling)"),
-    Flag(("--random-seed",), "honoured", "seeds random router rows and noise_scale (seed:)", takes_value=True),
+         "allows experts that are all the same model (upcycling)", moe_only=True),
+    Flag(("--random-seed",), "honoured", "seeds random router rows, noise_scale, and the random drops of dare and "
+         "della (seed:)", takes_value=True),
     Flag(("--out-shard-size",), "honoured", "the largest output shard, in parameters as in mergekit "
          "(max_shard_size: that many parameters of the output dtype)", takes_value=True),
     Flag(("--device",), "honoured", "cpu keeps the stages' forward passes off CUDA; other values leave the "
@@ -61,24 +65,32 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("-v", "--verbose"), "honoured", "progress details on stderr"),
 )
 
-_BY_NAME = {name: flag for flag in FLAGS for name in flag.names}
+
+
+def flags_of(command: Literal["moe", "yaml"]) -> tuple[Flag, ...]:
+    """The flags of mergekit-moe (`moe`) or mergekit-yaml (`yaml`)."""
+    return tuple(f for f in FLAGS if command == "moe" or not f.moe_only)
+
+
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMBT]?)\s*", flags=re.IGNORECASE)
 
 
-def parse_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
-    """mergekit-moe flags -> ({flag: value or True}, notes for flags without effect); unknown flags and refused
-    ones are ConfigErrors naming the flag."""
+def parse_flags(argv: list[str], command: Literal["moe", "yaml"] = "moe") -> tuple[dict[str, str | bool], list[str]]:
+    """mergekit-moe (or mergekit-yaml) flags -> ({flag: value or True}, notes for flags without effect); unknown
+    flags and refused ones are ConfigErrors naming the flag."""
+    by_name = {name: flag for flag in flags_of(command) for name in flag.names}
+    tool = f"mergekit-{command}"
     given: dict[str, str | bool] = {}
     notes = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, _, inline = arg.partition("=")
-        flag = _BY_NAME["-v"] if re.fullmatch(r"-v+", name) else _BY_NAME.get(name)
+        flag = by_name["-v"] if re.fullmatch(r"-v+", name) else by_name.get(name)
         if flag is None:
-            raise ConfigError(f"{arg}: not a mergekit-moe flag (zenith-merge moe takes mergekit-moe 0.1.5's flags; "
-                              f"see zenith-merge moe --help)")
+            raise ConfigError(f"{arg}: not a {tool} flag (zenith-merge {command} takes {tool} 0.1.5's flags; "
+                              f"see zenith-merge {command} --help)")
         value: str | bool = True
         if flag.takes_value:
             if inline:

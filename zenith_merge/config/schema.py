@@ -20,12 +20,15 @@ from pydantic import (
     model_validator,
 )
 
+from .mergekit_yaml import MERGEKIT_METHODS, MethodName
+
 DEMO_SCHEME = "demo://"
 # The embedded demo models a config may name as demo://<name> (zenith_merge.demo builds them): three trained
 # MoE models, and the two Zen children in block FP8 (as DeepSeek-V3 and R1 ship), cast from the trained ones.
 DEMO_NAMES = ("zen-tiny", "zen-r1-tiny", "qwen3-moe-tiny")
 FP8_DEMO_NAMES = ("zen-tiny-fp8", "zen-r1-tiny-fp8")
 ALL_DEMO_NAMES = DEMO_NAMES + FP8_DEMO_NAMES
+DEMO_PARENT = "zen-parent"  # the Zen children's parent: the base of a task-vector merge of the two
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -61,8 +64,9 @@ def _check_model_ref(value: str) -> str:
         raise ValueError("a model reference must be a local folder or demo://<name>")
     if value.startswith(DEMO_SCHEME):
         name = value[len(DEMO_SCHEME):]
-        if name not in ALL_DEMO_NAMES:
-            raise ValueError(f"unknown demo model {name!r}; demo models: {', '.join(ALL_DEMO_NAMES)}")
+        if name not in (*ALL_DEMO_NAMES, DEMO_PARENT):
+            raise ValueError(f"unknown demo model {name!r}; demo models: {', '.join(ALL_DEMO_NAMES)} "
+                             f"(and {DEMO_PARENT}, the Zen children's parent)")
     elif "://" in value:
         raise ValueError(f"{value!r}: only local folders and demo://<name> are supported (nothing is downloaded)")
     return value
@@ -82,6 +86,10 @@ class SharedExpertSource(_Strict):
     negative_prompts: list[str] = Field(default_factory=list)
     noise_scale: float | None = None
     residual_scale: float | None = None
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="a merge method's parameters for this model (mergekit-yaml's "
+                                          "models[].parameters: weight, density, ...; numbers, gradients or "
+                                          "{filter, value} lists)")
 
 
 class ExpertSource(SharedExpertSource):
@@ -279,6 +287,10 @@ class SearchSettings(_Strict):
     population: int = Field(6, ge=1, description="candidates kept and children bred per round")
     sigma: float = Field(0.08, gt=0.0, description="standard deviation of a child's per-class mutation")
     max_chars: int = Field(40_000, ge=100, description="characters of each text scored per candidate")
+    parameters: dict[str, list[float | bool]] = Field(
+        default_factory=dict, description="a merge method's search (ties, dare_ties, slerp, ...): top-level "
+                                          "parameters and the values each may take; every combination is scored "
+                                          "(grid, generations and classes are assembly's)")
 
     @field_validator("grid")
     @classmethod
@@ -323,8 +335,20 @@ class MergeConfig(_Strict):
         "moe_input", description="the state prompt-based router rows are read from: the MoE block's normalised "
                                  "input (the router's own input), or the residual stream before the layer "
                                  "(mergekit-moe's rows)")
-    merge_method: Literal["concat", "assembly"] = Field(
-        "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors")
+    merge_method: Literal["concat", "assembly"] | MethodName = Field(
+        "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors; "
+                              "a mergekit-yaml method (linear, ties, ...): that method, tensor by tensor")
+    method_base: bool = Field(True, description="a merge method's base is base_model (mergekit-yaml's base_model); "
+                                                "false: base_model only fixes the output's layout (no base given)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="a merge method's parameters for every "
+                                                                         "model (mergekit-yaml's top-level parameters)")
+    expert_scope: Literal["expert", "layer"] = Field(
+        "expert", description="what a merge method's statistics (TIES's top-k, SLERP's norms, Model Stock's angle, "
+                              "DARE's rescaling) range over for routed experts: each expert's own tensor (expert), "
+                              "or all of a layer's experts as transformers 5 fuses them (layer: mergekit 0.1.5's "
+                              "results, byte for byte)")
+    merge_dtype: OutputDtype | None = Field(None, description="the dtype a merge method computes in (mergekit-yaml's "
+                                                              "dtype); default: the sources' stored dtype")
     align: AlignSettings = Field(default_factory=AlignSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     assembly: AssemblySettings | None = None
@@ -380,6 +404,18 @@ class MergeConfig(_Strict):
             raise ValueError("assembly: only used with merge_method: assembly")
         return self
 
+    @model_validator(mode="after")
+    def _method_keys_with_methods(self) -> MergeConfig:
+        if self.merge_method in MERGEKIT_METHODS:
+            return self
+        given = [k for k in ("parameters", "merge_dtype") if getattr(self, k)]
+        given += ["expert_scope"] if self.expert_scope != "expert" else []
+        given += [f"experts.{i}.parameters" for i, e in enumerate(self.experts) if e.parameters]
+        if given or not self.method_base:
+            raise ValueError(f"{(given or ['method_base'])[0]}: only used with a merge method "
+                             f"({', '.join(MERGEKIT_METHODS)}), not merge_method {self.merge_method}")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _out_dtype_is_dtype(cls, data: Any) -> Any:
@@ -399,7 +435,7 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _prompts_for_prompt_based_gates(self) -> MergeConfig:
-        if self.gate_mode in PROMPT_GATE_MODES:
+        if self.gate_mode in PROMPT_GATE_MODES and self.merge_method in ("concat", "assembly"):
             for i, expert in enumerate(self.experts):
                 if not expert.positive_prompts:
                     raise ValueError(

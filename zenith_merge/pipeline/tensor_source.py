@@ -21,6 +21,7 @@ from ..plan.models import (
     CopyRecipe,
     ExpertRecipe,
     Fp8ScaleRecipe,
+    MethodRecipe,
     Plan,
     RouterRecipe,
     VocabRecipe,
@@ -49,6 +50,7 @@ class PlanTensorSource:
         self._align_info: dict[str, dict] = {}
         self._union: tuple[dict, dict] | None = None  # the token map and row maps, read once
         self._grams = None  # RegMean's saved statistics, each file opened once
+        self._fused: tuple[tuple, torch.Tensor] | None = None  # expert_scope layer: the last layer's merged experts
         self._dequantizer = StreamingDequantizer()  # FP8 copies written as BF16, in reused buffers
 
     def __getstate__(self):
@@ -123,6 +125,8 @@ class PlanTensorSource:
             return self._vocab(recipe, spec)
         elif isinstance(recipe, ZerosRecipe):
             return torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
+        elif isinstance(recipe, MethodRecipe):
+            out = self._method(recipe)
         else:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
@@ -312,6 +316,33 @@ class PlanTensorSource:
                                  ridge=r.ridge)
         return interpolate(list(parents.values()), list(r.weights))
 
+    def _method(self, r: MethodRecipe) -> torch.Tensor:
+        """The method over the inputs' tensors, or (expert_scope layer) rows of the method over the layer's fused
+        experts, which the next expert tensors of the layer reuse."""
+        dtype = torch_dtype(r.merge_dtype)
+        if r.stack:
+            key = (r.stack, r.sources)
+            if self._fused is None or self._fused[0] != key:
+                self._fused = None  # free the last layer's before reading this one's
+                tensors = [torch.stack([torch.cat([self._checkpoint(s).read(n) for n in names]) for names in r.stack])
+                           .to(dtype) for s in r.sources]
+                self._fused = (key, self._run_method(r, tensors))
+            rows = self._checkpoint("base").info(r.tensor).shape[0]
+            return self._fused[1][r.expert, r.row:r.row + rows].clone()
+        return self._run_method(r, [self._checkpoint(key).read(r.tensor).to(dtype) for key in r.sources])
+
+    def _run_method(self, r: MethodRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
+        from ..maths.methods import merge
+
+        gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+        try:
+            if r.expert_axis is not None:  # a fused expert tensor, expert by expert
+                return torch.stack([merge(r.method, list(parts), r.base, r.inputs, r.shared, gen)
+                                    for parts in zip(*(t.unbind(r.expert_axis) for t in tensors))], r.expert_axis)
+            return merge(r.method, tensors, r.base, r.inputs, r.shared, gen)
+        except ValueError as err:
+            raise OutputError(f"{r.tensor}: merge_method {r.method}: {err}") from None
+
     def close(self) -> None:
         for ckpt in self._open.values():
             ckpt.close()
@@ -321,6 +352,7 @@ class PlanTensorSource:
         self._union = None
         self._fp8_last = None
         self._grams = None
+        self._fused = None
         self._dequantizer.clear()
 
 

@@ -30,13 +30,18 @@ def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: 
         shared = [] if base.facts.is_moe else open_shared_sources(cfg, config_dir)
         try:
             out = output_architecture(cfg, base, sources, shared)
-            if cfg.merge_method == "assembly":
+            if cfg.merge_method != "concat":
                 if out.arch is not base.arch:
                     raise PlanError(f"architecture: {cfg.architecture or out.arch.name} needs merge_method: concat "
-                                    f"(dense sources become experts); assembly keeps the base's architecture")
-                from .assembly import plan_assembly
+                                    f"(dense sources become experts); merge_method {cfg.merge_method} keeps the "
+                                    f"base's architecture")
+                if cfg.merge_method == "assembly":
+                    from .assembly import plan_assembly
 
-                return plan_assembly(cfg, config_dir, output_dir, base, sources)
+                    return plan_assembly(cfg, config_dir, output_dir, base, sources)
+                from .methods import plan_method
+
+                return plan_method(cfg, config_dir, output_dir, base, sources)
             return plan_concat(cfg, config_dir, output_dir, base, sources, out, shared)
         finally:
             for s in [*sources, *shared]:

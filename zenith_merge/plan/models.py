@@ -91,6 +91,32 @@ class AssembleRecipe(_Frozen):
     ridge: float = 0.0
 
 
+class MethodRecipe(_Frozen):
+    """A merge method (maths/methods.py) over same-named tensors of same-family models, with the parameters
+    resolved for this tensor: `inputs[i]` are input i's (in `sources` order, mergekit's input order), `shared`
+    the method's own; `base` the index of the method's base among the inputs. The inputs are read (block FP8
+    dequantised) and cast to `merge_dtype` before the maths, as mergekit casts them to its `dtype`."""
+
+    kind: Literal["method"] = "method"
+    tensor: str
+    tensor_class: str
+    method: str
+    sources: tuple[str, ...]
+    base: int | None
+    inputs: tuple[dict[str, Any], ...]
+    shared: dict[str, Any]
+    merge_dtype: str = Field(description="safetensors code of the dtype the maths runs in")
+    seed: int | None = Field(None, description="random methods: the seed of this tensor's generator")
+    stack: tuple[tuple[str, ...], ...] = Field(
+        (), description="expert_scope layer: the layer's expert tensors the method sees as one, as transformers 5 "
+                        "fuses them (expert e's names concatenated along rows, the experts stacked); this tensor "
+                        "is rows `row`.. of expert `expert` of the result")
+    expert: int | None = None
+    row: int = 0
+    expert_axis: int | None = Field(None, description="a fused expert tensor (GPT-OSS) merged expert by expert: "
+                                                      "the method runs on each slice along this axis")
+
+
 class VocabRecipe(_Frozen):
     """The embedding (`embed`) or lm_head (`head`) of the union vocabulary, row by row from the token map:
     base rows copied, shared tokens SLERPed toward the mapped donor row, donor-only tokens transferred.
@@ -112,7 +138,8 @@ class Fp8ScaleRecipe(_Frozen):
                                  "output equals `fp8-cast --to fp8` of the merge written without fp8_output)")
 
 
-Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | VocabRecipe | Fp8ScaleRecipe | ZerosRecipe,
+Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | MethodRecipe | VocabRecipe | Fp8ScaleRecipe
+                   | ZerosRecipe,
                    Field(discriminator="kind")]
 
 
@@ -241,7 +268,7 @@ class Plan(_Frozen):
     """
 
     format_version: int = PLAN_FORMAT_VERSION
-    method: Literal["passthrough", "concat", "assembly"]
+    method: Literal["passthrough", "concat", "assembly", "method"]
     config: dict[str, Any]
     output_dir: str
     sources: dict[str, PlannedSource]
@@ -257,6 +284,11 @@ class Plan(_Frozen):
     tensors: tuple[PlannedTensor, ...]
     shards: tuple[PlannedShard, ...]
     estimates: Estimates
+
+    @property
+    def method_name(self) -> str:
+        """The method as the user named it: a merge method's own name (ties, slerp, ...), else `method`."""
+        return str(self.config.get("merge_method")) if self.method == "method" else self.method
 
     @property
     def resolved(self) -> bool:

@@ -20,7 +20,7 @@ def human(n: int) -> str:
 def format_plan(plan) -> str:
     """A readable summary of a plan: sources, output, shards and estimates."""
     e = plan.estimates
-    lines = [f"plan {plan.plan_id[:12]}  method: {plan.method}", "sources:"]
+    lines = [f"plan {plan.plan_id[:12]}  method: {plan.method_name}", "sources:"]
     lines += [f"  {key:<8} {s.architecture:<24} {s.ref}  ({s.path})" for key, s in plan.sources.items()]
     t = plan.target_config
     lines += [
@@ -62,8 +62,8 @@ def format_plan(plan) -> str:
     lines += _format_extra_layers(plan)
     lines += _format_fp8(plan)
     lines += format_expert_table(plan)
-    if plan.method == "assembly":
-        lines.append("assembly (tensors per recipe):")
+    if plan.method in ("assembly", "method"):
+        lines.append(f"{plan.method_name} (tensors per recipe):")
         counts: dict[str, int] = {}
         for t in plan.tensors:
             what = recipe_label(t.recipe)
@@ -90,6 +90,9 @@ def recipe_label(r) -> str:
     if kind == "assemble":
         return (f"{r.tensor_class}{' (RegMean)' if r.regmean else ''}: "
                 + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
+    if kind == "method":
+        base = f" (method base: {r.sources[r.base]})" if r.base is not None else ""
+        return f"{r.tensor_class}: {r.method} of {', '.join(r.sources)}{base}, in {r.merge_dtype}"
     if kind == "expert":
         return f"routed expert {r.proj} (expert table)"
     if kind == "router":

@@ -47,3 +47,16 @@ def test_fp8_cast_killed_mid_shard(tmp_path):
 def test_merge_with_stages_killed_while_writing_shards(tmp_path, job):
     job = kill_resume.smaller(job, tmp_path)  # less calibration text, no routing report: the same write steps
     _campaign(job, tmp_path, lambda steps: [_first(steps, "tensor ", 3)])
+
+
+def test_a_dare_ties_merge_killed_mid_shard_resumes_to_the_same_random_drops(tmp_path):
+    """A mergekit-yaml method with random drops (merge/examples/ties.yml as dare_ties): the drops are seeded per
+    tensor, so the resumed shard holds the same bytes as the uninterrupted run's."""
+    import yaml
+
+    data = yaml.safe_load((kill_resume.ROOT / "merge/examples/ties.yml").read_text())
+    data["merge_method"] = "dare_ties"
+    config = tmp_path / "dare_ties.yml"
+    config.write_text(yaml.safe_dump(data))
+    kill_resume.JOBS["dare-ties"] = ["merge", str(config)]
+    _campaign("dare-ties", tmp_path, lambda steps: [_first(steps, "tensor ", 40)])

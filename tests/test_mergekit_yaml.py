@@ -384,3 +384,33 @@ def test_every_family_merges_by_method_and_fused_experts_expert_by_expert(tmp_pa
                               {"normalize": True, "int8_mask": False, "rescale": False, "lambda": 1.0}) for x, y in parts]
                 want = torch.stack(want) if fused else want[0]
                 assert torch.equal(out[name].float(), want.to(out[name].dtype).float()), (family, name)
+        # the same merge written as block FP8: the projections quantised with their scales, the rest as above
+        fp8 = zenith_merge(tmp_path / family, {**data, "fp8_output": True}, "fp8")
+        assert json.loads((fp8 / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+        stored = tensors_of(fp8)
+        quantised = [n for n, t in stored.items() if t.dtype == torch.float8_e4m3fn]
+        assert quantised and all(n + "_scale_inv" in stored for n in quantised), family
+        with Checkpoint.open(fp8) as c8:
+            for name in quantised:
+                ref = out[name].float()
+                err = (c8.read(name).float() - ref).norm() / ref.norm()
+                assert err < 0.08, (family, name, float(err))
+
+
+def test_regmean_is_a_method_name_for_zeniths_regmean_assembly(deepseek_family, tmp_path):
+    data = {"merge_method": "regmean", "models": [
+        {"model": str(deepseek_family["child1"]), "parameters": {"weight": 0.3}},
+        {"model": str(deepseek_family["child2"]), "parameters": {"weight": 0.7}}],
+        "regmean": {"data": [["demo:code"], ["demo:maths"]], "max_tokens": 64}}
+    cfg = parse_config(data)
+    assert cfg.merge_method == "assembly" and cfg.assembly.weights == {"default": [0.3, 0.7]}
+    plan = build_plan(cfg, config_dir=tmp_path)
+    solved = [t for t in plan.tensors if getattr(t.recipe, "regmean", False)]
+    assert solved and all(t.recipe.weights == (0.3, 0.7) for t in solved) and set(plan.stages.regmean) == {"base", "donor1"}
+    out = zenith_merge(tmp_path, data)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with pytest.raises(ConfigError, match="regmean: merge_method regmean needs regmean.data"):
+        parse_config({**data, "regmean": {}})
+    with pytest.raises(ConfigError, match=r"models.0.parameters.density: regmean takes only weight"):
+        parse_config({**data, "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]})

@@ -435,7 +435,9 @@ class MergeConfig(_Strict):
 
     @model_validator(mode="after")
     def _prompts_for_prompt_based_gates(self) -> MergeConfig:
-        if self.gate_mode in PROMPT_GATE_MODES and self.merge_method in ("concat", "assembly"):
+        # concat's router rows read the prompts; an assembly's routing report shows where they are routed
+        if self.gate_mode in PROMPT_GATE_MODES and (self.merge_method == "concat" or (
+                self.merge_method == "assembly" and self.routing_report)):
             for i, expert in enumerate(self.experts):
                 if not expert.positive_prompts:
                     raise ValueError(

@@ -278,16 +278,19 @@ def test_task_arithmetic_with_unit_weights_is_parent_plus_both_deltas(deepseek_f
         assert torch.equal(t, want.to(t.dtype)), name
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp", "model_stock", "della"])
-def test_every_deepseek_v3_tensor_is_written_and_loads(deepseek_family, tmp_path, method):
-    data = mergekit_config(deepseek_family | {"child3": deepseek_family["child1"]}, method)
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+@pytest.mark.parametrize("which", ["deepseek", "qwen"])
+def test_every_method_writes_every_tensor_and_the_output_loads(deepseek_family, qwen_family, tmp_path, method, which):
+    """Each method on DeepSeek-V3 children (mergekit writes no routed expert there) and Qwen3-MoE children."""
+    family = deepseek_family if which == "deepseek" else qwen_family
+    data = mergekit_config(family | {"child3": family["child1"]}, method)
     out = zenith_merge(tmp_path, data)
-    parent = tensors_of(deepseek_family["parent"])
+    parent = tensors_of(family["parent"])
     merged = tensors_of(out)
     assert set(merged) == set(parent)
     experts = [n for n in merged if ".mlp.experts." in n]
     assert experts and all(not torch.equal(merged[n], parent[n]) for n in experts[:8])
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     logits = model(torch.tensor([[3, 4, 5, 6]])).logits
     assert torch.isfinite(logits).all()

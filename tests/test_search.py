@@ -166,15 +166,18 @@ def test_a_method_search_scores_every_combination_and_its_best_config_merges_to_
     (gap 0 and 1 by definition), best.yml carries the chosen parameters, and its merge scores as searched."""
     data = yaml.safe_load(TIES.read_text())
     data["search"] = {"keep": ["demo:code"], "gain": ["demo:maths"], "max_chars": 4000,
-                      "parameters": {"density": [0.5, 0.9], "lambda": [1.0, 1.2]}}
+                      "parameters": {"density": [0.5, 0.9], "models.1.weight": [0.5, 1.0]}}
     result = run_search(parse_config(data), config_dir=TIES.parent, progress=False, work_dir=tmp_path / "work")
-    assert result.kind == "method" and result.classes == ("density", "lambda")
+    assert result.kind == "method" and result.classes == ("density", "models.1.weight")
     assert sorted(s.candidate.lambdas for s in result.scores) == [
-        (("density", d), ("lambda", lam)) for d in (0.5, 0.9) for lam in (1.0, 1.2)]
+        (("density", d), ("models.1.weight", w)) for d in (0.5, 0.9) for w in (0.5, 1.0)]
+    assert len({(s.keep_bpb, s.gain_bpb) for s in result.scores}) == 4  # each candidate is another merge
     paths = write_search(result, data, TIES, tmp_path / "out")
     assert "| parameter | value |" in paths["md"].read_text()
     best = yaml.safe_load(paths["config"].read_text())
-    assert best["parameters"] == {**data["parameters"], **dict(result.best.candidate.lambdas)}
+    chosen = dict(result.best.candidate.lambdas)
+    assert best["parameters"] == {**data["parameters"], "density": chosen["density"]}
+    assert best["models"][1]["parameters"]["weight"] == chosen["models.1.weight"]
     assert best["models"][0]["model"] == "demo://zen-tiny"  # still a mergekit-yaml config
     out = run_merge(load_config(paths["config"]), config_dir=tmp_path, output_dir=tmp_path / "best",
                     progress=False).output_dir

@@ -44,9 +44,39 @@ class Candidate:
     lambdas: tuple[tuple[str, float], ...]
     origin: str
 
-    def parameters(self, given: dict) -> dict:
-        """A method's top-level `parameters` for this candidate: the `given` ones, each searched one set."""
-        return {**given, **dict(self.lambdas)}
+    def apply(self, cfg: MergeConfig) -> MergeConfig:
+        """A method config with this candidate's values: `name` sets a top-level parameter, `models.<i>.<name>`
+        (`experts.<i>.<name>`) one model's own."""
+        top, experts = dict(cfg.parameters), list(cfg.experts)
+        for key, value in self.lambdas:
+            index, name = model_parameter(key)
+            if index is None:
+                top[name] = value
+            else:
+                experts[index] = experts[index].model_copy(
+                    update={"parameters": {**experts[index].parameters, name: value}})
+        return cfg.model_copy(update={"parameters": top, "experts": experts})
+
+    def write_into(self, data: dict) -> None:
+        """Set this candidate's values in raw config `data` (a zenith or mergekit-yaml mapping)."""
+        for key, value in self.lambdas:
+            index, name = model_parameter(key)
+            if index is None:
+                data.setdefault("parameters", {})[name] = value
+            else:
+                entries = data.get("models") if data.get("models") is not None else data["experts"]
+                entries[index].setdefault("parameters", {})[name] = value
+
+
+def model_parameter(key: str) -> tuple[int | None, str]:
+    """`search.parameters` key -> (the model's index, or None for a top-level parameter; the parameter)."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] in ("models", "experts") and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    if len(parts) != 1:
+        raise ConfigError(f"search.parameters.{key}: a parameter name (a top-level parameter) or "
+                          f"models.<i>.<name> (model i's own)")
+    return None, key
 
     def weights(self, given: dict[str, list[float]]) -> dict[str, list[float]]:
         """The `assembly.weights` this candidate stands for: the `given` ones, each searched class overridden."""
@@ -104,6 +134,10 @@ def check_searchable(cfg: MergeConfig) -> SearchSettings:
         raise ConfigError(f"merge_method: search looks for assembly weights or a merge method's parameters; this "
                           f"config is {cfg.merge_method!r} (use merge_method: assembly with assembly.weights, or a "
                           f"method such as ties with search.parameters)")
+    for key in settings.parameters:
+        index, _ = model_parameter(key)
+        if index is not None and index >= len(cfg.experts):
+            raise ConfigError(f"search.parameters.{key}: there are {len(cfg.experts)} models")
     if method and not settings.parameters:
         raise ConfigError(f"search.parameters: give the {cfg.merge_method} parameters to search and their values, "
                           f"e.g. {{density: [0.3, 0.5, 0.7], weight: [0.5, 1.0]}}")
@@ -240,7 +274,7 @@ def run_search(cfg: MergeConfig, *, config_dir: Path | None = None, progress: bo
     settings = check_searchable(cfg)
     method = bool(settings.parameters)
     if method:  # planned once up front: with the grid's first point, the searched parameters are all set
-        cfg = cfg.model_copy(update={"parameters": parameter_grid(settings)[0].parameters(cfg.parameters)})
+        cfg = parameter_grid(settings)[0].apply(cfg)
     score_fn = CandidateScorer(cfg, config_dir, settings, work_dir)
     classes = tuple(sorted(settings.parameters)) if method else searched_classes(cfg, score_fn.base_path, score_fn.names)
     if not classes:
@@ -264,8 +298,7 @@ def run_search(cfg: MergeConfig, *, config_dir: Path | None = None, progress: bo
 
     def evaluate(cand: Candidate) -> None:
         seen.add(cand.lambdas)
-        keep, gain = (score_fn.score(cfg.model_copy(update={"parameters": cand.parameters(result.given)})) if method
-                      else score_fn(cand.weights(result.given)))
+        keep, gain = score_fn.score(cand.apply(cfg)) if method else score_fn(cand.weights(result.given))
         loss = keep / first[0] - 1.0
         gap = (first[1] - gain) / (first[1] - second[1])
         result.scores.append(Score(cand, keep, gain, loss, gap, loss <= settings.max_loss))
@@ -401,7 +434,7 @@ def write_search(result: SearchResult, cfg_data: dict, config_path: Path, out_di
     write_text_atomic(paths["md"], md)
     data = with_absolute_paths(cfg_data, config_path.parent)
     if result.kind == "method":
-        data["parameters"] = best.candidate.parameters(result.given)
+        best.candidate.write_into(data)
     else:
         data.setdefault("assembly", {})["weights"] = best.candidate.weights(result.given)
     header = (f"# {config_path.name} with the {'parameters' if result.kind == 'method' else 'weights'} "

@@ -288,9 +288,10 @@ class SearchSettings(_Strict):
     sigma: float = Field(0.08, gt=0.0, description="standard deviation of a child's per-class mutation")
     max_chars: int = Field(40_000, ge=100, description="characters of each text scored per candidate")
     parameters: dict[str, list[float | bool]] = Field(
-        default_factory=dict, description="a merge method's search (ties, dare_ties, slerp, ...): top-level "
-                                          "parameters and the values each may take; every combination is scored "
-                                          "(grid, generations and classes are assembly's)")
+        default_factory=dict, description="a merge method's search (ties, dare_ties, slerp, ...): parameters "
+                                          "(top-level `density`, or one model's `models.1.weight`) and the values "
+                                          "each may take; every combination is scored (grid, generations and "
+                                          "classes are assembly's)")
 
     @field_validator("grid")
     @classmethod

@@ -157,7 +157,7 @@ def test_unknown_parameters_are_said_not_silently_ignored(qwen_family, tmp_path,
     data = mergekit_config(qwen_family, "linear")
     data["models"][0]["parameters"]["density"] = 0.5  # linear has no density: mergekit ignores it, we say so
     build_plan(parse_config(data), config_dir=tmp_path)
-    assert "experts.0.parameters.density: merge_method linear takes no such parameter" in caplog.text
+    assert "models.0.parameters.density: merge_method linear takes no such parameter" in caplog.text
 
 
 def test_a_missing_required_parameter_names_the_tensor(qwen_family, tmp_path):

@@ -162,7 +162,8 @@ def from_mergekit_yaml(data: dict[str, Any]) -> dict[str, Any]:
         return {**out, **_regmean(entries, top, base, data.get("regmean"))}
     if data.get("regmean") is not None:
         raise ConfigError("regmean: only with merge_method: regmean")
-    return {**out, "merge_method": method, "base_model": base or entries[0]["source_model"],
+    return {**out, "config_format": "mergekit-yaml", "merge_method": method,
+            "base_model": base or entries[0]["source_model"],
             "method_base": base is not None, "parameters": top, "experts": entries}
 
 
@@ -184,6 +185,6 @@ def _regmean(entries: list[dict[str, Any]], top: dict[str, Any], base: str | Non
         if extra:
             raise ConfigError(f"models.{i}.parameters.{extra[0]}: regmean takes only weight")
         weights.append(float(w))
-    return {"merge_method": "assembly", "base_model": base or entries[0]["source_model"],
+    return {"config_format": "mergekit-yaml", "merge_method": "assembly", "base_model": base or entries[0]["source_model"],
             "experts": [{"source_model": e["source_model"]} for e in entries],
             "assembly": {"weights": {"default": weights}, "regmean": settings}}

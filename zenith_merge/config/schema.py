@@ -339,6 +339,8 @@ class MergeConfig(_Strict):
     merge_method: Literal["concat", "assembly"] | MethodName = Field(
         "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors; "
                               "a mergekit-yaml method (linear, ties, ...): that method, tensor by tensor")
+    config_format: Literal["zenith", "mergekit-yaml"] = Field(
+        "zenith", description="the form the config was written in (mergekit-yaml: errors name its keys, models.N)")
     method_base: bool = Field(True, description="a merge method's base is base_model (mergekit-yaml's base_model); "
                                                 "false: base_model only fixes the output's layout (no base given)")
     parameters: dict[str, Any] = Field(default_factory=dict, description="a merge method's parameters for every "

@@ -45,8 +45,9 @@ def check_same_family(base: OpenedSource, src: OpenedSource) -> None:
     from ..architectures import dim
 
     if src.arch.name != base.arch.name:
-        raise PlanError(f"{src.where}: is {src.arch.name}, the base {base.arch.name}; assembly interpolates "
-                        f"tensors of one architecture (use merge_method: concat to graft across architectures)")
+        raise PlanError(f"{src.where}: is {src.arch.name}, the base {base.arch.name}; assembly and the merge "
+                        f"methods combine tensors of one architecture (merge_method: concat grafts experts across "
+                        f"architectures)")
     for sym in _SHAPE_KEYS:
         a, b = dim(base.ckpt.config, base.arch, sym), dim(src.ckpt.config, src.arch, sym)
         if a != b:

@@ -124,7 +124,7 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
     for s in inputs:
         if s.model.path != base.model.path:
             check_same_family(base, s)
-    settings = [(f"experts.{s.index}.parameters", s.entry.parameters) for s in inputs]
+    settings = [(f"{s.field}.{s.index}.parameters", s.entry.parameters) for s in inputs]
     for where in unused_parameters(method, settings, cfg.parameters):
         log.warning("%s: merge_method %s takes no such parameter (mergekit ignores it too); it has no effect",
                     where, method.name)

@@ -37,7 +37,8 @@ class OpenedSource:
 
     @property
     def where(self) -> str:
-        return f"{self.field}.{self.index}.source_model ({self.model.ref})" if self.index is not None else "base_model"
+        key = "model" if self.field == "models" else "source_model"  # models: a mergekit-yaml config's list
+        return f"{self.field}.{self.index}.{key} ({self.model.ref})" if self.index is not None else "base_model"
 
 
 def source_layers(s: OpenedSource, moe_layers: Sequence[int], base_depth: int) -> dict[int, int]:
@@ -95,6 +96,8 @@ def open_sources(cfg: MergeConfig, base: OpenedSource, config_dir: Path | None) 
             out.append(OpenedSource("base", base.model, base.ckpt, base.arch, base.facts, entry, i))
         else:
             out.append(open_source(f"donor{i}", model, cfg, entry, i))
+        if cfg.config_format == "mergekit-yaml":
+            out[-1].field = "models"
     return out
 
 

@@ -417,3 +417,20 @@ def test_regmean_is_a_method_name_for_zeniths_regmean_assembly(deepseek_family, 
         parse_config({**data, "regmean": {}})
     with pytest.raises(ConfigError, match=r"models.0.parameters.density: regmean takes only weight"):
         parse_config({**data, "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}]})
+
+
+@pytest.mark.parametrize("cls", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_dense_models_merge_as_mergekit_merges_them(tmp_path, cls):
+    """A dense family stays dense (no MoE built from it), and TIES equals mergekit's output byte for byte."""
+    from conftest import make_tiny_dense
+
+    parent = make_tiny_dense(tmp_path / "parent", cls=cls)
+    a, b = make_child(parent, tmp_path / "a", seed=1), make_child(parent, tmp_path / "b", seed=2)
+    data = {"merge_method": "ties", "base_model": str(parent),
+            "models": [{"model": str(a), "parameters": {"weight": 1.0, "density": 0.5}},
+                       {"model": str(b), "parameters": {"weight": 0.5, "density": 0.7}}]}
+    ours = zenith_merge(tmp_path, data)
+    assert json.loads((ours / "config.json").read_text())["architectures"] == [cls]
+    theirs = all_tensors(mergekit_merge(tmp_path, data))
+    ours = tensors_of(ours)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in theirs)

@@ -29,9 +29,11 @@ def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: 
         sources = open_sources(cfg, base, config_dir)
         shared = [] if base.facts.is_moe else open_shared_sources(cfg, config_dir)
         try:
-            out = output_architecture(cfg, base, sources, shared)
             if cfg.merge_method != "concat":
-                if out.arch is not base.arch:
+                # same-family merges keep the base's architecture (a dense base stays dense): only a named
+                # architecture is checked
+                if cfg.architecture is not None and (out := output_architecture(cfg, base, sources, shared)).arch \
+                        is not base.arch:
                     raise PlanError(f"architecture: {cfg.architecture or out.arch.name} needs merge_method: concat "
                                     f"(dense sources become experts); merge_method {cfg.merge_method} keeps the "
                                     f"base's architecture")
@@ -42,7 +44,8 @@ def build_plan(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: 
                 from .methods import plan_method
 
                 return plan_method(cfg, config_dir, output_dir, base, sources)
-            return plan_concat(cfg, config_dir, output_dir, base, sources, out, shared)
+            return plan_concat(cfg, config_dir, output_dir, base, sources, output_architecture(cfg, base, sources, shared),
+                               shared)
         finally:
             for s in [*sources, *shared]:
                 if s.ckpt is not base.ckpt:

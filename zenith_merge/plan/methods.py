@@ -102,18 +102,31 @@ _FUSED = {"expert_gate": ("expert_gate", "expert_up"), "expert_up": ("expert_gat
           "expert_down": ("expert_down",)}
 
 
-def fused_stack(base: OpenedSource, role: str, layer: int, expert: int) -> tuple[tuple[tuple[str, ...], ...], int, str]:
-    """expert_scope layer: the layer's expert tensors as transformers 5 fuses them (gate_up_proj: each expert's
-    gate and up rows concatenated, down_proj: each expert's down; experts stacked), where this tensor's rows
-    start in its expert's part, and the fused tensor's name (for the random methods' seed)."""
+def fused_stack(base: OpenedSource, roles: tuple[str, ...], layer: int) -> tuple[tuple[str, ...], ...]:
+    """expert_scope layer: a layer's expert tensors as transformers 5 fuses them (gate_up_proj: each expert's
+    gate and up rows concatenated, down_proj: each expert's down; the experts stacked)."""
     from ..architectures import dim, tensor_name
 
-    roles = _FUSED[role]
     n = dim(base.ckpt.config, base.arch, "n_experts")
-    stack = tuple(tuple(tensor_name(base.arch, r, layer, e) for r in roles) for e in range(n))
-    row = 0 if role != "expert_up" else base.ckpt.info(stack[expert][0]).shape[0]
-    fused = f"model.layers.{layer}.mlp.experts.{'down_proj' if role == 'expert_down' else 'gate_up_proj'}"
-    return stack, row, fused
+    return tuple(tuple(tensor_name(base.arch, r, layer, e) for r in roles) for e in range(n))
+
+
+def _layout(cfg: MergeConfig, base: OpenedSource, tid, stacks: dict) -> dict[str, Any]:
+    """How a tensor's experts are seen by the method: a fused tensor expert by expert (expert_axis), or
+    (expert_scope layer) rows of its layer's fused experts (stack, expert, row); {} for a plain tensor."""
+    if tid is None:
+        return {}
+    axis = base.arch.roles[tid.role].expert_axis
+    if cfg.expert_scope == "expert" and axis is not None:
+        return {"expert_axis": axis}
+    if cfg.expert_scope == "layer" and tid.role in _FUSED:
+        key = (_FUSED[tid.role], tid.layer)
+        if key not in stacks:
+            stacks[key] = fused_stack(base, *key)
+        stack = stacks[key]
+        row = 0 if tid.role != "expert_up" else base.ckpt.info(stack[tid.expert][0]).shape[0]
+        return {"stack": stack, "expert": tid.expert, "row": row}
+    return {}
 
 
 def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, sources: list[OpenedSource]) -> Plan:
@@ -133,7 +146,8 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
         set_dim(target, base.arch, "top_k", cfg.experts_per_token)
     layers = int(base.ckpt.config.get("num_hidden_layers", 1))
     extra = set(extra_layer_indices(base.arch, base.ckpt.config, base.ckpt.names()))
-    tensors, input_bytes, seen = [], {}, set()
+    keys = tuple(s.key for s in inputs)
+    tensors, input_bytes, seen, stacks = [], {}, set(), {}
     for name in base.ckpt.names():
         info = base.ckpt.info(name)
         for s in inputs:
@@ -142,35 +156,30 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
                 raise PlanError(f"{s.where}: tensor {name} is {found}, the base's {info.shape}; a merge method "
                                 f"needs every tensor in every model")
         tid = classify(base.arch, name)
-        tclass = tid.tensor_class if tid else None
         layer = tid.layer if tid is not None else None
         t = 1.0 if layer in extra else relative_depth(layer, layers)
-        shared, per_input = tensor_parameters(method, settings, base_index, cfg.parameters, name, tclass, t)
+        shared, per_input = tensor_parameters(method, settings, base_index, cfg.parameters, name,
+                                              tid.tensor_class if tid else None, t)
         try_parameters(method, len(inputs), base_index, shared, per_input, name, seen)
-        keys = tuple(s.key for s in inputs)
+        held = info.nbytes
         if info.dtype not in _READ_AS:  # integer buffers are copied from the base, as mergekit copies them
             recipe = CopyRecipe(source="base", tensor=name)
         elif method.name == "passthrough" and per_input[0].get("scale") in (None, 1.0):
             recipe = CopyRecipe(source=keys[0], tensor=name)
         else:
+            layout = _layout(cfg, base, tid, stacks)
+            if "stack" in layout:
+                held = sum(base.ckpt.info(n).nbytes for names in layout["stack"] for n in names)
             merge_dtype = (DTYPE_CODES[cfg.merge_dtype] if cfg.merge_dtype
                            else promoted([s.ckpt.info(name).dtype for s in inputs]))
-            fused = {}
-            axis = base.arch.roles[tid.role].expert_axis if tid is not None else None
-            if cfg.expert_scope == "expert" and axis is not None:
-                fused = {"expert_axis": axis}
-            elif cfg.expert_scope == "layer" and tid is not None and tid.role in _FUSED:
-                stack, row, seed_name = fused_stack(base, tid.role, layer, tid.expert)
-                fused = {"stack": stack, "expert": tid.expert, "row": row}
-                info_bytes = sum(base.ckpt.info(n).nbytes for names in stack for n in names)
-            recipe = MethodRecipe(tensor=name, tensor_class=tclass or "other", method=method.name, sources=keys,
-                                  base=base_index, inputs=per_input, shared=shared, merge_dtype=merge_dtype,
-                                  seed=tensor_seed(cfg.seed, seed_name if "stack" in fused else name) if method.random else None,
-                                  **fused)
+            seed_name = layout["stack"][0][0] + " (fused)" if "stack" in layout else name  # one draw per fused tensor
+            recipe = MethodRecipe(tensor=name, tensor_class=tid.tensor_class if tid else "other", method=method.name,
+                                  sources=keys, base=base_index, inputs=per_input, shared=shared,
+                                  merge_dtype=merge_dtype, seed=tensor_seed(cfg.seed, seed_name) if method.random
+                                  else None, **layout)
         dtype = output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
         tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
         # the inputs as stored, then as float32 twice (cast to the merge dtype, and the deltas)
-        held = info_bytes if getattr(recipe, "stack", None) else info.nbytes
         elements = held // max(1, info.nbytes // max(1, math.prod(info.shape)))
         input_bytes[name] = len(inputs) * (held + 8 * elements)
     return finish_plan(cfg, config_dir, output_dir, method="method", base=base, sources=sources, target=target,

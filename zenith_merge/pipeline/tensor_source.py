@@ -320,11 +320,16 @@ class PlanTensorSource:
         """The method over the inputs' tensors, or (expert_scope layer) rows of the method over the layer's fused
         experts, which the next expert tensors of the layer reuse."""
         dtype = torch_dtype(r.merge_dtype)
-        if r.stack:
-            key = (r.stack, r.sources)
+        if r.fused:
+            key = (r.fused, r.layer, r.sources)
             if self._fused is None or self._fused[0] != key:
+                from ..plan.methods import fused_names
+
                 self._fused = None  # free the last layer's before reading this one's
-                tensors = [torch.stack([torch.cat([self._checkpoint(s).read(n) for n in names]) for names in r.stack])
+                base = self._checkpoint("base")
+                stack = fused_names(ARCHITECTURES[self.plan.sources["base"].architecture], base.config, r.fused,
+                                    r.layer)
+                tensors = [torch.stack([torch.cat([self._checkpoint(s).read(n) for n in names]) for names in stack])
                            .to(dtype) for s in r.sources]
                 self._fused = (key, self._run_method(r, tensors))
             rows = self._checkpoint("base").info(r.tensor).shape[0]

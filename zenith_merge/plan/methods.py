@@ -102,31 +102,32 @@ _FUSED = {"expert_gate": ("expert_gate", "expert_up"), "expert_up": ("expert_gat
           "expert_down": ("expert_down",)}
 
 
-def fused_stack(base: OpenedSource, roles: tuple[str, ...], layer: int) -> tuple[tuple[str, ...], ...]:
+def fused_names(arch, config: dict, roles: tuple[str, ...], layer: int) -> tuple[tuple[str, ...], ...]:
     """expert_scope layer: a layer's expert tensors as transformers 5 fuses them (gate_up_proj: each expert's
-    gate and up rows concatenated, down_proj: each expert's down; the experts stacked)."""
+    gate and up rows concatenated, down_proj: each expert's down; the experts stacked), by expert."""
     from ..architectures import dim, tensor_name
 
-    n = dim(base.ckpt.config, base.arch, "n_experts")
-    return tuple(tuple(tensor_name(base.arch, r, layer, e) for r in roles) for e in range(n))
+    return tuple(tuple(tensor_name(arch, r, layer, e) for r in roles) for e in range(dim(config, arch, "n_experts")))
 
 
-def _layout(cfg: MergeConfig, base: OpenedSource, tid, stacks: dict) -> dict[str, Any]:
+def _layout(cfg: MergeConfig, base: OpenedSource, tid, stacks: dict) -> tuple[dict[str, Any], int | None]:
     """How a tensor's experts are seen by the method: a fused tensor expert by expert (expert_axis), or
-    (expert_scope layer) rows of its layer's fused experts (stack, expert, row); {} for a plain tensor."""
+    (expert_scope layer) rows of its layer's fused experts; {} for a plain tensor. With the bytes of the
+    layer's fused tensor per input (None: the tensor's own)."""
     if tid is None:
-        return {}
+        return {}, None
     axis = base.arch.roles[tid.role].expert_axis
     if cfg.expert_scope == "expert" and axis is not None:
-        return {"expert_axis": axis}
+        return {"expert_axis": axis}, None
     if cfg.expert_scope == "layer" and tid.role in _FUSED:
         key = (_FUSED[tid.role], tid.layer)
         if key not in stacks:
-            stacks[key] = fused_stack(base, *key)
-        stack = stacks[key]
+            stack = fused_names(base.arch, base.ckpt.config, *key)
+            stacks[key] = (stack, sum(base.ckpt.info(n).nbytes for names in stack for n in names))
+        stack, nbytes = stacks[key]
         row = 0 if tid.role != "expert_up" else base.ckpt.info(stack[tid.expert][0]).shape[0]
-        return {"stack": stack, "expert": tid.expert, "row": row}
-    return {}
+        return {"fused": key[0], "layer": tid.layer, "expert": tid.expert, "row": row}, nbytes
+    return {}, None
 
 
 def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, sources: list[OpenedSource]) -> Plan:
@@ -161,26 +162,27 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
         shared, per_input = tensor_parameters(method, settings, base_index, cfg.parameters, name,
                                               tid.tensor_class if tid else None, t)
         try_parameters(method, len(inputs), base_index, shared, per_input, name, seen)
-        held = info.nbytes
+        held, work = info.nbytes, 0
         if info.dtype not in _READ_AS:  # integer buffers are copied from the base, as mergekit copies them
             recipe = CopyRecipe(source="base", tensor=name)
         elif method.name == "passthrough" and per_input[0].get("scale") in (None, 1.0):
             recipe = CopyRecipe(source=keys[0], tensor=name)
         else:
-            layout = _layout(cfg, base, tid, stacks)
-            if "stack" in layout:
-                held = sum(base.ckpt.info(n).nbytes for names in layout["stack"] for n in names)
+            layout, fused_bytes = _layout(cfg, base, tid, stacks)
+            held = fused_bytes or held
             merge_dtype = (DTYPE_CODES[cfg.merge_dtype] if cfg.merge_dtype
                            else promoted([s.ckpt.info(name).dtype for s in inputs]))
-            seed_name = layout["stack"][0][0] + " (fused)" if "stack" in layout else name  # one draw per fused tensor
+            work = {"F64": 8, "F32": 4}.get(merge_dtype, 2)
+            # one draw per fused tensor: the seed of its first name
+            seed_name = stacks[(layout["fused"], layer)][0][0][0] + " (fused)" if "fused" in layout else name
             recipe = MethodRecipe(tensor=name, tensor_class=tid.tensor_class if tid else "other", method=method.name,
                                   sources=keys, base=base_index, inputs=per_input, shared=shared,
                                   merge_dtype=merge_dtype, seed=tensor_seed(cfg.seed, seed_name) if method.random
                                   else None, **layout)
         dtype = output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
         tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
-        # the inputs as stored, then as float32 twice (cast to the merge dtype, and the deltas)
+        # the inputs as stored, then twice in the merge dtype (cast to it, and the deltas)
         elements = held // max(1, info.nbytes // max(1, math.prod(info.shape)))
-        input_bytes[name] = len(inputs) * (held + 8 * elements)
+        input_bytes[name] = len(inputs) * (held + 2 * work * elements) if isinstance(recipe, MethodRecipe) else held
     return finish_plan(cfg, config_dir, output_dir, method="method", base=base, sources=sources, target=target,
                        tensors=tensors, input_bytes=input_bytes)

@@ -107,10 +107,12 @@ class MethodRecipe(_Frozen):
     shared: dict[str, Any]
     merge_dtype: str = Field(description="safetensors code of the dtype the maths runs in")
     seed: int | None = Field(None, description="random methods: the seed of this tensor's generator")
-    stack: tuple[tuple[str, ...], ...] = Field(
-        (), description="expert_scope layer: the layer's expert tensors the method sees as one, as transformers 5 "
-                        "fuses them (expert e's names concatenated along rows, the experts stacked); this tensor "
-                        "is rows `row`.. of expert `expert` of the result")
+    fused: tuple[str, ...] = Field(
+        (), description="expert_scope layer: the roles whose tensors the method sees as one for the whole layer, "
+                        "as transformers 5 fuses them (each expert's tensors of these roles concatenated along "
+                        "rows, the experts stacked: plan/methods.py fused_names); this tensor is rows `row`.. of "
+                        "expert `expert` of layer `layer` of the result")
+    layer: int | None = None
     expert: int | None = None
     row: int = 0
     expert_axis: int | None = Field(None, description="a fused expert tensor (GPT-OSS) merged expert by expert: "

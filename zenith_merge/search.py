@@ -68,6 +68,13 @@ class Candidate:
                 entries[index].setdefault("parameters", {})[name] = value
 
 
+    def weights(self, given: dict[str, list[float]]) -> dict[str, list[float]]:
+        """The `assembly.weights` this candidate stands for: the `given` ones, each searched class overridden."""
+        out = {k: list(v) for k, v in given.items()}
+        out.update({c: [round(1.0 - lam, LAMBDA_DECIMALS + 2), lam] for c, lam in self.lambdas})
+        return out
+
+
 def model_parameter(key: str) -> tuple[int | None, str]:
     """`search.parameters` key -> (the model's index, or None for a top-level parameter; the parameter)."""
     parts = key.split(".")
@@ -77,12 +84,6 @@ def model_parameter(key: str) -> tuple[int | None, str]:
         raise ConfigError(f"search.parameters.{key}: a parameter name (a top-level parameter) or "
                           f"models.<i>.<name> (model i's own)")
     return None, key
-
-    def weights(self, given: dict[str, list[float]]) -> dict[str, list[float]]:
-        """The `assembly.weights` this candidate stands for: the `given` ones, each searched class overridden."""
-        out = {k: list(v) for k, v in given.items()}
-        out.update({c: [round(1.0 - lam, LAMBDA_DECIMALS + 2), lam] for c, lam in self.lambdas})
-        return out
 
 
 @dataclass(frozen=True)

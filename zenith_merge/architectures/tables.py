@@ -127,6 +127,19 @@ _MTP_ROLES = {
 }
 _MTP_LAYERS = ExtraLayers(kind="mtp", count_key="num_nextn_predict_layers", roles=tuple(_MTP_ROLES))
 
+# The MoE dimensions of the families with DeepSeek's shared experts and MTP layers (DeepSeek-V3, GLM-4.5), and
+# the defaults of their sigmoid group routing (transformers' config classes).
+_SHARED_EXPERT_MOE_DIMS = {
+    "moe_inter": ("moe_intermediate_size",),
+    "n_experts": ("n_routed_experts", "num_local_experts"),
+    "top_k": ("num_experts_per_tok",),
+    "n_shared": ("n_shared_experts",),
+    "shared_inter": ("moe_inter * n_shared",),
+    "eh_in": ("hidden * 2",),
+}
+_SIGMOID_MOE_DEFAULTS = {"moe_layer_freq": 1, "tie_word_embeddings": False, "norm_topk_prob": True,
+                         "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1}
+
 DEEPSEEK_V3 = Architecture(
     name="DeepseekV3ForCausalLM",
     chat_format="deepseek",
@@ -139,16 +152,10 @@ DEEPSEEK_V3 = Architecture(
         "vocab": ("vocab_size",),
         "layers": ("num_hidden_layers",),
         "inter": ("intermediate_size",),
-        "moe_inter": ("moe_intermediate_size",),
-        "n_experts": ("n_routed_experts", "num_local_experts"),
-        "top_k": ("num_experts_per_tok",),
-        "n_shared": ("n_shared_experts",),
+        **_SHARED_EXPERT_MOE_DIMS,
         **_MLA_DIMS,
-        "shared_inter": ("moe_inter * n_shared",),
-        "eh_in": ("hidden * 2",),
     },
-    defaults={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_shared_experts": 0, "tie_word_embeddings": False,
-              "norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1},
+    defaults={**_SIGMOID_MOE_DEFAULTS, "first_k_dense_replace": 0, "n_shared_experts": 0},
     routing_keys=_SIGMOID_ROUTING_KEYS,
     attention_layout_keys=(*_MLA_LAYOUT_KEYS, "rope_interleave"),
     # MLA: q_a_proj (or q_proj without a q LoRA) and kv_a_proj_with_mqa both read the normalised hidden state
@@ -334,16 +341,10 @@ GLM4_MOE = Architecture(
     keep_fp32_roles=("router_bias",),
     dims={
         **_GQA_DIMS,
-        "moe_inter": ("moe_intermediate_size",),
-        "n_experts": ("n_routed_experts", "num_local_experts"),
-        "top_k": ("num_experts_per_tok",),
-        "n_shared": ("n_shared_experts",),
-        "shared_inter": ("moe_inter * n_shared",),
-        "eh_in": ("hidden * 2",),
+        **_SHARED_EXPERT_MOE_DIMS,
     },
     # transformers' Glm4MoeConfig defaults
-    defaults={"first_k_dense_replace": 1, "moe_layer_freq": 1, "n_shared_experts": 1, "tie_word_embeddings": False,
-              "norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1},
+    defaults={**_SIGMOID_MOE_DEFAULTS, "first_k_dense_replace": 1, "n_shared_experts": 1},
     routing_keys=_SIGMOID_ROUTING_KEYS,
     attention_layout_keys=(*_GQA_LAYOUT_KEYS, "rope_parameters", "partial_rotary_factor", "use_qk_norm",
                            "attention_bias"),

@@ -434,3 +434,17 @@ def test_dense_models_merge_as_mergekit_merges_them(tmp_path, cls):
     theirs = all_tensors(mergekit_merge(tmp_path, data))
     ours = tensors_of(ours)
     assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in theirs)
+
+
+def test_a_merge_that_would_outgrow_memory_is_said_before_it_starts(qwen_family, tmp_path, caplog, monkeypatch):
+    """TIES sorts each task vector (about 28 bytes per element): the plan counts it, and a plan whose peak is more
+    than the machine's memory is said before anything runs, with the filter that avoids the sort."""
+    import zenith_merge.system
+    from zenith_merge.pipeline.stage_runs import warn_if_memory_short
+
+    ties = build_plan(parse_config(mergekit_config(qwen_family, "ties")), config_dir=tmp_path)
+    linear = build_plan(parse_config(mergekit_config(qwen_family, "linear")), config_dir=tmp_path)
+    assert ties.estimates.peak_memory_bytes > linear.estimates.peak_memory_bytes
+    monkeypatch.setattr(zenith_merge.system, "physical_memory", lambda: 1000)
+    warn_if_memory_short(ties)
+    assert "is more than this machine's" in caplog.text and "filter: embed_tokens, value: 1.0" in caplog.text

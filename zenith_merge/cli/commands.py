@@ -61,8 +61,11 @@ def _merge(cfg, config_dir: Path, output, *, dry_run: bool, progress: bool, **ru
     from ..plan.build import build_plan
 
     if dry_run:
+        from ..pipeline.stage_runs import warn_if_memory_short
+
         plan = build_plan(cfg, config_dir=config_dir, output_dir=output)
         check_training_inputs(plan, cfg, config_dir)
+        warn_if_memory_short(plan)
         print(format_plan(plan))
         print("dry run: nothing written")
         return 0

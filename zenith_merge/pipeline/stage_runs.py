@@ -82,6 +82,23 @@ def _prompt_vectors(plan: Plan, cfg: MergeConfig, zdir: Path, *, key: str, progr
     return file_sha256(zdir / pv.VECTORS_FILE)
 
 
+def warn_if_memory_short(plan: Plan) -> None:
+    """Say before any work when the plan's peak-memory estimate exceeds this machine's memory (the kernel's OOM
+    killer would end the merge without a word), naming the tensor that needs most."""
+    from ..system import physical_memory
+
+    ram, e = physical_memory(), plan.estimates
+    if ram is not None and e.peak_memory_bytes > ram:
+        hint = ""
+        if plan.method == "method" and plan.config.get("merge_method") in ("ties", "breadcrumbs", "breadcrumbs_ties",
+                                                                          "della", "della_linear"):
+            hint = (f"; {plan.config['merge_method']} sorts each task vector's magnitudes (about 28 bytes per "
+                    f"element): density 1 for the largest tensors skips it, e.g. density: [{{filter: embed_tokens, "
+                    f"value: 1.0}}, {{filter: lm_head, value: 1.0}}, {{value: 0.5}}]")
+        log.warning("estimated peak memory %.1f GiB is more than this machine's %.1f GiB (the largest tensor: %s)%s",
+                    e.peak_memory_bytes / 2**30, ram / 2**30, e.largest_tensor, hint)
+
+
 def build_tokenizer(cfg: MergeConfig, *, config_dir: Path | None = None, output_dir: str | Path | None = None,
                     overwrite: bool = False) -> Plan:
     """Run only the tokenizer stage: the union tokenizer, token map and row maps into `<output>/.zenith/`.
@@ -209,6 +226,7 @@ def prepare_stages(cfg: MergeConfig, *, config_dir: Path | None = None, output_d
     """
     plan = build_plan(cfg, config_dir=config_dir, output_dir=output_dir)
     check_training_inputs(plan, cfg, config_dir)
+    warn_if_memory_short(plan)
     out = Path(plan.output_dir)
     prepare_output_dir(out, resume=resume, overwrite=overwrite,
                        source_dirs=[Path(s.path) for s in plan.sources.values()])

@@ -11,7 +11,8 @@ once and reused. Each of --runs interleaved repeats times, each right after a `c
   chimera-fp8   the same with `fp8_output: true` (block FP8 in, block FP8 out)
   fp8-cast      `zenith-merge fp8-cast PARENT OUT` (block FP8 -> BF16)
   ties-fp8      a mergekit-yaml TIES config over the two parents (R1's task vector on V3 at density 0.5,
-                weight 1), block FP8 in and out: every tensor computed (dequantised, TIES, quantised again)
+                weight 1; density 1 for the embeddings and heads, whose sort would need ~30 GB), block FP8
+                in and out: every tensor computed (dequantised, TIES, quantised again)
 
 --jobs picks some of them (default: all).
 
@@ -120,8 +121,10 @@ def write_configs(work: Path, v3: Path, r1: Path) -> dict[str, Path]:
                "output_dir": str(work / f"out-{job}")}
         paths[job] = work / f"{job}.yml"
         paths[job].write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # density 1 for the embeddings and heads: TIES's sort of a 129280 x 7168 task vector needs ~30 GB
+    dense = [{"filter": f, "value": 1.0} for f in ("embed_tokens", "lm_head", "shared_head.head")]
     ties = {"merge_method": "ties", "base_model": str(v3), "models": [
-        {"model": str(r1), "parameters": {"weight": 1.0, "density": 0.5}}], "fp8_output": True,
+        {"model": str(r1), "parameters": {"weight": 1.0, "density": [*dense, {"value": 0.5}]}}], "fp8_output": True,
         "output_dir": str(work / "out-ties-fp8")}
     paths["ties-fp8"] = work / "ties-fp8.yml"
     paths["ties-fp8"].write_text(yaml.safe_dump(ties, sort_keys=False))

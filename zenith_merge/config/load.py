@@ -16,17 +16,32 @@ from ..errors import ConfigError
 from .mergekit_yaml import from_mergekit_yaml, is_mergekit_yaml
 from .schema import MergeConfig
 
+MAX_SHOWN_ERRORS = 20  # problems listed; the rest are counted
+MAX_SHOWN_CHARS = 200  # of a value or message, shown
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+
 
 def _format_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem (the first MAX_SHOWN_ERRORS, long values cut): a config of 100,000 bad values is
+    one readable message, not megabytes of them."""
     lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+    errors = err.errors()
+    for e in errors[:MAX_SHOWN_ERRORS]:
+        path = _short(".".join(str(p) for p in e["loc"]) or "(top level)")
+        msg = _short(e["msg"].removeprefix("Value error, "))
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         shown = e.get("input")
-        value = "" if e["type"] == "missing" or isinstance(shown, dict) or repr(shown) in msg else f" (got {shown!r})"
+        if e["type"] == "missing" or isinstance(shown, dict) or isinstance(shown, list) and len(shown) > 10:
+            value = ""
+        else:
+            value = "" if (text := repr(shown)) in msg else f" (got {_short(text)})"
         lines.append(f"  {path}: {msg}{value}")
+    if len(errors) > MAX_SHOWN_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_SHOWN_ERRORS} more problems")
     return f"{where}: invalid config\n" + "\n".join(lines)
 
 

@@ -17,11 +17,11 @@ from .mergekit_yaml import from_mergekit_yaml, is_mergekit_yaml
 from .schema import MergeConfig
 
 MAX_SHOWN_ERRORS = 20  # problems listed; the rest are counted
-MAX_SHOWN_CHARS = 200  # of a value or message, shown
+MAX_SHOWN_CHARS = 200  # of a value given, shown (our own messages up to 5x that)
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+def _short(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _format_validation_error(err: ValidationError, where: str) -> str:
@@ -31,7 +31,7 @@ def _format_validation_error(err: ValidationError, where: str) -> str:
     errors = err.errors()
     for e in errors[:MAX_SHOWN_ERRORS]:
         path = _short(".".join(str(p) for p in e["loc"]) or "(top level)")
-        msg = _short(e["msg"].removeprefix("Value error, "))
+        msg = _short(e["msg"].removeprefix("Value error, "), 5 * MAX_SHOWN_CHARS)
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         shown = e.get("input")

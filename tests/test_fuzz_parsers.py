@@ -687,7 +687,7 @@ def _run(target: Target, blob: bytes, tmp_path: Path) -> None:
         raise type(err)(f"{err} on {len(blob)} bytes left in {path}; starting {blob[:200]!r}") from None
 
 
-@settings(FUZZ, max_examples=examples(600))
+@settings(FUZZ, max_examples=examples(300))
 @given(blob=HEADER_INPUTS)
 def test_read_header_fuzz(blob: bytes, tmp_path: Path, traced: None) -> None:
     _run(TARGETS["header"], blob, tmp_path)

@@ -21,17 +21,15 @@ _COMMON_ROLES = {
     "post_attention_norm": TensorRole(L + "post_attention_layernorm.weight", "norms", ("hidden",)),
 }
 
-_DENSE_MLP_ROLES = {
-    "mlp_gate": TensorRole(L + "mlp.gate_proj.weight", "dense_mlp", ("inter", "hidden")),
-    "mlp_up": TensorRole(L + "mlp.up_proj.weight", "dense_mlp", ("inter", "hidden")),
-    "mlp_down": TensorRole(L + "mlp.down_proj.weight", "dense_mlp", ("hidden", "inter")),
-}
+def _swiglu_roles(prefix: str, module: str, tensor_class: str, inter: str) -> dict[str, TensorRole]:
+    """The gate, up and down projections of one SiLU-gated MLP at `module` (roles `<prefix>_gate`, ...)."""
+    return {f"{prefix}_{p}": TensorRole(L + f"{module}.{p}_proj.weight", tensor_class,
+                                        (inter, "hidden") if p != "down" else ("hidden", inter))
+            for p in ("gate", "up", "down")}
 
-_ROUTED_EXPERT_ROLES = {
-    "expert_gate": TensorRole(L + "mlp.experts.{expert}.gate_proj.weight", "routed_experts", ("moe_inter", "hidden")),
-    "expert_up": TensorRole(L + "mlp.experts.{expert}.up_proj.weight", "routed_experts", ("moe_inter", "hidden")),
-    "expert_down": TensorRole(L + "mlp.experts.{expert}.down_proj.weight", "routed_experts", ("hidden", "moe_inter")),
-}
+
+_DENSE_MLP_ROLES = _swiglu_roles("mlp", "mlp", "dense_mlp", "inter")
+_ROUTED_EXPERT_ROLES = _swiglu_roles("expert", "mlp.experts.{expert}", "routed_experts", "moe_inter")
 
 _GQA_ATTENTION_ROLES = {
     "q_proj": TensorRole(L + "self_attn.q_proj.weight", "attention", ("q_out", "hidden")),
@@ -98,11 +96,7 @@ _MLA_LAYOUT_KEYS = ("num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_ro
                     "v_head_dim", "rope_theta", "rope_scaling")
 
 # DeepSeek's shared experts: one MLP of moe_intermediate_size * n_shared_experts beside the routed ones, ungated.
-_SHARED_EXPERTS_ROLES = {
-    "shared_gate": TensorRole(L + "mlp.shared_experts.gate_proj.weight", "shared_experts", ("shared_inter", "hidden")),
-    "shared_up": TensorRole(L + "mlp.shared_experts.up_proj.weight", "shared_experts", ("shared_inter", "hidden")),
-    "shared_down": TensorRole(L + "mlp.shared_experts.down_proj.weight", "shared_experts", ("hidden", "shared_inter")),
-}
+_SHARED_EXPERTS_ROLES = _swiglu_roles("shared", "mlp.shared_experts", "shared_experts", "shared_inter")
 
 # Sigmoid routing with a selection-only bias (DeepSeek-V3's auxiliary-loss-free balancing; GLM-4.5 has it too).
 _SIGMOID_ROUTER_ROLES = {
@@ -272,9 +266,7 @@ QWEN2_MOE = Architecture(
         **_ROUTED_EXPERT_ROLES,
         **_GQA_ATTENTION_ROLES,
         "router": TensorRole(L + "mlp.gate.weight", "router", ("n_experts", "hidden")),
-        "shared_gate": TensorRole(L + "mlp.shared_expert.gate_proj.weight", "shared_experts", ("shared_inter", "hidden")),
-        "shared_up": TensorRole(L + "mlp.shared_expert.up_proj.weight", "shared_experts", ("shared_inter", "hidden")),
-        "shared_down": TensorRole(L + "mlp.shared_expert.down_proj.weight", "shared_experts", ("hidden", "shared_inter")),
+        **_swiglu_roles("shared", "mlp.shared_expert", "shared_experts", "shared_inter"),
         "shared_router": TensorRole(L + "mlp.shared_expert_gate.weight", "shared_experts", (1, "hidden")),
     },
 )

@@ -272,22 +272,26 @@ def _router_rows(folder: Path) -> dict[int, torch.Tensor]:
     rows = {}
     for name, t in _single(folder).items():
         if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
-            rows[int(name.split(".")[2])] = t.float()
+            rows[int(name.split(".")[2])] = t
     return rows
 
 
-def test_gate_source_residual_gives_mergekits_router_rows(tmp_path, models):
-    """mergekit-moe reads prompt states from the residual stream before each layer (in bfloat16); gate_source:
-    residual reads the same states (zenith-merge's float32 pass), so the rows agree to rounding; the default
-    (the MoE block's own normalised input) gives other rows by design."""
-    config = {"base_model": str(models["llama", 0]), "gate_mode": "hidden",
-              "experts": _experts([models["llama", i] for i in range(3)])}
+@pytest.mark.parametrize("gate_mode", ["hidden", "hidden_avg"])
+def test_gate_source_residual_gives_mergekits_router_rows_bit_for_bit(tmp_path, models, gate_mode):
+    """mergekit-moe reads prompt states from the residual stream before each layer, in bfloat16, prompts batched
+    with left padding; gate_source: residual computes them the same way, so the router rows are the same bytes
+    (prompts of different lengths, so padding counts; negative prompts subtracted); the default (the MoE block's
+    own normalised input) gives other rows by design."""
+    experts = _experts([models["llama", i] for i in range(3)])
+    experts[0]["positive_prompts"] = ["def add(a, b):\n    return a + b", "x = 1", "for i in range(10):\n    pass"]
+    experts[1]["negative_prompts"] = ["print('hello')", "import os"]
+    config = {"base_model": str(models["llama", 0]), "gate_mode": gate_mode, "experts": experts}
     _, mk, _, _, zm_default = _run(tmp_path, "default", config)
     _, _, zm_rc, err, zm = _run(tmp_path, "residual", {**config, "gate_source": "residual"})
     assert zm_rc == 0, err
     want, got, default = _router_rows(mk), _router_rows(zm), _router_rows(zm_default)
+    assert want.keys() == got.keys() and want
     for layer in want:
-        cos = torch.nn.functional.cosine_similarity(got[layer], want[layer], dim=-1)
-        assert float(cos.min()) > 0.99, (layer, cos)
-        off = torch.nn.functional.cosine_similarity(default[layer], want[layer], dim=-1)
+        assert got[layer].dtype == want[layer].dtype and torch.equal(got[layer], want[layer]), layer
+        off = torch.nn.functional.cosine_similarity(default[layer].float(), want[layer].float(), dim=-1)
         assert float(off.min()) < 0.99, (layer, off)

@@ -335,7 +335,7 @@ class MergeConfig(_Strict):
     gate_source: Literal["moe_input", "residual"] = Field(
         "moe_input", description="the state prompt-based router rows are read from: the MoE block's normalised "
                                  "input (the router's own input), or the residual stream before the layer "
-                                 "(mergekit-moe's rows)")
+                                 "(mergekit-moe's rows bit for bit, computed in bfloat16 as it computes them)")
     merge_method: Literal["concat", "assembly"] | MethodName = Field(
         "concat", description="concat: experts side by side (grafted where needed); assembly: interpolate tensors; "
                               "a mergekit-yaml method (linear, ties, ...): that method, tensor by tensor")

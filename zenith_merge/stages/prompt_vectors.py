@@ -8,7 +8,8 @@ length, so a token that looks like the source's prompts scores high for its expe
 
 h_l is what the output's router sees: the normalised input of layer l's MoE block (`gate_source:
 moe_input`, the default). mergekit-moe reads the residual stream before the layer instead (`gate_source:
-residual`, for its rows as they are); the router's own input is the better match (README, measured).
+residual`: its rows bit for bit, computed in bfloat16 as mergekit computes them); the router's own input
+is the better match (README, measured).
 `hidden` and `hidden_last` take each prompt's last token, `hidden_avg` the mean over its
 tokens. `cheap_embed` needs no forward pass: the normalised sum of the prompts' token
 embeddings, the same for every layer.
@@ -60,16 +61,16 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
     holds `load_for_calibration`'s options (8-bit, max_memory, dtype). `source`: which state is read,
     the MoE block's normalised input (`moe_input`) or the layer's input, the residual stream (`residual`).
     """
+    if source == "residual":
+        return mergekit_vectors(base_path, layers, prompts, mode=mode, progress=progress)
     with Checkpoint.open(base_path, check_shapes=False) as ckpt:
         arch = architecture_of(ckpt.config, where=str(base_path / "config.json"))
         config = ckpt.config
     load = dict(load or {})
     if not load.get("load_in_8bit") and dense_forward.supported(config, max_tokens=PLAIN_MAX_TOKENS):
-        return _plain_vectors(base_path, layers, prompts, mode=mode, dtype=load.get("dtype"),
-                              point="layer" if source == "residual" else "mlp")
+        return _plain_vectors(base_path, layers, prompts, mode=mode, dtype=load.get("dtype"))
     model, tokenizer = load_for_calibration(base_path, **load)
-    module = arch.layer_module if source == "residual" else arch.mlp_module
-    points = {layer: CapturePoint.input_of(module.format(layer=layer)) for layer in layers}
+    points = {layer: CapturePoint.input_of(arch.mlp_module.format(layer=layer)) for layer in layers}
     out = {}
     try:
         for source, (positive, negative) in tqdm(prompts.items(), desc="prompt vectors", disable=not progress,
@@ -84,13 +85,58 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
     return out
 
 
+def mergekit_vectors(base_path: Path, layers: Sequence[int],
+                     prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]], *, mode: str = "hidden",
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """`gate_source: residual`: mergekit-moe 0.1.5's rows bit for bit, computed the way it computes them.
+
+    The base runs through transformers in bfloat16; a source's prompts go in one batch, each `bos + prompt`,
+    left-padded with the bos token (position ids are not shifted for the padding, as in mergekit). Per layer
+    l, with h the bfloat16 residual stream entering l, every step rounded in bfloat16:
+
+        s_p = h_l(p)[-1]  (`hidden`, `hidden_last`)   or   sum_t h_l(p)[t] / T  (`hidden_avg`, pads included)
+        v = sum_p s_p / P  (minus the same over the negative prompts),   row = v / max(|v|, 1e-8)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, low_cpu_mem_usage=True)
+    model.eval()
+
+    def states(model, texts: Sequence[str]) -> torch.Tensor:
+        batch = tokenizer([(tokenizer.bos_token or "") + t for t in texts], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        with torch.no_grad():
+            hidden = torch.stack(model(**batch, output_hidden_states=True, return_dict=True).hidden_states[:-1])
+        per_prompt = hidden.sum(dim=2) / hidden.shape[2] if mode == "hidden_avg" else hidden[:, :, -1, :]
+        return per_prompt.sum(dim=1) / per_prompt.shape[1]
+
+    out = {}
+    try:
+        for name, (positive, negative) in tqdm(prompts.items(), desc="prompt vectors", disable=not progress,
+                                               leave=False):
+            v = states(model, positive)
+            if negative:
+                v -= states(model, negative)
+            v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+            out[name] = v[list(layers)].clone()
+    finally:
+        del model
+        release_memory()
+    return out
+
+
 # Prompts longer than this (in tokens) are cut, as capture_batch cuts them.
 PLAIN_MAX_TOKENS = dense_forward.PLAIN_MAX_TOKENS
 
 
 def _plain_vectors(base_path: Path, layers: Sequence[int],
                    prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]], *, mode: str,
-                   dtype: torch.dtype | str | None, point: str = "mlp") -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
     """`hidden_vectors` by the plain dense pass: no transformers, one layer's weights in memory at a time."""
     if dtype == "stored":
         dtype = stored_dtype(base_path, cuda=False)
@@ -99,7 +145,7 @@ def _plain_vectors(base_path: Path, layers: Sequence[int],
               for sign, texts in ((1.0, positive), (-1.0, negative)) if texts]
     flat = [bos + text for _, _, texts in groups for text in texts]  # one pass for every source's prompts
     per_text = iter(dense_forward.mlp_inputs(base_path, flat, layers, dtype=dtype or torch.float32,
-                                             max_tokens=PLAIN_MAX_TOKENS, point=point))
+                                             max_tokens=PLAIN_MAX_TOKENS))
     sums = {source: {layer: 0.0 for layer in layers} for source in prompts}
     for source, sign, texts in groups:
         states = [next(per_text) for _ in texts]

@@ -1,4 +1,5 @@
-"""Figures the reports embed, drawn with matplotlib's object API (no pyplot state) and written atomically."""
+"""Figures the reports embed, written atomically: the search's sweep with matplotlib's object API (no pyplot
+state), the routing heatmap with Pillow."""
 
 from __future__ import annotations
 
@@ -60,49 +61,88 @@ def lambda_sweep_plot(path: Path, *, sweep: Sequence[tuple[float, float, float]]
 
 LABELLED_CELLS = 160
 
+# viridis at 0, 1/8, ..., 1 (matplotlib's colour map, sampled): cell colours are interpolated between these
+_VIRIDIS = ((0x44, 0x01, 0x54), (0x47, 0x2D, 0x7B), (0x3B, 0x52, 0x8B), (0x2C, 0x72, 0x8E), (0x21, 0x91, 0x8C),
+            (0x28, 0xAE, 0x80), (0x5E, 0xC9, 0x62), (0xAD, 0xDC, 0x30), (0xFD, 0xE7, 0x25))
+_NAN_COLOUR = (0xDD, 0xDD, 0xDD)
+
+
+def _colour(v: float) -> tuple[int, int, int]:
+    if v != v:  # NaN: no tokens for this domain
+        return _NAN_COLOUR
+    x = min(max(v, 0.0), 1.0) * (len(_VIRIDIS) - 1)
+    i = min(int(x), len(_VIRIDIS) - 2)
+    f = x - i
+    return tuple(round(a + (b - a) * f) for a, b in zip(_VIRIDIS[i], _VIRIDIS[i + 1]))
+
 
 def routing_heatmap(path: Path, report: dict) -> Path:
     """One heatmap per source and measure (share of top-k picks, share of routing weight): domains x
     MoE layers, with a last row giving the source's share of the slots (what uniform routing would give).
 
-    Each cell is labelled in % while the figure has at most LABELLED_CELLS cells; past that a colour bar
-    reads the values (the labels were most of the drawing time, and routing.json holds the numbers).
+    Each cell is labelled in % while the figure has at most LABELLED_CELLS cells; past that the colour bar
+    reads the values (routing.json holds the numbers). Drawn with Pillow, cell by cell: matplotlib's import
+    and layout cost more than the routing pass on small merges.
     """
-    from matplotlib.figure import Figure
+    from PIL import Image, ImageDraw, ImageFont
 
-    sources, layers = report["sources"], list(report["layers"])
+    sources, layers = report["sources"], sorted(report["layers"], key=int)
     domains = list(report["domains"])
     rows = [*domains, "(share of slots)"]
     labelled = 2 * len(sources) * len(layers) * len(rows) <= LABELLED_CELLS
-    width, height = max(4.0, 1.2 + 0.55 * len(layers)) * len(sources), 1.2 + 0.45 * len(rows) * 2
-    fig = Figure(figsize=(width, height))
-    # fixed margins (in inches, as fractions of the figure) instead of a layout engine: the engine cost more
-    # than the drawing
-    fig.subplots_adjust(left=min(0.4, 1.3 / width), right=1 - min(0.2, 0.7 / width), bottom=0.5 / height,
-                        top=1 - 0.7 / height, wspace=0.15, hspace=0.35 + 0.6 / height)
-    axes = fig.subplots(2, len(sources), squeeze=False)
-    image = None
-    for col, source in enumerate(sources):
-        slots = [report["slots"][layer][source] / sum(report["slots"][layer].values()) for layer in layers]
-        for row, measure in enumerate(("picks", "weight")):
+    font, small, big = (ImageFont.load_default(size=n) for n in (12, 11, 14))
+    titles = {(source, measure): f"{source}: share of {'top-k picks' if measure == 'picks' else 'routing weight'} (%)"
+              for source in sources for measure in ("picks", "weight")}
+    cw, ch = (36, 22) if labelled else (max(8, min(24, 1200 // max(1, len(layers) * len(sources)))), 18)
+    cw = max(cw, -(-(max(int(font.getlength(t)) for t in titles.values()) + 8) // len(layers)))  # titles fit
+    pad, gap, title_h, tick_h = 12, 28, 22, 18
+    left = pad + max(int(font.getlength(r)) for r in rows) + 8
+    panel_w, panel_h = cw * len(layers), ch * len(rows)
+    tick_step = -(-(max(int(small.getlength(f"L{layer}")) for layer in layers) + 6) // cw)  # ticks never overlap
+    bar_x = left + len(sources) * (panel_w + gap)
+    width = bar_x + 14 + 8 + int(small.getlength("100%")) + pad
+    top = pad + 24
+    height = top + 2 * (title_h + panel_h + tick_h) + gap + pad
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((width // 2, pad), f"routing of the merged model (top-{report['top_k']})", fill="black", font=big,
+              anchor="mt")
+    for row, measure in enumerate(("picks", "weight")):
+        y0 = top + row * (title_h + panel_h + tick_h + gap) + title_h
+        for i, name in enumerate(rows):
+            draw.text((left - 6, y0 + i * ch + ch // 2), name, fill="black", font=font, anchor="rm")
+        for col, source in enumerate(sources):
+            x0 = left + col * (panel_w + gap)
+            draw.text((x0 + panel_w // 2, y0 - 6), titles[source, measure], fill="black", font=font, anchor="mb")
+            slots = [report["slots"][layer][source] / sum(report["slots"][layer].values()) for layer in layers]
             grid = [[_nan(report["layers"][layer][d][source][measure]) for layer in layers] for d in domains]
-            grid.append(slots)
-            ax = axes[row][col]
-            image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-            for i, values in enumerate(grid if labelled else []):
+            for i, values in enumerate([*grid, slots]):
                 for j, v in enumerate(values):
-                    if v == v:  # not NaN
-                        ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
-                                color="white" if v < 0.6 else "black")
-            ax.set_xticks(range(len(layers)), [f"L{layer}" for layer in layers], fontsize=7)
-            ax.set_yticks(range(len(rows)), rows if col == 0 else [""] * len(rows), fontsize=7)
-            ax.set_title(f"{source}: share of {'top-k picks' if measure == 'picks' else 'routing weight'} (%)",
-                         fontsize=8)
-    if not labelled and image is not None:
-        bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-        bar.set_ticks([0.0, 0.25, 0.5, 0.75, 1.0], labels=["0%", "25%", "50%", "75%", "100%"], fontsize=7)
-    fig.suptitle(f"routing of the merged model (top-{report['top_k']})", fontsize=9)
-    return _save(fig, path, tight=False)
+                    box = (x0 + j * cw, y0 + i * ch, x0 + (j + 1) * cw - 1, y0 + (i + 1) * ch - 1)
+                    draw.rectangle(box, fill=_colour(v))
+                    if labelled and v == v:
+                        draw.text((box[0] + cw // 2, box[1] + ch // 2), f"{100 * v:.0f}", font=small,
+                                  fill="white" if v < 0.6 else "black", anchor="mm")
+            draw.rectangle((x0 - 1, y0 - 1, x0 + panel_w, y0 + panel_h), outline="black")
+            for j in range(0, len(layers), tick_step):
+                draw.text((x0 + j * cw + cw // 2, y0 + panel_h + 3), f"L{layers[j]}", fill="black", font=small,
+                          anchor="mt")
+    bar_top, bar_bottom = top + title_h, height - pad - tick_h
+    for y in range(bar_top, bar_bottom + 1):
+        draw.line((bar_x, y, bar_x + 14, y), fill=_colour(1 - (y - bar_top) / (bar_bottom - bar_top)))
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = round(bar_bottom - q * (bar_bottom - bar_top))
+        draw.text((bar_x + 18, y), f"{100 * q:.0f}%", fill="black", font=small, anchor="lm")
+    return _save_image(image, path)
+
+
+def _save_image(image, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    step(f"wrote {path.name}")
+    return path
 
 
 def _nan(x: float | None) -> float:

@@ -67,9 +67,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer:
-    """One decoder layer's weights, read from the checkpoint in the compute dtype."""
+    """One decoder layer's weights, read from the checkpoint in the compute dtype. A routed expert is read
+    when a token picks it (`expert(e)`), one at a time; `mlp=False` reads no MLP at all (a last layer whose
+    MLP input is all that is wanted)."""
 
-    def __init__(self, ckpt: Checkpoint, arch, layer: int, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, arch, layer: int, dtype: torch.dtype, *, mlp: bool = True):
         def get(role: str, suffix: str = "") -> torch.Tensor | None:
             name = tensor_name(arch, role, layer) if role in arch.roles else None
             if name is not None and suffix:
@@ -80,16 +82,19 @@ class _Layer:
         self.q, self.k, self.v, self.o = get("q_proj"), get("k_proj"), get("v_proj"), get("o_proj")
         self.qb, self.kb, self.vb, self.ob = (get(r, "bias") for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
         self.q_norm, self.k_norm = get("q_norm"), get("k_norm")
+        if not mlp:
+            get = lambda role, suffix="": None  # noqa: E731
         self.gate, self.up, self.down = get("mlp_gate"), get("mlp_up"), get("mlp_down")
         self.gate_b, self.up_b, self.down_b = (get(r, "bias") for r in ("mlp_gate", "mlp_up", "mlp_down"))
         self.router = get("router")
-        self.experts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        if self.router is not None:
-            for e in range(self.router.shape[0]):
-                names = [tensor_name(arch, r, layer, e) for r in ("expert_gate", "expert_up", "expert_down")]
-                self.experts.append(tuple(ckpt.read(n).to(dtype) for n in names))
         self.shared = tuple(get(r) for r in ("shared_gate", "shared_up", "shared_down"))
         self.shared_router = get("shared_router")
+        self._ckpt, self._arch, self._layer, self._dtype = ckpt, arch, layer, dtype
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routed expert e's (gate, up, down), read now in the compute dtype."""
+        return tuple(self._ckpt.read(tensor_name(self._arch, role, self._layer, e)).to(self._dtype)
+                     for role in ("expert_gate", "expert_up", "expert_down"))
 
 
 def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
@@ -119,9 +124,10 @@ def _mlp(L: _Layer, m: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
         return F.linear(F.silu(F.linear(m, L.gate, L.gate_b)) * F.linear(m, L.up, L.up_b), L.down, L.down_b)
     idx, weights = route(F.linear(m, L.router), spec)
     out = torch.zeros_like(m)
-    for e, (gate, up, down) in enumerate(L.experts):
+    for e in range(L.router.shape[0]):
         rows, slot = (idx == e).nonzero(as_tuple=True)
         if len(rows):
+            gate, up, down = L.expert(e)
             x = m[rows]
             out.index_add_(0, rows, F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
                            * weights[rows, slot, None].to(m.dtype))
@@ -132,16 +138,13 @@ def _mlp(L: _Layer, m: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
 
 
 def mlp_inputs(folder: str | Path, texts: Sequence[str], layers: Sequence[int], *,
-               dtype: torch.dtype = torch.float32, max_tokens: int = 512,
-               point: str = "mlp") -> list[dict[int, torch.Tensor]]:
-    """Per text, per layer in `layers`: the MLP's input (the normalised state after attention), float32; with
-    `point="layer"`, the layer's own input instead (the residual stream before it, mergekit-moe's `hidden`).
+               dtype: torch.dtype = torch.float32, max_tokens: int = 512) -> list[dict[int, torch.Tensor]]:
+    """Per text, per layer in `layers`: the MLP's input (the normalised state after attention), float32.
 
     Texts are tokenised with the model's tokenizer.json, no special tokens added, each cut to its
     first `max_tokens` tokens (as `capture_batch` does).
     """
-    return layer_states(folder, [ids[:max_tokens] for ids in token_ids(folder, texts)], layers, dtype=dtype,
-                        point=point)
+    return layer_states(folder, [ids[:max_tokens] for ids in token_ids(folder, texts)], layers, dtype=dtype)
 
 
 def token_ids(folder: str | Path, texts: Sequence[str]) -> list[list[int]]:
@@ -153,7 +156,7 @@ def token_ids(folder: str | Path, texts: Sequence[str]) -> list[list[int]]:
 
 
 def layer_states(folder: str | Path, ids: Sequence[Sequence[int]], layers: Sequence[int], *,
-                 dtype: torch.dtype = torch.float32, point: str = "mlp") -> list[dict[int, torch.Tensor]]:
+                 dtype: torch.dtype = torch.float32) -> list[dict[int, torch.Tensor]]:
     """`mlp_inputs` for token id sequences (each its own context)."""
     folder = Path(folder)
     with Checkpoint.open(folder, check_shapes=False) as ckpt:
@@ -169,21 +172,22 @@ def layer_states(folder: str | Path, ids: Sequence[Sequence[int]], layers: Seque
         out: list[dict[int, torch.Tensor]] = [{} for _ in ids]
         theta = _rope_theta(config)
         spec = routing_spec(config)
-        for layer in range(max(layers) + 1):
-            L = _Layer(ckpt, arch, layer, dtype)
+        last = max(layers)
+        for layer in range(last + 1):
+            L = _Layer(ckpt, arch, layer, dtype, mlp=layer < last)
             hd = L.q.shape[0] // heads
             inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
             mlp_in = []
             for i, h in enumerate(states):
-                if layer in wanted and point == "layer":
-                    out[i][layer] = h.float()
                 freqs = torch.arange(h.shape[0]).float()[:, None] * inv[None]
                 emb = torch.cat((freqs, freqs), dim=-1)
                 cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
                 states[i] = h + _attention(L, _rmsnorm(h, L.w_in, eps), cos, sin, heads, kv_heads, eps)
                 mlp_in.append(_rmsnorm(states[i], L.w_post, eps))
-                if layer in wanted and point == "mlp":
+                if layer in wanted:
                     out[i][layer] = mlp_in[-1].float()
+            if layer == last:
+                break
             # the MLP / MoE block acts on each token alone: every sequence's tokens in one batch, so each weight
             # is read from memory once per layer, not once per sequence
             mlp_out = _mlp(L, torch.cat(mlp_in), spec).split([len(m) for m in mlp_in])

@@ -388,6 +388,30 @@ def test_a_concat_or_graft_of_fused_experts_is_refused_by_name(gpt_oss, tmp_path
         build_plan(cfg, config_dir=tmp_path)
 
 
+def test_the_routing_report_adds_gpt_oss_router_bias_to_the_logits(gpt_oss, tmp_path):
+    """GPT-OSS's router adds its bias to the logits before the top-k (transformers' GptOssTopKRouter): with a
+    bias of +30 on one expert per layer, that expert is in every token's picks, and the report says so."""
+    base, _ = gpt_oss
+    biased = tmp_path / "biased"
+    shutil.copytree(base, biased)
+    for f in biased.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name in [n for n in tensors if n.endswith("mlp.router.bias")]:
+            layer = int(name.split(".")[2])
+            tensors[name] = torch.zeros_like(tensors[name])
+            tensors[name][(layer + 1) % tensors[name].numel()] = 30.0
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    out = _merge(tmp_path / "m", base_model=str(biased))
+    from zenith_merge.checks.routing_report import routing_usage
+
+    report = routing_usage(out, {"text": ["def add(a, b):\n    return a + b\n\nprint(add(2, 3))"]}, progress=False)
+    tokens = report["domains"]["text"]
+    assert tokens > 5 and report["top_k"] == 2
+    for layer, per_domain in report["layers"].items():
+        counts = per_domain["text"]["experts"]
+        assert sum(counts) == 2 * tokens and counts[(int(layer) + 1) % len(counts)] == tokens, (layer, counts)
+
+
 def test_every_family_table_is_registered():
     for cls, _ in FAMILIES.values():
         assert cls in ARCHITECTURES

@@ -77,9 +77,8 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
             name = tensor_name(arch, "router", layer)
             if name not in ckpt:
                 continue
-            bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
-            bias = ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None
-            routers[layer] = (ckpt.read(name).float(), bias)
+            bias, logit_bias = (_read_role(ckpt, arch, role, layer) for role in ("router_bias", "router_logit_bias"))
+            routers[layer] = (ckpt.read(name).float(), bias, logit_bias)
     if not routers:
         return {}
     owners = {layer: slot_owners(plan, layer, routers[layer][0].shape[0]) for layer in routers}
@@ -91,8 +90,8 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
 
     def count(domain: str, states: Mapping[int, torch.Tensor]) -> None:
         for layer, x in states.items():
-            w, bias = routers[layer]
-            idx, gate = route(torch.nn.functional.linear(x.float(), w), spec, bias)
+            w, bias, logit_bias = routers[layer]
+            idx, gate = route(torch.nn.functional.linear(x.float(), w, logit_bias), spec, bias)
             counts[domain][layer] += torch.bincount(idx.reshape(-1), minlength=spec.n_experts)
             weights[domain][layer].index_add_(0, idx.reshape(-1), gate.reshape(-1).double())
 
@@ -140,6 +139,13 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
     return {"key": output_key(out_dir), "top_k": spec.top_k, "sources": sources, "domains": tokens,
             "slots": {str(layer): {s: owners[layer].count(s) for s in sources} for layer in routers},
             "layers": layers}
+
+
+def _read_role(ckpt: Checkpoint, arch, role: str, layer: int) -> torch.Tensor | None:
+    """A router's bias in float32: DeepSeek's selection-only score correction (`router_bias`) or GPT-OSS's
+    bias added to the logits (`router_logit_bias`); None where the family or the checkpoint has none."""
+    name = tensor_name(arch, role, layer) if role in arch.roles else None
+    return ckpt.read(name).float() if name is not None and name in ckpt else None
 
 
 def _share(part: float, total: float) -> float | None:

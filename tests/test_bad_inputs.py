@@ -8,6 +8,7 @@ zen-tiny (a DeepSeek-V3 layout in four shards) and of its block-FP8 twin, corrup
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -532,3 +533,48 @@ def test_a_full_disk_is_named_with_what_to_do():
         f.write(b"x")
     message = str(from_os_error(info.value))
     assert "No space left on device" in message and "rerun with --resume" in message
+
+
+@contextlib.contextmanager
+def _tmpfs(path: Path, options: str):
+    """A small tmpfs mounted at `path` for the test (a real full or read-only filesystem); skipped where the
+    machine does not let the tests mount one."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_really_full_disk_is_one_clean_error(tmp_path, demos):
+    """A 1 MB filesystem fills up in the middle of the first shard (ENOSPC from the kernel, not a limit we set):
+    exit 2 naming the temporary shard and saying what to do, no partial shard left, the folder not complete."""
+    env = Env(tmp_path, demos)
+    config = env.passthrough()
+    with _tmpfs(tmp_path / "disk", "size=1m") as disk:
+        done = subprocess.run([sys.executable, "-m", "zenith_merge.cli", "merge", str(config), "--output",
+                               str(disk / "out"), "--no-progress"], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+        assert re.search(r"out/\S+\.tmp: No space left on device", done.stderr), done.stderr
+        assert "--resume" in done.stderr
+        assert not list((disk / "out").glob(".*.tmp")), "the partial shard was left"
+        assert not _says_complete(disk / "out")
+
+
+def test_an_output_folder_on_a_read_only_filesystem_is_one_clean_error(tmp_path, demos):
+    """Root may write anywhere chmod forbids, but not onto a read-only mount: exit 2 naming the folder, the
+    sources unchanged."""
+    env = Env(tmp_path, demos)
+    config = env.passthrough()
+    sources = _digests(env.source())
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        done = subprocess.run([sys.executable, "-m", "zenith_merge.cli", "merge", str(config), "--output",
+                               str(ro / "out"), "--no-progress"], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+        assert re.search(r"ro/out\S*: Read-only file system", done.stderr), done.stderr
+    assert _digests(env.source()) == sources

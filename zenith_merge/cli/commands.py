@@ -300,7 +300,7 @@ def cmd_chat(args) -> int:
 def cmd_umoe_demo(args) -> int:
     import json as _json
 
-    from ..umoe.demo import DemoSettings, format_demo, run_demo
+    from ..umoe_demo import DemoSettings, format_demo, run_demo
 
     settings = DemoSettings(steps=args.steps, seed=args.seed)
     result = run_demo(settings, progress=not args.no_progress)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import ExpertPool, FFNMoE, UMoEBlock, UMoEConfig, additive_mask, rms_norm, rope_tables, rotate
+from .umoe import ExpertPool, FFNMoE, UMoEBlock, UMoEConfig, additive_mask, rms_norm, rope_tables, rotate
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,8 @@ def run_demo(settings: DemoSettings = DemoSettings(), *, progress: bool = True) 
     """Train both models alike and measure them; returns the numbers the report prints."""
     from transformers import AutoTokenizer
 
-    from ..demo import bits_per_byte, corpus, ensure_demo, heldout_text
-    from ..forward.token_batches import token_batches
+    from .demo import bits_per_byte, corpus, ensure_demo, heldout_text
+    from .forward.token_batches import token_batches
 
     torch.manual_seed(settings.seed)
     tok = AutoTokenizer.from_pretrained(ensure_demo("zen-tiny", progress=progress))

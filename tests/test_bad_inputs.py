@@ -549,16 +549,22 @@ def _tmpfs(path: Path, options: str):
         subprocess.run(["umount", str(path)], check=True)
 
 
+def _one_clean_error(config: Path, out: Path) -> subprocess.CompletedProcess:
+    """`zenith-merge merge` in a subprocess, asserted to end with exit 2 and one error line, no traceback."""
+    done = subprocess.run([sys.executable, "-m", "zenith_merge.cli", "merge", str(config), "--output", str(out),
+                           "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    return done
+
+
 def test_a_really_full_disk_is_one_clean_error(tmp_path, demos):
     """A 1 MB filesystem fills up in the middle of the first shard (ENOSPC from the kernel, not a limit we set):
     exit 2 naming the temporary shard and saying what to do, no partial shard left, the folder not complete."""
     env = Env(tmp_path, demos)
     config = env.passthrough()
     with _tmpfs(tmp_path / "disk", "size=1m") as disk:
-        done = subprocess.run([sys.executable, "-m", "zenith_merge.cli", "merge", str(config), "--output",
-                               str(disk / "out"), "--no-progress"], capture_output=True, text=True)
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+        done = _one_clean_error(config, disk / "out")
         assert re.search(r"out/\S+\.tmp: No space left on device", done.stderr), done.stderr
         assert "--resume" in done.stderr
         assert not list((disk / "out").glob(".*.tmp")), "the partial shard was left"
@@ -572,9 +578,6 @@ def test_an_output_folder_on_a_read_only_filesystem_is_one_clean_error(tmp_path,
     config = env.passthrough()
     sources = _digests(env.source())
     with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
-        done = subprocess.run([sys.executable, "-m", "zenith_merge.cli", "merge", str(config), "--output",
-                               str(ro / "out"), "--no-progress"], capture_output=True, text=True)
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+        done = _one_clean_error(config, ro / "out")
         assert re.search(r"ro/out\S*: Read-only file system", done.stderr), done.stderr
     assert _digests(env.source()) == sources

@@ -311,6 +311,22 @@ def test_kimi_children_with_other_tokenizers_are_refused(family, tmp_path):
         build_plan(cfg, config_dir=tmp_path)
 
 
+def test_gate_source_residual_on_a_base_transformers_cannot_load_names_it(tmp_path):
+    """gate_source: residual loads the base through transformers, as mergekit-moe does; Kimi-K2's model type and
+    tiktoken tokenizer are remote code, so it cannot, and the error says so, naming the base and the way out."""
+    from zenith_merge.errors import CalibrationError
+
+    base = _build("kimi-k2", tmp_path / "kimi")
+    cfg = load_config(write_config(tmp_path, base_model=str(base), gate_mode="hidden", gate_source="residual",
+                                   routing_report=False, output_dir=str(tmp_path / "out"),
+                                   experts=[{"source_model": str(base), "positive_prompts": ["def add(a, b):"]},
+                                            {"source_model": str(base), "positive_prompts": ["What is 3 + 4?"]}]))
+    with pytest.raises(CalibrationError, match=rf"gate_source: residual loads the base .*{base}.*"
+                                               r"use gate_source: moe_input"):
+        run_merge(cfg, config_dir=tmp_path, progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
 # -- GPT-OSS: fused experts, MXFP4 releases -------------------------------------------------------------------------
 
 

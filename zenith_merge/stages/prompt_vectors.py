@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..architectures import architecture_of, tensor_name
+from ..errors import CalibrationError
 from ..forward import dense as dense_forward
 from ..forward.calibration import CapturePoint, capture_batch
 from ..forward.loading import load_for_calibration, release_memory, stored_dtype
@@ -99,13 +100,18 @@ def mergekit_vectors(base_path: Path, layers: Sequence[int],
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, low_cpu_mem_usage=True)
+    except (OSError, ValueError, RuntimeError, ImportError, KeyError) as e:
+        raise CalibrationError(f"gate_source: residual loads the base and its tokenizer through transformers in "
+                               f"bfloat16, as mergekit-moe does, but {base_path} does not load so: {str(e).splitlines()[0]}; "
+                               f"use gate_source: moe_input") from e
+    model.eval()
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, low_cpu_mem_usage=True)
-    model.eval()
 
     def states(model, texts: Sequence[str]) -> torch.Tensor:
         batch = tokenizer([(tokenizer.bos_token or "") + t for t in texts], return_tensors="pt", padding=True,

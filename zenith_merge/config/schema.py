@@ -360,7 +360,8 @@ class MergeConfig(_Strict):
     max_shard_size: ByteSize = Field(5 * 10**9, description="largest output shard in bytes (5GB, 500MB, 4GiB, ...)")
     load_in_8bit: bool = Field(False, description="calibration forward passes in bitsandbytes 8-bit")
     calibration_dtype: Literal["stored", "float32", "bfloat16", "float16"] = Field(
-        "stored", description="dtype of the stages' forward passes; stored: the checkpoint's own")
+        "stored", description="dtype of the stages' forward passes; stored: the checkpoint's own (the plain "
+                              "layer-by-layer pass on CPU, which holds one layer, computes it in float32)")
     calibration_max_memory: ByteSize | None = Field(
         None, description="CPU bytes the stages' forward passes may hold for weights; the rest is read from "
                           "disk layer by layer (accelerate offload). None: the whole model in memory")

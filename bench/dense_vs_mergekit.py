@@ -12,7 +12,8 @@ with its own `calibration_max_memory: 1MB` added (the hidden-state pass streams 
 from disk instead of holding them).
 Each repeat runs `mergekit-moe CONFIG OUT --device cpu` and `zenith-merge merge CONFIG --output OUT
 --overwrite --no-progress` back to back (alternating which goes first), each under
-`/usr/bin/time -v`, into a freshly removed output folder; medians are reported. The page cache is
+`/usr/bin/time -v`, into a freshly removed output folder; medians are reported. The page cache (and Python's
+bytecode cache: PYTHONDONTWRITEBYTECODE is unset for both tools) is
 warm for both after the first repeat. Then the outputs of the last repeat are compared tensor by
 tensor: mergekit writes transformers' fused expert layout (`experts.gate_up_proj` (E, 2*inter,
 hidden) = per expert cat(gate, up) along dim 0, `experts.down_proj` (E, hidden, inter)), zenith-merge
@@ -44,7 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ZENITH = [str(BIN / "zenith-merge")]
 MERGEKIT = [str(BIN / "mergekit-moe")]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# Python caches bytecode as it normally does (this machine's PYTHONDONTWRITEBYTECODE=1 would make every run of an
+# editable install compile its sources again, while mergekit's installed package has its .pyc files)
+ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 PROMPTS = [
     ["def quicksort(xs):\n    if len(xs) <= 1:\n        return xs", "import numpy as np\nclass Model:\n    def forward(self, x):"],

@@ -36,6 +36,7 @@ __all__ = [
     "extra_layer_indices",
     "facts",
     "fused_expert_roles",
+    "optional_tensor_name",
     "set_dim",
     "shared_input_of",
     "tensor_name",
@@ -248,6 +249,11 @@ def check_per_expert(arch: Architecture, where: str | None = None) -> None:
                         f"per projection ({names}); concatenating, grafting or selecting experts needs them one by "
                         f"one, so it is not supported for this family: use merge_method: assembly (same family) or "
                         f"the base alone")
+
+
+def optional_tensor_name(arch: Architecture, role: str, layer: int | None = None) -> str | None:
+    """`tensor_name` of a role the family may lack (a router's bias, a q_norm): None where its table has none."""
+    return tensor_name(arch, role, layer) if role in arch.roles else None
 
 
 def tensor_name(arch: Architecture, role: str, layer: int | None = None, expert: int | None = None) -> str:

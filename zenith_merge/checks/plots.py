@@ -10,9 +10,15 @@ from ..io.failpoints import step
 
 
 def _save(fig, path: Path, *, tight: bool = True) -> Path:
+    return _write_png(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120,
+                                                    **({"bbox_inches": "tight"} if tight else {})))
+
+
+def _write_png(path: Path, write) -> Path:
+    """`write(tmp)` writes the PNG under a temporary name, renamed into place: never a partial figure."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120, **({"bbox_inches": "tight"} if tight else {}))
+    write(tmp)
     tmp.replace(path)
     step(f"wrote {path.name}")
     return path
@@ -133,16 +139,7 @@ def routing_heatmap(path: Path, report: dict) -> Path:
     for q in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = round(bar_bottom - q * (bar_bottom - bar_top))
         draw.text((bar_x + 18, y), f"{100 * q:.0f}%", fill="black", font=small, anchor="lm")
-    return _save_image(image, path)
-
-
-def _save_image(image, path: Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    step(f"wrote {path.name}")
-    return path
+    return _write_png(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _nan(x: float | None) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import architecture_of, tensor_name
+from ..architectures import architecture_of, optional_tensor_name, tensor_name
 from ..errors import OutputError
 from ..forward import dense as dense_forward
 from ..forward.calibration import CapturePoint, capture_hidden
@@ -144,7 +144,7 @@ def routing_usage(out_dir: Path, domains: Mapping[str, Sequence[str]], *, load: 
 def _read_role(ckpt: Checkpoint, arch, role: str, layer: int) -> torch.Tensor | None:
     """A router's bias in float32: DeepSeek's selection-only score correction (`router_bias`) or GPT-OSS's
     bias added to the logits (`router_logit_bias`); None where the family or the checkpoint has none."""
-    name = tensor_name(arch, role, layer) if role in arch.roles else None
+    name = optional_tensor_name(arch, role, layer)
     return ckpt.read(name).float() if name is not None and name in ckpt else None
 
 

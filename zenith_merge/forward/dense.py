@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..architectures import ARCHITECTURES, tensor_name
+from ..architectures import ARCHITECTURES, optional_tensor_name, tensor_name
 from ..io.reader import Checkpoint
 from ..maths.routing import RoutingSpec, route, routing_spec
 
@@ -73,7 +73,7 @@ class _Layer:
 
     def __init__(self, ckpt: Checkpoint, arch, layer: int, dtype: torch.dtype, *, mlp: bool = True):
         def get(role: str, suffix: str = "") -> torch.Tensor | None:
-            name = tensor_name(arch, role, layer) if role in arch.roles else None
+            name = optional_tensor_name(arch, role, layer)
             if name is not None and suffix:
                 name = name.removesuffix("weight") + suffix
             return ckpt.read(name).to(dtype) if name is not None and name in ckpt else None
@@ -82,13 +82,12 @@ class _Layer:
         self.q, self.k, self.v, self.o = get("q_proj"), get("k_proj"), get("v_proj"), get("o_proj")
         self.qb, self.kb, self.vb, self.ob = (get(r, "bias") for r in ("q_proj", "k_proj", "v_proj", "o_proj"))
         self.q_norm, self.k_norm = get("q_norm"), get("k_norm")
-        if not mlp:
-            get = lambda role, suffix="": None  # noqa: E731
-        self.gate, self.up, self.down = get("mlp_gate"), get("mlp_up"), get("mlp_down")
-        self.gate_b, self.up_b, self.down_b = (get(r, "bias") for r in ("mlp_gate", "mlp_up", "mlp_down"))
-        self.router = get("router")
-        self.shared = tuple(get(r) for r in ("shared_gate", "shared_up", "shared_down"))
-        self.shared_router = get("shared_router")
+        mlp_get = get if mlp else (lambda role, suffix="": None)
+        self.gate, self.up, self.down = mlp_get("mlp_gate"), mlp_get("mlp_up"), mlp_get("mlp_down")
+        self.gate_b, self.up_b, self.down_b = (mlp_get(r, "bias") for r in ("mlp_gate", "mlp_up", "mlp_down"))
+        self.router = mlp_get("router")
+        self.shared = tuple(mlp_get(r) for r in ("shared_gate", "shared_up", "shared_down"))
+        self.shared_router = mlp_get("shared_router")
         self._ckpt, self._arch, self._layer, self._dtype = ckpt, arch, layer, dtype
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

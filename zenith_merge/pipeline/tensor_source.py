@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import ARCHITECTURES, facts, tensor_name
+from ..architectures import ARCHITECTURES, facts, optional_tensor_name, tensor_name
 from ..config import PROMPT_GATE_MODES
 from ..errors import OutputError, ZenithError
 from ..io.dequantize import StreamingDequantizer
@@ -204,7 +204,7 @@ class PlanTensorSource:
             return read_trained(Path(self.plan.output_dir) / ".zenith", tensor_name(arch, role, r.layer))
         base_arch = ARCHITECTURES[self.plan.sources["base"].architecture]
         role = "router" if r.part == "weight" else "router_bias"
-        base_name = tensor_name(base_arch, role, r.layer) if role in base_arch.roles else None
+        base_name = optional_tensor_name(base_arch, role, r.layer)
         base_rows = self._rows("base", base_name) if base_name is not None and base_name in self._checkpoint("base") \
             else None
         return torch.stack([self._router_row(r, j, slot, base_rows)

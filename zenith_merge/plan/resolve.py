@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..architectures import (
     ARCHITECTURES,
+    optional_tensor_name,
     tensor_name,
 )
 from ..errors import PlanError
@@ -27,7 +28,7 @@ def source_router(plan: Plan, slot: ExpertSlot, part: str) -> str | None:
     """The source's router tensor (weight or bias) of a slot's layer, or None where the source has none."""
     arch = ARCHITECTURES[plan.sources[slot.source].architecture]
     role = "router" if part == "weight" else "router_bias"
-    return tensor_name(arch, role, slot.source_layer) if role in arch.roles else None
+    return optional_tensor_name(arch, role, slot.source_layer)
 
 
 def _identity_slot(layer: int, j: int, slot: ExpertSlot) -> bool:

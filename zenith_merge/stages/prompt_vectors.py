@@ -60,7 +60,8 @@ def hidden_vectors(base_path: Path, layers: Sequence[int], prompts: Mapping[str,
 
     `prompts[source]` is (positive, negative); the negative mean is subtracted where given. `load`
     holds `load_for_calibration`'s options (8-bit, max_memory, dtype). `source`: which state is read,
-    the MoE block's normalised input (`moe_input`) or the layer's input, the residual stream (`residual`).
+    the MoE block's normalised input (`moe_input`), or mergekit-moe's residual stream (`residual`:
+    `mergekit_vectors`).
     """
     if source == "residual":
         return mergekit_vectors(base_path, layers, prompts, mode=mode, progress=progress)
@@ -104,8 +105,9 @@ def mergekit_vectors(base_path: Path, layers: Sequence[int],
         tokenizer = AutoTokenizer.from_pretrained(base_path)
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16, low_cpu_mem_usage=True)
     except (OSError, ValueError, RuntimeError, ImportError, KeyError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CalibrationError(f"gate_source: residual loads the base and its tokenizer through transformers in "
-                               f"bfloat16, as mergekit-moe does, but {base_path} does not load so: {str(e).splitlines()[0]}; "
+                               f"bfloat16, as mergekit-moe does, but {base_path} does not load so: {first_line}; "
                                f"use gate_source: moe_input") from e
     model.eval()
     tokenizer.padding_side = "left"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..architectures import architecture_of, classify, shared_input_of, tensor_name
+from ..architectures import architecture_of, classify, optional_tensor_name, shared_input_of, tensor_name
 from ..errors import CalibrationError, OutputError
 from ..forward.calibration import CapturePoint, capture_hidden
 from ..forward.loading import load_for_calibration, release_memory
@@ -161,7 +161,7 @@ def _layout(model_path: Path, tensors: Sequence[str]) -> _Layout:
                 raise CalibrationError(f"{model_path / 'config.json'}: hidden_act {config.get('hidden_act')!r}: RegMean "
                                        f"computes expert inputs for {', '.join(ACTIVATIONS)} only")
             for layer, per in out.experts.items():
-                bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
+                bias_name = optional_tensor_name(arch, "router_bias", layer)
                 out.routers[layer] = (ckpt.read(tensor_name(arch, "router", layer)).float(),
                                       ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None)
                 for e in per:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import architecture_of, tensor_name
+from ..architectures import architecture_of, optional_tensor_name, tensor_name
 from ..forward.calibration import CapturePoint, capture_batch
 from ..forward.loading import load_for_calibration, release_memory
 from ..io.manifest import write_json_atomic
@@ -44,7 +44,7 @@ def expert_usage(model_path: Path, layers: Sequence[int], prompts: Sequence[str]
         routers = {}
         for layer in layers:
             weight = ckpt.read(tensor_name(arch, "router", layer)).float()
-            bias_name = tensor_name(arch, "router_bias", layer) if "router_bias" in arch.roles else None
+            bias_name = optional_tensor_name(arch, "router_bias", layer)
             bias = ckpt.read(bias_name).float() if bias_name and bias_name in ckpt else None
             routers[layer] = (weight, bias)
     model, tokenizer = load_for_calibration(model_path, **(load or {}))

@@ -78,3 +78,54 @@ def test_groups_keep_the_base_group_size():
     assert routing_groups(base, [slots[0], *dense], 2, base_included=True) == (3, 1)
     flat = RoutingSpec("sigmoid", n_experts=8, top_k=2, norm_topk_prob=True)
     assert routing_groups(flat, [slots[0], SourceSlots("d", 6, False, False)], 2, base_included=True) == (1, 1)
+
+
+def _router(family: str, **values):
+    """(transformers' own router module of `family` with seeded random weights, the config as a dict)."""
+    modules = {"DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2TopkRouter"),
+               "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeTopkRouter"),
+               "GptOssForCausalLM": ("gpt_oss", "GptOssTopKRouter"),
+               "MixtralForCausalLM": ("mixtral", "MixtralTopKRouter"),
+               "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeTopKRouter")}
+    package, cls = modules[family]
+    config = getattr(transformers, family.replace("ForCausalLM", "Config"))(hidden_size=16, num_attention_heads=4,
+                                                                           num_key_value_heads=4, **values)
+    router = getattr(getattr(transformers.models, package), f"modeling_{package}").__dict__[cls](config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for buffer in ("weight", "bias", "e_score_correction_bias"):
+            if isinstance(getattr(router, buffer, None), torch.Tensor):
+                getattr(router, buffer).copy_(torch.randn(getattr(router, buffer).shape, generator=gen))
+    config.architectures = [family]
+    return router, config.to_dict()
+
+
+# Each family's router at its release's routing settings (widths scaled down), and the variants its configs take.
+ROUTERS = {
+    "deepseek-v2 group_limited_greedy": ("DeepseekV2ForCausalLM", dict(
+        n_routed_experts=16, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        routed_scaling_factor=16.0)),
+    "deepseek-v2-lite greedy": ("DeepseekV2ForCausalLM", dict(
+        n_routed_experts=8, num_experts_per_tok=3, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0)),
+    "glm-4.5": ("Glm4MoeForCausalLM", dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                           routed_scaling_factor=2.5, norm_topk_prob=True)),
+    "gpt-oss": ("GptOssForCausalLM", dict(num_local_experts=8, num_experts_per_tok=4)),
+    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", dict(num_experts=8, num_experts_per_tok=4, norm_topk_prob=False)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_familys_routing_matches_its_transformers_router(name):
+    """The experts `route` picks and their weights, from the router's logits (GPT-OSS's router bias added to them,
+    DeepSeek's and GLM's selection bias passed), equal what the family's own transformers module gives."""
+    router, config = _router(*ROUTERS[name][:1], **ROUTERS[name][1])
+    h = torch.randn(200, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, want_w, want_idx = router(h)
+    bias = getattr(router, "e_score_correction_bias", None)
+    idx, w = route(logits, routing_spec(config), bias)
+    order, want_order = idx.sort(-1), want_idx.sort(-1)
+    assert torch.equal(order.values, want_order.values)
+    torch.testing.assert_close(w.gather(1, order.indices), want_w.float().gather(1, want_order.indices))

@@ -76,9 +76,13 @@ class Architecture:
     scoring: Literal["sigmoid", "softmax", "none"] = "softmax"
     # Routing settings that are not dimensions: logical name -> config key. Names:
     #   norm_topk_prob (bool), scaling (float multiplier of the top-k weights),
-    #   n_group / topk_group (DeepSeek's group-limited routing). A missing name means
-    #   "not part of this architecture" (softmax models have no scaling and no groups).
+    #   n_group / topk_group (DeepSeek's group-limited routing), topk_method (DeepSeek-V2's:
+    #   "greedy" ignores the groups). A missing name means "not part of this architecture"
+    #   (softmax models have no scaling and no groups).
     routing_keys: dict[str, str] = field(default_factory=dict)
+    # How group-limited routing scores a group: the sum of its two best (selection) scores (DeepSeek-V3, GLM),
+    # or its best score (DeepSeek-V2's group_limited_greedy).
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
     # Module paths for calibration hooks: the decoder layer, and its MLP/MoE block whose
     # input is the normalised MoE input.
     layer_module: str = "model.layers.{layer}"

@@ -296,8 +296,10 @@ DEEPSEEK_V2 = Architecture(
     },
     # transformers' DeepseekV2Config defaults
     defaults={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_shared_experts": 2, "tie_word_embeddings": False,
-              "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1},
-    routing_keys={"scaling": "routed_scaling_factor", "n_group": "n_group", "topk_group": "topk_group"},
+              "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "topk_method": "greedy"},
+    routing_keys={"scaling": "routed_scaling_factor", "n_group": "n_group", "topk_group": "topk_group",
+                  "topk_method": "topk_method"},
+    group_score="max",
     attention_layout_keys=(*_MLA_LAYOUT_KEYS, "rope_parameters", "attention_bias"),
     shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, ("shared_gate", "shared_up"),
                    ("q_a_proj", "q_proj", "kv_a_proj")),

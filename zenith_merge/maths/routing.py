@@ -10,6 +10,8 @@ instead of in per-architecture code:
                             `topk_group` of `n_group` groups (group score: sum of its
                             two best s + bias); w = s_picked [/ sum s_picked] * scaling
     Qwen3-MoE  (softmax):   p = softmax(z); pick top-k of p; w = p_picked [/ sum p_picked]
+    DeepSeek-V2 (softmax):  as Qwen3-MoE, within the best groups when `topk_method` is
+                            group_limited_greedy (group score: its best p); w times scaling
     dense MLP:              one expert, always on, w = 1
 """
 
@@ -34,6 +36,7 @@ class RoutingSpec:
     scaling: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
 
     @property
     def group_size(self) -> int:
@@ -53,14 +56,16 @@ def routing_spec(config: dict[str, Any], *, where: str = "config.json") -> Routi
         value = config.get(key, arch.defaults.get(key, fallback))
         return fallback if value is None else value
 
+    grouped = setting("topk_method", None) != "greedy"
     return RoutingSpec(
         scoring=arch.scoring,
         n_experts=dim(config, arch, "n_experts") or 0,
         top_k=dim(config, arch, "top_k") or 0,
         norm_topk_prob=bool(setting("norm_topk_prob", False)),
         scaling=float(setting("scaling", 1.0)),
-        n_group=int(setting("n_group", 1)),
-        topk_group=int(setting("topk_group", 1)),
+        n_group=int(setting("n_group", 1)) if grouped else 1,
+        topk_group=int(setting("topk_group", 1)) if grouped else 1,
+        group_score=arch.group_score,
     )
 
 
@@ -70,16 +75,16 @@ def route(logits: torch.Tensor, spec: RoutingSpec, bias: torch.Tensor | None = N
     if spec.scoring == "sigmoid":
         scores = logits.sigmoid()
         choice = scores + (bias.float() if bias is not None else 0.0)
-        if spec.n_group > 1:
-            grouped = choice.view(-1, spec.n_group, spec.group_size)
-            group_scores = grouped.topk(min(2, spec.group_size), dim=-1).values.sum(-1)
-            keep = group_scores.topk(spec.topk_group, dim=-1).indices
-            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~mask.repeat_interleave(spec.group_size, dim=1), float("-inf"))
-        idx = choice.topk(spec.top_k, dim=-1).indices
     else:
-        scores = logits.softmax(dim=-1)
-        idx = scores.topk(spec.top_k, dim=-1).indices
+        scores = choice = logits.softmax(dim=-1)
+    if spec.n_group > 1:
+        grouped = choice.view(-1, spec.n_group, spec.group_size)
+        group_scores = grouped.amax(-1) if spec.group_score == "max" else \
+            grouped.topk(min(2, spec.group_size), dim=-1).values.sum(-1)
+        keep = group_scores.topk(spec.topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~mask.repeat_interleave(spec.group_size, dim=1), float("-inf"))
+    idx = choice.topk(spec.top_k, dim=-1).indices
     weights = scores.gather(1, idx)
     if spec.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

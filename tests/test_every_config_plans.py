@@ -205,6 +205,9 @@ def test_recipe_label_covers_every_recipe_kind():
     assert labels["fp8_scale"] == "block scales (fp8_output)"
     assert recipe_label(examples[4]) == "attention (RegMean): 0.7 base + 0.3 donor1"
     assert labels["method"] == "routed_experts: ties of donor0, donor1, base (method base: base), in F32"
+    layer = examples[-1].model_copy(update={"fused": ("expert_down",), "layer": 1, "expert": 0})
+    assert recipe_label(layer).endswith("in F32, statistics over the layer's experts (expert_scope layer)")
+    assert recipe_label(examples[-1].model_copy(update={"expert_axis": 0})).endswith("in F32, expert by expert")
 
 
 # README.md "Configs": every documented key resolves against config/schema.py's pydantic models.

@@ -233,17 +233,18 @@ def fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", DETERMINISTIC)
 def test_deterministic_methods_equal_mergekit_byte_for_byte_on_qwen3_moe(qwen_family, tmp_path, method):
-    """With expert_scope: layer (a layer's experts seen as one tensor, as mergekit sees transformers 5's fused
-    tensors) every tensor equals mergekit's; with the default (each expert its own tensor) every tensor but
-    the routed experts does, and the experts too for the element-wise methods."""
+    """The config as mergekit takes it gives every tensor equal to mergekit's (expert_scope layer, the default:
+    a layer's experts seen as one tensor, as mergekit sees transformers 5's fused tensors). With expert_scope:
+    expert (each expert its own tensor) every tensor but the routed experts does, and the experts too for the
+    element-wise methods."""
     data = mergekit_config(qwen_family, method)
     theirs = all_tensors(mergekit_merge(tmp_path, data))
     assert any(".mlp.experts." in n for n in theirs)  # mergekit writes Qwen3-MoE's experts (fused)
-    layer_scope = fused_experts(tensors_of(zenith_merge(tmp_path, {**data, "expert_scope": "layer"}, "layer")))
-    assert set(layer_scope) == set(theirs)
-    differ = [n for n in theirs if layer_scope[n].dtype != theirs[n].dtype or not torch.equal(layer_scope[n], theirs[n])]
+    ours = fused_experts(tensors_of(zenith_merge(tmp_path, data, "default")))
+    assert set(ours) == set(theirs)
+    differ = [n for n in theirs if ours[n].dtype != theirs[n].dtype or not torch.equal(ours[n], theirs[n])]
     assert differ == [], f"{len(differ)} tensors differ, e.g. {differ[:3]}"
-    per_expert = fused_experts(tensors_of(zenith_merge(tmp_path, data, "expert")))
+    per_expert = fused_experts(tensors_of(zenith_merge(tmp_path, {**data, "expert_scope": "expert"}, "expert")))
     differ = {n for n in theirs if not torch.equal(per_expert[n], theirs[n])}
     assert all(".mlp.experts." in n for n in differ)
     if method in ("linear", "task_arithmetic"):
@@ -361,9 +362,10 @@ def test_fp8_sources_merge_as_their_bf16_cast_and_fp8_output_is_honoured(tmp_pat
 
 
 def test_every_family_merges_by_method_and_fused_experts_expert_by_expert(tmp_path):
-    """TIES over two children of each family in the tables (GPT-OSS read from MXFP4): every tensor written, each
-    equal to the method on the sources' tensors; GPT-OSS's fused expert tensors merged expert by expert (TIES's
-    top-k within each expert, as for per-expert tensors), not across the layer."""
+    """TIES over two children of each family in the tables (GPT-OSS read from MXFP4), with expert_scope: expert:
+    every tensor written, each equal to the method on the sources' tensors; GPT-OSS's fused expert tensors merged
+    expert by expert (TIES's top-k within each expert, as for per-expert tensors), not across the layer. With the
+    default scope (layer), GPT-OSS's fused tensor is one tensor to the method, as mergekit sees it."""
     from test_families import FAMILIES, _build, _mxfp4_copy, perturbed
 
     from zenith_merge.io.reader import Checkpoint
@@ -374,7 +376,7 @@ def test_every_family_merges_by_method_and_fused_experts_expert_by_expert(tmp_pa
         if family == "gpt-oss":
             a = _mxfp4_copy(a, tmp_path / family / "a-mxfp4")
         b = perturbed(a, tmp_path / family / "b")
-        data = {"merge_method": "ties", "base_model": str(a), "dtype": "float32",
+        data = {"merge_method": "ties", "base_model": str(a), "dtype": "float32", "expert_scope": "expert",
                 "models": [{"model": str(b), "parameters": {"weight": 1.0, "density": 0.5}}]}
         out = tensors_of(zenith_merge(tmp_path / family, data))
         with Checkpoint.open(a) as ca, Checkpoint.open(b) as cb:
@@ -398,6 +400,15 @@ def test_every_family_merges_by_method_and_fused_experts_expert_by_expert(tmp_pa
                 ref = out[name].float()
                 err = (c8.read(name).float() - ref).norm() / ref.norm()
                 assert err < 0.08, (family, name, float(err))
+        if family == "gpt-oss":
+            whole = tensors_of(zenith_merge(tmp_path / family, {**data, "expert_scope": "layer"}, "layer"))
+            with Checkpoint.open(a) as ca, Checkpoint.open(b) as cb:
+                for name in [n for n in ca.names() if ".mlp.experts." in n]:
+                    want = merge("ties", [cb.read(name).float(), ca.read(name).float()], 1,
+                                 [{"weight": 1.0, "density": 0.5}, {}],
+                                 {"normalize": True, "int8_mask": False, "rescale": False, "lambda": 1.0})
+                    assert torch.equal(whole[name].float(), want.to(whole[name].dtype).float()), name
+                    assert name.endswith("_bias") or not torch.equal(whole[name], out[name]), name
 
 
 def test_regmean_is_a_method_name_for_zeniths_regmean_assembly(deepseek_family, tmp_path):
@@ -438,7 +449,8 @@ def test_dense_models_merge_as_mergekit_merges_them(tmp_path, cls):
 
 def test_a_merge_that_would_outgrow_memory_is_said_before_it_starts(qwen_family, tmp_path, caplog, monkeypatch):
     """TIES sorts each task vector (about 28 bytes per element): the plan counts it, and a plan whose peak is more
-    than the machine's memory is said before anything runs, with the filter that avoids the sort."""
+    than the machine's memory is said before anything runs, with the filter that avoids the sort and, where a
+    layer's experts are held at once (expert_scope layer, the default), the scope that holds one."""
     import zenith_merge.system
     from zenith_merge.pipeline.stage_runs import warn_if_memory_short
 
@@ -448,3 +460,9 @@ def test_a_merge_that_would_outgrow_memory_is_said_before_it_starts(qwen_family,
     monkeypatch.setattr(zenith_merge.system, "physical_memory", lambda: 1000)
     warn_if_memory_short(ties)
     assert "is more than this machine's" in caplog.text and "filter: embed_tokens, value: 1.0" in caplog.text
+    assert "expert_scope: expert holds one routed expert" in caplog.text
+    caplog.clear()
+    per_expert = build_plan(parse_config({**mergekit_config(qwen_family, "ties"), "expert_scope": "expert"}),
+                            config_dir=tmp_path)
+    warn_if_memory_short(per_expert)
+    assert "is more than this machine's" in caplog.text and "expert_scope" not in caplog.text

@@ -345,11 +345,11 @@ class MergeConfig(_Strict):
                                                 "false: base_model only fixes the output's layout (no base given)")
     parameters: dict[str, Any] = Field(default_factory=dict, description="a merge method's parameters for every "
                                                                          "model (mergekit-yaml's top-level parameters)")
-    expert_scope: Literal["expert", "layer"] = Field(
-        "expert", description="what a merge method's statistics (TIES's top-k, SLERP's norms, Model Stock's angle, "
-                              "DARE's rescaling) range over for routed experts: each expert's own tensor (expert), "
-                              "or all of a layer's experts as transformers 5 fuses them (layer: mergekit 0.1.5's "
-                              "results, byte for byte)")
+    expert_scope: Literal["layer", "expert"] = Field(
+        "layer", description="what a merge method's statistics (TIES's top-k, SLERP's norms, Model Stock's angle, "
+                             "DARE's rescaling) range over for routed experts: all of a layer's experts as "
+                             "transformers 5 fuses them (layer, the default: mergekit 0.1.5's results, byte for "
+                             "byte), or each expert's own tensor (expert: one expert in memory at a time)")
     merge_dtype: OutputDtype | None = Field(None, description="the dtype a merge method computes in (mergekit-yaml's "
                                                               "dtype); default: the sources' stored dtype")
     align: AlignSettings = Field(default_factory=AlignSettings)
@@ -413,7 +413,7 @@ class MergeConfig(_Strict):
         if self.merge_method in MERGEKIT_METHODS:
             return self
         given = [k for k in ("parameters", "merge_dtype") if getattr(self, k)]
-        given += ["expert_scope"] if self.expert_scope != "expert" else []
+        given += ["expert_scope"] if "expert_scope" in self.model_fields_set else []
         given += [f"experts.{i}.parameters" for i, e in enumerate(self.experts) if e.parameters]
         if given or not self.method_base:
             raise ValueError(f"{(given or ['method_base'])[0]}: only used with a merge method "

@@ -95,6 +95,9 @@ def warn_if_memory_short(plan: Plan) -> None:
             hint = (f"; {plan.config['merge_method']} sorts each task vector's magnitudes (about 28 bytes per "
                     f"element): density 1 for the largest tensors skips it, e.g. density: [{{filter: embed_tokens, "
                     f"value: 1.0}}, {{filter: lm_head, value: 1.0}}, {{value: 0.5}}]")
+        if any(getattr(t.recipe, "fused", ()) for t in plan.tensors):
+            hint += ("; expert_scope: expert holds one routed expert at a time, not a layer's experts of every "
+                     "model (each expert then has its own statistics)")
         log.warning("estimated peak memory %.1f GiB is more than this machine's %.1f GiB (the largest tensor: %s)%s",
                     e.peak_memory_bytes / 2**30, ram / 2**30, e.largest_tensor, hint)
 

@@ -92,7 +92,9 @@ def recipe_label(r) -> str:
                 + " + ".join(f"{w:g} {k}" for k, w in zip(r.sources, r.weights)))
     if kind == "method":
         base = f" (method base: {r.sources[r.base]})" if r.base is not None else ""
-        return f"{r.tensor_class}: {r.method} of {', '.join(r.sources)}{base}, in {r.merge_dtype}"
+        scope = (", statistics over the layer's experts (expert_scope layer)" if r.fused else
+                 ", expert by expert" if r.expert_axis is not None else "")
+        return f"{r.tensor_class}: {r.method} of {', '.join(r.sources)}{base}, in {r.merge_dtype}{scope}"
     if kind == "expert":
         return f"routed expert {r.proj} (expert table)"
     if kind == "router":

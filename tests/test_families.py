@@ -238,6 +238,30 @@ def test_an_assembly_of_two_children_is_their_weighted_average_and_runs(family, 
     assert logits.shape == (2, 12, 320) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("family", ["deepseek-v2", "glm-4.5", "gpt-oss"], indirect=True)
+def test_a_regmean_assembly_solves_the_linear_weights_and_runs(family, tmp_path, caplog):
+    """RegMean assembly (each child on its own text) on each family transformers runs: attention weights are
+    solved (not the weighted average), the output loads and runs. GPT-OSS's experts are stored fused (3-D, with
+    biases), which RegMean does not solve: they are the weighted average, and the plan says so by name."""
+    name, base, other = family
+    out = _merge(tmp_path, base_model=str(base), merge_method="assembly", gate_mode="random",
+                 experts=[{"source_model": str(base)}, {"source_model": str(other)}],
+                 assembly={"weights": {"default": [1.0, 3.0]},
+                           "regmean": {"data": [["demo:code"], ["demo:maths"]], "max_tokens": 256}})
+    a, b, got = tensors_of(base), tensors_of(other), tensors_of(out)
+    solved = [n for n in a if ("self_attn" in n and n.endswith("proj.weight") and ".layers.3." not in n)]
+    assert solved and all(not torch.equal(got[n], _weighted(a[n], b[n])) for n in solved)
+    fused = [n for n in a if ".mlp.experts." in n and a[n].dim() == 3]
+    assert bool(fused) == (name == "gpt-oss")
+    assert all(torch.equal(got[n], _weighted(a[n], b[n])) for n in fused)
+    warned = "assembly.regmean.classes routed_experts: GptOssForCausalLM stores 4 of its tensors fused"
+    assert (warned in caplog.text) == (name == "gpt-oss")
+    model, info = _load(out, name)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
 @pytest.mark.parametrize("family", ["deepseek-v2", "glm-4.5", "kimi-k2"], indirect=True)
 def test_a_concat_of_two_children_puts_their_experts_side_by_side(family, tmp_path):
     """Per-expert families concatenate (GPT-OSS's fused experts do not: below). DeepSeek-V2's routing weights are

@@ -10,6 +10,7 @@ else from V3) comes out exact.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from ..maths.regmean import gram_groups
 from .models import AssembleRecipe, CopyRecipe, Plan, PlannedTensor, RegMeanStage, StagePlan
 from .opened_sources import OpenedSource
 from .output import finish_plan, output_dtype, target_dtype_keys
+
+log = logging.getLogger(__name__)
 
 # Config values that must agree between parents for their tensors to line up (beyond the attention layout).
 _SHAPE_KEYS = ("hidden", "layers", "vocab", "inter", "moe_inter", "n_experts", "n_shared")
@@ -96,6 +99,7 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, 
         set_dim(target, base.arch, "top_k", cfg.experts_per_token)
     regmean = settings.regmean
     needs_grams: dict[str, list[str]] = {}
+    unsolved: dict[str, list[str]] = {}  # a RegMean class's weights stored fused (GPT-OSS's experts: 3-D)
     tensors, input_bytes = [], {}
     extra = set(extra_layer_indices(base.arch, base.ckpt.config, base.ckpt.names()))
     for name in base.ckpt.names():
@@ -116,8 +120,10 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, 
             recipe = CopyRecipe(source=keys[0], tensor=name)
         else:
             # an MTP layer never runs in transformers' forward pass, so it has no RegMean statistics: interpolated
-            solve = (regmean is not None and tclass in regmean.classes and len(used) > 1 and len(info.shape) == 2
-                     and name.endswith(".weight") and not in_extra)
+            wanted = regmean is not None and tclass in regmean.classes and len(used) > 1 and not in_extra
+            solve = wanted and len(info.shape) == 2 and name.endswith(".weight")
+            if wanted and not solve and len(info.shape) > 2:
+                unsolved.setdefault(tclass, []).append(name)
             recipe = AssembleRecipe(tensor=name, tensor_class=tclass, sources=keys,
                                     weights=tuple(w for _, w in used), threshold=settings.threshold, regmean=solve,
                                     off_diagonal=regmean.off_diagonal if solve else 1.0,
@@ -128,6 +134,10 @@ def plan_assembly(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, 
         tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
         reads = len(set(keys) | {"base"}) if isinstance(recipe, AssembleRecipe) else 1
         input_bytes[name] = reads * info.nbytes + (8 * math.prod(info.shape) if reads > 1 else 0)
+    for tclass, names in unsolved.items():
+        log.warning("assembly.regmean.classes %s: %s stores %d of its tensors fused (e.g. %s, 3-D); RegMean solves "
+                    "one linear weight at a time, so these are interpolated by assembly.weights", tclass,
+                    base.arch.name, len(names), names[0])
     stages = StagePlan(regmean={s.key: _regmean_stage(s, needs_grams[s.key], regmean)
                                 for s in sources if s.key in needs_grams}) if needs_grams else None
     extra = {"stages": stages} if stages is not None else {}

@@ -146,4 +146,9 @@ RELEASE_FIXTURES: dict[str, dict[str, Any]] = {
     "deepseek-v3-bf16-small": dict(family="deepseek-v3", overrides=SMALL_DEEPSEEK_V3, fp8=False, parent_seed=0,
                                    child_seed=1),
     "qwen3-moe-small": dict(family="qwen3-moe", overrides=SMALL_QWEN3_MOE, fp8=False, seed=0),
+    # two FP8 children of one parent, as Qwen3-30B-A3B-Instruct-2507-FP8 and -Thinking-2507-FP8 are
+    "qwen3-moe-instruct-fp8-small": dict(family="qwen3-moe", overrides=SMALL_QWEN3_MOE, fp8=True, parent_seed=0,
+                                         child_seed=1),
+    "qwen3-moe-thinking-fp8-small": dict(family="qwen3-moe", overrides=SMALL_QWEN3_MOE, fp8=True, parent_seed=0,
+                                         child_seed=2),
 }

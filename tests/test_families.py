@@ -1,6 +1,7 @@
 """The MoE families users merge today, each checked against transformers' own modules: DeepSeek-V2 / V2.5, GLM-4.5 /
-4.6 (with the release's MTP layer), Kimi-K2 (a DeepSeek-V3 with its tiktoken tokenizer and no tokenizer.json) and
-GPT-OSS (fused experts; MXFP4 releases dequantised on read). Mixtral and Qwen2-MoE: test_mergekit_moe_outputs.py.
+4.6 (with the release's MTP layer), Kimi-K2 (a DeepSeek-V3 with its tiktoken tokenizer and no tokenizer.json),
+GPT-OSS (fused experts; MXFP4 releases dequantised on read), and Mixtral and Qwen2-MoE (their dense -> MoE forms:
+test_mergekit_moe_outputs.py).
 
 For each, a tiny model built by transformers' class (seeded random weights, saved sharded): every tensor it saves
 is described with its shape, the facts are right, the base alone is rewritten bit for bit, and an assembly of two
@@ -57,6 +58,12 @@ FAMILIES = {
         _SMALL, **_MLA, num_hidden_layers=2, q_lora_rank=16, moe_intermediate_size=8, n_routed_experts=384,
         n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=1, n_group=1, topk_group=1,
         routed_scaling_factor=2.827, norm_topk_prob=True, num_nextn_predict_layers=0)),
+    # Mixtral and Qwen2-MoE (also mergekit-moe's outputs): softmax top-k; Qwen2-MoE's gated shared expert
+    "mixtral": ("MixtralForCausalLM", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", dict(_SMALL, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=16,
+                                              shared_expert_intermediate_size=24, decoder_sparse_step=1)),
     # GPT-OSS: fused experts with biases, a router with a bias, sinks, sliding and full layers alternating
     "gpt-oss": ("GptOssForCausalLM", dict(
         _SMALL, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -238,7 +245,7 @@ def test_an_assembly_of_two_children_is_their_weighted_average_and_runs(family, 
     assert logits.shape == (2, 12, 320) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("family", ["deepseek-v2", "glm-4.5", "gpt-oss"], indirect=True)
+@pytest.mark.parametrize("family", ["deepseek-v2", "glm-4.5", "gpt-oss", "mixtral", "qwen2-moe"], indirect=True)
 def test_a_regmean_assembly_solves_the_linear_weights_and_runs(family, tmp_path, caplog):
     """RegMean assembly (each child on its own text) on each family transformers runs: attention weights are
     solved (not the weighted average), the output loads and runs. GPT-OSS's experts are stored fused (3-D, with

@@ -136,6 +136,14 @@ CASES = {
     "deepseek_shared": lambda m: ({"base_model": str(m["llama", 0]), "architecture": "deepseek", "gate_mode": "random",
                                    "experts": _experts([m["llama", i] for i in range(2)], prompts=False),
                                    "shared_experts": [{"source_model": str(m["llama", 1])}]}, "Qwen2MoeForCausalLM"),
+    # DeepSeek-MoE v1 weighs a lone top-1 expert by its softmax probability (no renormalisation for k = 1)
+    "deepseek_shared_top1_residual_scale": lambda m: (
+        {"base_model": str(m["mistral", 0]), "architecture": "deepseek moe", "gate_mode": "random",
+         "experts_per_token": 1, "experts": _experts([m["mistral", i] for i in range(3)], prompts=False),
+         "shared_experts": [{"source_model": str(m["mistral", 1]), "residual_scale": 0.5}]}, "Qwen2MoeForCausalLM"),
+    "deepseek_no_shared": lambda m: ({"base_model": str(m["llama", 0]), "architecture": "deepseek",
+                                      "gate_mode": "hidden", "experts": _experts([m["llama", i] for i in range(2)])},
+                                     "MixtralForCausalLM"),
 }
 
 
@@ -146,13 +154,32 @@ def test_both_tools_run_and_agree_on_the_experts(tmp_path, models, case):
     assert mk_rc == 0 and zm_rc == 0, err
     import json
 
-    assert json.loads((zm / "config.json").read_text())["architectures"] == [arch]
-    _same_experts(mk, zm, shared_scale=2.0 if case == "deepseek_shared" else 1.0)  # always-on shared: down x2
+    ours, theirs = (json.loads((f / "config.json").read_text()) for f in (zm, mk))
+    assert ours["architectures"] == [arch]
+    assert ours["num_experts_per_tok"] == theirs["num_experts_per_tok"]
+    if case.startswith("deepseek_shared"):  # v1 renormalises only for k > 1; Qwen2-MoE when norm_topk_prob says
+        assert ours["norm_topk_prob"] == (theirs["norm_topk_prob"] and theirs["num_experts_per_tok"] > 1)
+    _same_experts(mk, zm, shared_scale=2.0 if case.startswith("deepseek_shared") else 1.0)  # always on: down x2
     _generates(zm)
     # mergekit's DeepSeek-MoE needs remote code from the Hub; its Qwen2-MoE from Llama sizes the zero attention
-    # biases hidden / heads * heads, wrong where head_dim is set otherwise (8 x 2 = 16 here, not 32)
-    if case not in ("deepseek_shared", "qwen_llama_donors"):
+    # biases hidden / heads * heads, wrong where head_dim is set otherwise (8 x 2 = 16 here, not 32); from Mistral
+    # it stops before writing (test_mergekit_moe_outputs.py runs zenith-merge's alone)
+    if not case.startswith(("deepseek", "qwen_llama")):
         _generates(mk)
+
+
+def test_a_deepseek_moe_with_one_expert_per_token_and_no_shared_expert_is_refused_naming_why(tmp_path, models):
+    """DeepSeek-MoE v1 weighs a lone expert by its softmax probability; Mixtral (no shared expert) renormalises it
+    to 1, so that config is refused with the two ways out, not written as another function."""
+    config = {"base_model": str(models["llama", 0]), "architecture": "deepseek", "gate_mode": "random",
+              "experts_per_token": 1, "experts": _experts([models["llama", i] for i in range(2)], prompts=False)}
+    folder = tmp_path / "top1"
+    folder.mkdir()
+    (folder / "config.yml").write_text(yaml.safe_dump(config))
+    r = subprocess.run([str(BIN / "zenith-merge"), "moe", str(folder / "config.yml"), str(folder / "out")],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "experts_per_token: 1" in r.stderr and "shared_experts" in r.stderr and not (folder / "out").exists()
 
 
 def test_upcycling_runs_in_both_with_noise_of_the_asked_scale(tmp_path, models):
@@ -219,53 +246,99 @@ def test_every_mergekit_moe_flag_is_accepted_with_its_meaning(tmp_path, models):
 
     given, _ = parse_flags(list(flags))
     cfg = parse_config(apply_flags(config, given))
-    assert cfg.seed == 3 and cfg.load_in_8bit and cfg.max_shard_size == 5000 * 2  # 5K parameters of bf16
+    assert cfg.seed == 3 and cfg.load_in_8bit and cfg.max_shard_size == 5000  # bytes, as mergekit's writer counts
     for refused in ("--load-in-4bit", "--no-copy-tokenizer", "--no-safe-serialization", "--not-a-flag"):
         r = subprocess.run([str(BIN / "zenith-merge"), "moe", str(cfg_path := folder / "config.yml"),
                             str(folder / "x"), refused], capture_output=True, text=True, env=ENV)
         assert r.returncode == 2 and refused in r.stderr and "Traceback" not in r.stderr, (cfg_path, r.stderr)
 
 
+def _shard_bytes(folder: Path) -> list[int]:
+    """Each shard's tensor bytes (numel x element size, as mergekit's writer counts them), largest first."""
+    import math
+
+    from safetensors import safe_open
+
+    width = {"BF16": 2, "F16": 2, "F32": 4}
+    sizes = []
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            slices = [f.get_slice(k) for k in f.keys()]
+            sizes.append(sum(math.prod(s.get_shape()) * width[s.get_dtype()] for s in slices))
+    return sorted(sizes, reverse=True)
+
+
+def test_out_shard_size_is_the_bytes_of_tensors_per_shard_as_mergekit_writes_them(tmp_path, models):
+    """mergekit's help calls --out-shard-size a number of parameters; its writer compares tensor bytes with it.
+    With 20K, both tools write shards of at most 20,000 bytes of tensors (a tensor alone in its shard may be
+    larger), so about the same number of them."""
+    config = {"base_model": str(models["llama", 0]), "gate_mode": "random", "dtype": "bfloat16",
+              "experts": _experts([models["llama", i] for i in range(2)], prompts=False)}
+    mk_rc, mk, zm_rc, err, zm = _run(tmp_path, "shards", config, ("--out-shard-size", "20K"))
+    assert mk_rc == 0 and zm_rc == 0, err
+    ours, theirs = _shard_bytes(zm), _shard_bytes(mk)
+    largest = max(t.numel() * t.element_size() for t in tensors_of(zm).values())
+    assert all(b <= max(20_000, largest) for b in ours + theirs), (ours, theirs)
+    assert sum(ours) == sum(theirs) and len(ours) > 1 and abs(len(ours) - len(theirs)) <= len(theirs) // 2
+
+
 def test_every_key_of_mergekit_moes_schema_is_honoured_or_refused(tmp_path, models):
-    """Each key mergekit-moe's pydantic schema knows, set to a non-default value, changes the plan or is refused
-    naming the key: none is dropped."""
+    """Each key mergekit-moe's pydantic schema knows (experts' and shared experts' keys included), set to a
+    non-default value, changes what the plan computes (its tensors, transforms, target config; not only the
+    config it carries) or, where the plan leaves the key to a stage (gate_mode), the written tensors; or it is
+    refused naming the key: none is dropped."""
     from mergekit.moe.config import Expert, MoEMergeConfig
 
-    from zenith_merge.config import parse_config
+    from zenith_merge.config import load_config, parse_config
     from zenith_merge.errors import ZenithError
+    from zenith_merge.pipeline import run_merge
     from zenith_merge.plan.build import build_plan
 
     llama = [models["llama", i] for i in range(3)]
-    base = {"base_model": str(llama[0]), "gate_mode": "hidden", "output_dir": str(tmp_path / "out"),
-            "experts": _experts(llama[:2])}
+    base = {"base_model": str(llama[0]), "gate_mode": "hidden", "experts": _experts(llama[:2]),
+            "architecture": "qwen", "shared_experts": [{"source_model": str(llama[2]), "positive_prompts": ["s"]}]}
+    first, second = _experts(llama[:2])
+    shared = base["shared_experts"][0]
     variations = {
         "base_model": {"base_model": str(llama[1])},
         "experts": {"experts": _experts(llama)},
         "gate_mode": {"gate_mode": "cheap_embed"},
         "dtype": {"dtype": "float16"},
         "experts_per_token": {"experts_per_token": 1},
-        "shared_experts": {"shared_experts": [{"source_model": str(llama[2]), "positive_prompts": ["s"]}]},
+        "shared_experts": {"shared_experts": [{**shared, "source_model": str(llama[1])}]},
         "architecture": {"architecture": "qwen3"},
-        "experts.source_model": {"experts": [{**_experts(llama[:2])[0], "source_model": str(llama[2])},
-                                             _experts(llama[:2])[1]]},
-        "experts.positive_prompts": {"experts": [{**_experts(llama[:2])[0], "positive_prompts": ["other"]},
-                                                 _experts(llama[:2])[1]]},
-        "experts.negative_prompts": {"experts": [{**_experts(llama[:2])[0], "negative_prompts": ["no"]},
-                                                 _experts(llama[:2])[1]]},
-        "experts.noise_scale": {"experts": [{**_experts(llama[:2])[0], "noise_scale": 0.1}, _experts(llama[:2])[1]]},
-        "experts.residual_scale": {"experts": [{**_experts(llama[:2])[0], "residual_scale": 0.5},
-                                               _experts(llama[:2])[1]]},
+        **{f"experts.{key}": {"experts": [{**first, key: value}, second]} for key, value in (
+            ("source_model", str(llama[2])), ("positive_prompts", ["other"]), ("negative_prompts", ["no"]),
+            ("noise_scale", 0.1), ("residual_scale", 0.5))},
+        **{f"shared_experts.{key}": {"shared_experts": [{**shared, key: value}]} for key, value in (
+            ("source_model", str(llama[0])), ("positive_prompts", ["other"]), ("negative_prompts", ["no"]),
+            ("noise_scale", 0.1), ("residual_scale", 0.5))},
     }
-    known = set(MoEMergeConfig.model_fields) | {f"experts.{k}" for k in Expert.model_fields}
+    known = (set(MoEMergeConfig.model_fields) | {f"experts.{k}" for k in Expert.model_fields}
+             | {f"shared_experts.{k}" for k in Expert.model_fields})
     assert known == set(variations), known ^ set(variations)
-    plain = build_plan(parse_config(base), config_dir=tmp_path)
+
+    def computed(plan) -> dict:
+        return {k: v for k, v in plan.model_dump().items() if k not in ("config", "plan_id", "output_dir")}
+
+    def written(name: str, data: dict) -> dict[str, torch.Tensor]:
+        cfg = tmp_path / f"{name}.yml"
+        cfg.write_text(yaml.safe_dump({**data, "output_dir": str(tmp_path / name), "routing_report": False}))
+        return tensors_of(run_merge(load_config(cfg), config_dir=tmp_path, progress=False).output_dir)
+
+    plain = computed(build_plan(parse_config(base), config_dir=tmp_path))
+    plain_tensors: dict[str, torch.Tensor] = {}
     for key, change in variations.items():
         try:
             plan = build_plan(parse_config({**base, **change}), config_dir=tmp_path)
         except ZenithError as err:
             assert key.split(".")[0] in str(err) or key.split(".")[-1] in str(err), (key, err)
             continue
-        assert plan.plan_id != plain.plan_id or plan.model_dump() != plain.model_dump(), key
+        if computed(plan) != plain:
+            continue
+        plain_tensors = plain_tensors or written("plain", base)
+        ours = written(key, {**base, **change})
+        assert any(not torch.equal(ours[n], plain_tensors[n]) for n in plain_tensors), f"{key}: no effect"
 
 
 def _router_rows(folder: Path) -> dict[int, torch.Tensor]:
@@ -295,3 +368,19 @@ def test_gate_source_residual_gives_mergekits_router_rows_bit_for_bit(tmp_path, 
         assert got[layer].dtype == want[layer].dtype and torch.equal(got[layer], want[layer]), layer
         off = torch.nn.functional.cosine_similarity(default[layer].float(), want[layer].float(), dim=-1)
         assert float(off.min()) < 0.99, (layer, off)
+
+
+@pytest.mark.parametrize("name", ["deepseek", "deepseek moe", "DeepSeek MoE", "deepseek_v3", "DeepseekV3ForCausalLM"])
+def test_a_deepseek_v3_base_keeps_its_architecture_under_mergekits_deepseek_names(tiny_deepseek, tmp_path, name):
+    """`architecture: deepseek` means DeepSeek-MoE from dense donors; with a DeepSeek-V3 base it keeps the base's
+    architecture, as it did before mergekit-moe's names were read. Another family's name is refused by name."""
+    from zenith_merge.config import parse_config
+    from zenith_merge.errors import PlanError
+    from zenith_merge.plan.build import build_plan
+
+    data = {"base_model": str(tiny_deepseek), "gate_mode": "random", "output_dir": str(tmp_path / "out"),
+            "experts": [{"source_model": str(tiny_deepseek)}]}
+    plan = build_plan(parse_config({**data, "architecture": name}), config_dir=tmp_path)
+    assert plan.target_config["architectures"] == ["DeepseekV3ForCausalLM"]
+    with pytest.raises(PlanError, match="architecture: mixtral differs from the base's DeepseekV3ForCausalLM"):
+        build_plan(parse_config({**data, "architecture": "mixtral"}), config_dir=tmp_path)

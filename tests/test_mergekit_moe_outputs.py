@@ -104,13 +104,22 @@ def test_qwen2_moe_shared_expert_is_gated_and_residual_scaled(tmp_path, dense):
         routed = probs[:, :1] * a(x.view(-1, 32)) + probs[:, 1:] * b(x.view(-1, 32))
         shared = torch.sigmoid(block.shared_expert_gate(x.view(-1, 32))) * 0.5 * s(x.view(-1, 32))
         torch.testing.assert_close(got.view(-1, 32), routed + shared, rtol=1e-5, atol=1e-5)
-    # Llama sources: zero attention biases, as mergekit-moe writes them
-    llama = [dense["LlamaForCausalLM", i] for i in range(2)]
-    out = _merge(tmp_path, "ql", base_model=str(llama[0]), architecture="qwen", experts=_entries(*llama),
-                 shared_experts=[{"source_model": str(llama[1])}])
-    biases = {n: t for n, t in tensors_of(out).items() if n.endswith("_proj.bias")}
-    assert len(biases) == 3 * 2 and all(not t.any() for t in biases.values())
-    _loaded(out)
+    # Llama and Mistral sources: zero attention biases, as mergekit-moe writes them (its Mistral -> Qwen2-MoE
+    # stops before writing; zenith-merge's is checked here alone: the one-expert layer is the donor's MLP)
+    for family in ("LlamaForCausalLM", "MistralForCausalLM"):
+        donors = [dense[family, i] for i in range(2)]
+        out = _merge(tmp_path, f"q-{family}", base_model=str(donors[0]), architecture="qwen",
+                     experts=_entries(donors[0]), shared_experts=[{"source_model": str(donors[1])}],
+                     experts_per_token=1)
+        biases = {n: t for n, t in tensors_of(out).items() if n.endswith("_proj.bias")}
+        assert len(biases) == 3 * 2 and all(not t.any() for t in biases.values())
+        block = _loaded(out).model.layers[1].mlp
+        a, s = (AutoModelForCausalLM.from_pretrained(p).eval().model.layers[1].mlp for p in donors)
+        with torch.no_grad():
+            got = block(x)
+            got = got[0] if isinstance(got, tuple) else got
+            shared = torch.sigmoid(block.shared_expert_gate(x.view(-1, 32))) * s(x.view(-1, 32))
+            torch.testing.assert_close(got.view(-1, 32), a(x.view(-1, 32)) + shared, rtol=1e-5, atol=1e-5)
 
 
 def test_mergekit_deepseek_moe_is_written_as_the_model_that_computes_it(tmp_path, dense):
@@ -129,6 +138,19 @@ def test_mergekit_deepseek_moe_is_written_as_the_model_that_computes_it(tmp_path
     with torch.no_grad():
         half = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
         torch.testing.assert_close(half, shared(x), rtol=1e-5, atol=1e-6)  # exactly the ungated shared expert
+    # experts_per_token 1: DeepSeek-MoE v1 does not renormalise a lone expert's weight, so it is its probability
+    top1 = _merge(tmp_path, "d2", base_model=str(llama[0]), architecture="deepseek", experts=_entries(*llama[:2]),
+                  shared_experts=[{"source_model": str(llama[2])}], experts_per_token=1)
+    block = _loaded(top1).model.layers[0].mlp
+    a, b = (AutoModelForCausalLM.from_pretrained(p).eval().model.layers[0].mlp for p in llama[:2])
+    with torch.no_grad():
+        got = block(x[None])
+        got = (got[0] if isinstance(got, tuple) else got).view(-1, 32)
+        probs = torch.softmax(x @ block.gate.weight.T, -1)
+        p, pick = probs.max(-1, keepdim=True)
+        routed = torch.where(pick == 0, p * a(x), p * b(x))
+        torch.testing.assert_close(got, routed + shared(x), rtol=1e-5, atol=1e-5)
+        assert (p < 0.99).all()  # a weight of 1 (renormalised) would be another function
 
 
 def test_mergekit_names_mean_what_mergekit_means(tmp_path, dense):

@@ -92,6 +92,9 @@ class Architecture:
     # The MoE architectures a dense one can become (mergekit-moe's dense -> MoE case): same attention, norm
     # and embedding tensors, the MLP replaced by routed experts. The first is the default.
     moe_targets: tuple[str, ...] = ()
+    # mergekit-moe output names (MERGEKIT_MOE_OUTPUTS) an MoE base of this family answers to besides its own
+    # table's: `architecture: deepseek` with a DeepSeek-V3 base keeps the base, as before mergekit's names came.
+    mergekit_moe_names: tuple[str, ...] = ()
     # The `model_type` values of dense sources this MoE architecture is built from (mergekit-moe's rule).
     dense_sources: tuple[str, ...] = ()
     # Config values an MoE architecture takes when it is built from a dense config.

@@ -136,6 +136,7 @@ _SIGMOID_MOE_DEFAULTS = {"moe_layer_freq": 1, "tie_word_embeddings": False, "nor
 
 DEEPSEEK_V3 = Architecture(
     name="DeepseekV3ForCausalLM",
+    mergekit_moe_names=("DeepSeek MoE",),
     chat_format="deepseek",
     model_type="deepseek_v3",
     moe_layer_rule="first_k_dense",
@@ -278,6 +279,7 @@ QWEN2_MOE = Architecture(
 # ungated shared experts, dense first layers. `attention_bias` and `mlp_bias` add the biases below.
 DEEPSEEK_V2 = Architecture(
     name="DeepseekV2ForCausalLM",
+    mergekit_moe_names=("DeepSeek MoE",),
     chat_format="deepseek",
     model_type="deepseek_v2",
     moe_layer_rule="first_k_dense",

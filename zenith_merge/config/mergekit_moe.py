@@ -35,8 +35,9 @@ FLAGS: tuple[Flag, ...] = (
          "allows experts that are all the same model (upcycling)", moe_only=True),
     Flag(("--random-seed",), "honoured", "seeds random router rows, noise_scale, and the random drops of dare and "
          "della (seed:)", takes_value=True),
-    Flag(("--out-shard-size",), "honoured", "the largest output shard, in parameters as in mergekit "
-         "(max_shard_size: that many parameters of the output dtype)", takes_value=True),
+    Flag(("--out-shard-size",), "honoured", "the largest output shard (max_shard_size). mergekit's help says "
+         "parameters, but its writer compares tensor bytes with the number, so 5B means 5 GB of tensors here "
+         "as there", takes_value=True),
     Flag(("--device",), "honoured", "cpu keeps the stages' forward passes off CUDA; other values leave the "
          "placement to transformers (CUDA when available)", takes_value=True),
     Flag(("--copy-tokenizer",), "no effect", "the output always carries the base's tokenizer files"),
@@ -72,7 +73,6 @@ def flags_of(command: Literal["moe", "yaml"]) -> tuple[Flag, ...]:
     return tuple(f for f in FLAGS if command == "moe" or not f.moe_only)
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMBT]?)\s*", flags=re.IGNORECASE)
 
 
@@ -128,9 +128,8 @@ def apply_flags(data: dict[str, Any], given: dict[str, str | bool]) -> dict[str,
             raise ConfigError(f"--random-seed: {given['--random-seed']!r} is not an integer") from None
     if "--load-in-8bit" in given:
         data["load_in_8bit"] = True
-    if "--out-shard-size" in given:
-        width = _DTYPE_BYTES.get(str(data.get("out_dtype") or data.get("dtype") or "bfloat16"), 2)
-        data["max_shard_size"] = parameters(str(given["--out-shard-size"])) * width
+    if "--out-shard-size" in given:  # mergekit's TensorWriter: numel * element_size against this number
+        data["max_shard_size"] = parameters(str(given["--out-shard-size"]))
     return data
 
 

@@ -163,6 +163,8 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
     if converting:
         target.update(architectures=[arch.name], model_type=arch.model_type, **arch.from_dense_config)
         target.pop("auto_map", None)
+        if out.chosen_as == "DeepSeek MoE" and top_k == 1:  # DeepSeek-MoE v1 renormalises only for top-k > 1
+            target[arch.routing_keys["norm_topk_prob"]] = False
     shared_slot = _shared_slot(cfg, base, shared, out)
     if shared_slot is not None:
         set_dim(target, arch, "shared_inter", shared[0].facts.intermediate_size)
@@ -193,15 +195,17 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
                                             negative_prompts=tuple(s.entry.negative_prompts),
                                             noise_scale=s.entry.noise_scale or None,
                                             random_experts=s.entry.random_experts)
-        needs_measure = (sl.routed and s.key != "base" and not spec.norm_topk_prob) or \
-            (s.key != "base" and not out_routing.norm_topk_prob)
+        # dense sources become experts as mergekit-moe writes them: unscaled (residual_scale aside), so a
+        # DeepSeek-MoE top-1 (weights not renormalised) weighs each by its probability, as DeepSeek-MoE v1 does
+        needs_measure = not converting and ((sl.routed and s.key != "base" and not spec.norm_topk_prob) or
+                                            (s.key != "base" and not out_routing.norm_topk_prob))
         if s.entry.keep != "all" or needs_measure:
             if not s.entry.positive_prompts:
                 why = f"keep: {s.entry.keep} picks" if s.entry.keep != "all" else "unnormalised routing weights are"
                 raise PlanError(f"experts.{s.index}.positive_prompts: {why} measured on the source's prompts; "
                                 f"give some")
             usage[s.key] = tuple(sorted(set(layer_map[s.key].values())))
-    if any(s.key != "base" for s in sources) and not out_routing.norm_topk_prob:
+    if any(s.key != "base" for s in sources) and not out_routing.norm_topk_prob and not converting:
         if base_entry is None or not base_entry.entry.positive_prompts:
             raise PlanError("experts: the output's routing weights are not normalised, so scale compensation "
                             "measures the base's own routing on its prompts; list the base among experts with "
@@ -224,7 +228,7 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
                                       rank=None if chosen else r, scale=scale))
             if sl.dense_mlp:
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="dense_mlp",
-                                      scale=scaled(compensation(None, out_routing), s.entry)))
+                                      scale=scaled(1.0 if converting else compensation(None, out_routing), s.entry)))
             if sl.shared_as_routed:
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="shared",
                                       scale=scaled(compensation(None, out_routing), s.entry)))

@@ -44,6 +44,12 @@ def _why_not(name: str, cfg: MergeConfig, types: list[str]) -> str | None:
         return f"gate_mode {cfg.gate_mode} computes the shared expert's gate row from shared_experts.0's prompts"
     if name == "DeepSeek MoE" and shared and (shared[0].positive_prompts or shared[0].negative_prompts):
         return "keeps its shared expert ungated: shared_experts.0 takes no prompts"
+    if name == "DeepSeek MoE" and not shared and cfg.experts_per_token == 1:
+        # DeepSeek-MoE v1 renormalises the top-k weights only for k > 1: its one expert is weighed by its softmax
+        # probability, which Mixtral (always renormalised) cannot hold; Qwen2-MoE can, with a shared expert
+        return ("weighs its one picked expert by its softmax probability (experts_per_token: 1), which only the "
+                "Qwen2-MoE form holds, and that needs a shared expert: give experts_per_token 2 or more, or "
+                "shared_experts")
     return None
 
 
@@ -54,7 +60,7 @@ def output_architecture(cfg: MergeConfig, base: OpenedSource, sources: list[Open
     wanted = cfg.architecture
     if base.facts.is_moe:
         if wanted is None or wanted in (base.arch.name, base.arch.model_type) or any(
-                out.lower().startswith(wanted.lower()) and table == base.arch.name
+                out.lower().startswith(wanted.lower()) and (table == base.arch.name or out in base.arch.mergekit_moe_names)
                 for out, (table, _, _) in MERGEKIT_MOE_OUTPUTS.items()):
             return OutputArchitecture(base.arch)
         raise PlanError(f"architecture: {wanted} differs from the base's {base.arch.name}; an MoE base keeps its "

@@ -1,6 +1,7 @@
 """The smoke test in bounded memory: on a checkpoint of ~650 MB whose largest tensors are its 100 MB
-vocabulary matrices, `smoke-test --max-memory 200MB` (generation on, the model streamed from disk) peaks at
-the interpreter's baseline plus less than twice the largest tensor, not at the model's size; its MTP layer
+vocabulary matrices (an fp8-cast output, and a merge's block-FP8 output), `smoke-test --max-memory 200MB`
+(generation on, the model streamed from disk) peaks at the interpreter's baseline plus less than twice the
+largest tensor, not at the model's size; its MTP layer
 passes as an extra layer, a missing weight still fails loading and a NaN is named by the streamed finite
 check."""
 
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_deepseek, save_tokenizer
+from conftest import make_tiny_deepseek, save_tokenizer, write_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zenith_merge.checks.smoke import check_loading, run_smoke_test
+from zenith_merge.config import load_config
 from zenith_merge.errors import ZenithError
+from zenith_merge.pipeline import run_merge
 
 MB = 10**6
 VOCAB, HIDDEN = 49152, 1024  # each vocabulary matrix: 49152 x 1024 bf16 = 100.7 MB, the largest tensors
@@ -48,7 +51,8 @@ def _edited(src: Path, dst: Path, name: str, edit) -> Path:
     the tensor removed, from the index too)."""
     dst.mkdir()
     for f in src.iterdir():
-        os.link(f, dst / f.name)
+        if f.is_file():
+            os.link(f, dst / f.name)
     index = json.loads((src / "model.safetensors.index.json").read_text())
     file = index["weight_map"][name]
     with safe_open(src / file, "pt") as f:
@@ -66,8 +70,24 @@ def _edited(src: Path, dst: Path, name: str, edit) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory) -> Path:
-    return write_wide(tmp_path_factory.mktemp("wide") / "model")
+def wide_fp8(tmp_path_factory) -> Path:
+    """The test checkpoint in block FP8, as the DeepSeek-V3 release ships."""
+    from zenith_merge.demo.release_layout import write_release_checkpoint
+
+    folder = write_release_checkpoint(tmp_path_factory.mktemp("wide-fp8") / "model", "deepseek-v3", overrides=DIMS,
+                                      fp8=True, seed=0, shard_bytes=120 * MB, tokenizer=False)
+    save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wide(wide_fp8, tmp_path_factory) -> Path:
+    """The test checkpoint in BF16: `zenith-merge fp8-cast` of wide_fp8 (so the smoke test runs on its output)."""
+    from zenith_merge.fp8_cast import fp8_cast
+
+    out = tmp_path_factory.mktemp("wide") / "model"
+    fp8_cast(wide_fp8, out, progress=False)
+    return out
 
 
 # the child reports its own peak (VmHWM): its ru_maxrss would include the RSS of the parent it was forked from
@@ -87,12 +107,22 @@ def _smoke_in_child(folder: Path, report: Path, *extra: str) -> tuple[int, int, 
     return proc.returncode, peak, out
 
 
-def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_tensor(wide, tmp_path):
+@pytest.mark.parametrize("subject", ["fp8-cast output", "fp8 merge output"])
+def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_tensor(wide, wide_fp8, tmp_path,
+                                                                                      subject):
+    """On an fp8-cast output (BF16) and on a merge's block-FP8 output (the FP8 checkpoint with its MTP layer,
+    written by `zenith-merge merge` with fp8_output), under a 200 MB cap."""
     from zenith_merge.checks.smoke_model import plan_load
 
+    if subject == "fp8 merge output":
+        cfg = write_config(tmp_path, base_model=str(wide_fp8), experts=[{"source_model": str(wide_fp8)}],
+                           fp8_output=True, gate_mode="random", routing_report=False,
+                           output_dir=str(tmp_path / "merged"))
+        wide = run_merge(load_config(cfg), config_dir=tmp_path, progress=False).output_dir
+        assert json.loads((wide / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
     plan = plan_load(wide, 200 * MB)
     largest = VOCAB * HIDDEN * 2  # the vocabulary matrices: read by rows (embedding) and slabs (head)
-    assert plan.mode == "stream" and plan.float32_bytes > 7 * largest and plan.stream_bytes < largest
+    assert plan.mode == "stream" and plan.float32_bytes > 3 * largest and plan.stream_bytes < largest
     tiny = make_tiny_deepseek(tmp_path / "tiny")  # the same code paths on negligible weights: the baseline
     status, baseline, out = _smoke_in_child(tiny, tmp_path / "tiny-report")
     assert status == 0, out
@@ -104,9 +134,9 @@ def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_te
     assert all(checks[n]["ok"] and not checks[n]["skipped"] for n in ran)
     assert "streamed from disk" in checks["loading"]["detail"] and data["samples"]
     assert "of extra layer 3 (not run by transformers)" in checks["loading"]["detail"]  # the MTP layer
-    # the float32 weights loaded whole would add about plan.float32_bytes (~750 MB; measured +1.0 GB)
+    # the weights loaded whole would add about plan.float32_bytes (BF16 one: ~750 MB; measured +1.0 GB)
     assert peak - baseline < 2 * largest, (peak / MB, baseline / MB)
-    assert not any(p.name.startswith("report") for p in wide.iterdir())  # not a merge: never written
+    assert not any(p.name.startswith("report") for p in wide.iterdir())  # the report goes where it is told
 
 
 def test_a_missing_weight_still_fails_loading(wide, tmp_path):

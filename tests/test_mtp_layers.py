@@ -200,3 +200,55 @@ def test_a_copied_fp8_tensor_whose_source_is_bf16_is_quantised(tmp_path):
     got = stored_bytes(out)
     assert any(n.endswith("_scale_inv") for n in got)
     shutil.rmtree(out)
+
+
+def test_eh_proj_takes_the_attention_weights_and_the_plan_names_the_mtp_layer(parents, tmp_path):
+    """In an assembly, the MTP layer's own projection (eh_proj, class mtp) is weighted as attention (not as
+    `default`), and `zenith-merge plan` names the layer."""
+    a, b, _ = parents
+    out = _merge(tmp_path, base_model=str(a), merge_method="assembly",
+                 experts=[{"source_model": str(a)}, {"source_model": str(b)}],
+                 assembly={"weights": {"default": [1, 0], "attention": [0, 1]}})
+    got, ta, tb = tensors_of(out), tensors_of(a), tensors_of(b)
+    assert torch.equal(got[MTP + "eh_proj.weight"], tb[MTP + "eh_proj.weight"])
+    assert torch.equal(got[MTP + "self_attn.o_proj.weight"], tb[MTP + "self_attn.o_proj.weight"])
+    assert torch.equal(got[MTP + "enorm.weight"], ta[MTP + "enorm.weight"])  # norms: default
+    assert "MTP layer 3 (num_nextn_predict_layers): " in format_plan(build_plan(load_config(tmp_path / "merge.yml")))
+
+
+def test_keep_on_a_base_with_an_mtp_layer_is_refused_naming_it(parents, tmp_path):
+    from zenith_merge.errors import PlanError
+
+    a, _, donor = parents
+    cfg = write_config(tmp_path, base_model=str(a), gate_mode="random", output_dir=str(tmp_path / "out"),
+                       experts=[{"source_model": str(a), "keep": 2, "positive_prompts": ["def f(): pass"]},
+                                {"source_model": str(donor), "positive_prompts": ["2 + 2 = 4"]}])
+    with pytest.raises(PlanError, match=r"experts\.0\.keep: the base's MTP layer\(s\) \[3\] would need their own"):
+        build_plan(load_config(cfg))
+
+
+def test_a_union_vocabulary_rebuilds_the_mtp_layers_embedding_and_head(parents, tmp_path):
+    """With a donor of another tokenizer, the MTP layer's own embedding and head get the union's rows: its own
+    rows for the base's tokens (exact at slerp_t 0), the donor's tokens as in the model's embedding and head."""
+    from conftest import save_tokenizer
+
+    a, _, _ = parents
+    donor = make_tiny_qwen3_moe(tmp_path / "donor", seed=4, hidden=32)
+    save_tokenizer(donor, vocab_size=290, specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+                   text=["Solve 12 * 7 step by step: 10 * 7 = 70, 2 * 7 = 14, total 84.\n"] * 20)
+    out = _merge(tmp_path / "m", base_model=str(a), experts=[{"source_model": str(a)}, {"source_model": str(donor)}],
+                 tokenizer={"source": "union", "slerp_t": 0.0})
+    got, base = tensors_of(out), tensors_of(a)
+    plan = json.loads((out / ".zenith" / "plan.json").read_text())
+    recipes = {t["name"]: t["recipe"] for t in plan["tensors"]}
+    assert recipes[MTP + "embed_tokens.weight"] == {"kind": "vocab", "part": "embed", "tensor": MTP + "embed_tokens.weight"}
+    assert recipes[MTP + "shared_head.head.weight"]["tensor"] == MTP + "shared_head.head.weight"
+    tmap = json.loads((out / ".zenith" / "token_map.json").read_text())
+    n = tmap["base_size"]
+    for own, main in (("embed_tokens.weight", "model.embed_tokens.weight"), ("shared_head.head.weight",
+                                                                             "lm_head.weight")):
+        rows = got[MTP + own]
+        assert rows.shape == got[main].shape and rows.shape[0] == tmap["padded_size"] > n
+        assert torch.equal(rows[:n], base[MTP + own][:n])  # the MTP layer's own rows
+        added = slice(n, tmap["size"])
+        torch.testing.assert_close(rows[added].float(), got[main][added].float(), rtol=0.02, atol=0.02)

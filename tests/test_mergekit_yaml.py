@@ -267,6 +267,74 @@ def test_random_methods_are_reproducible_and_drop_what_density_says(qwen_family,
     assert abs(kept.sum().item() / moved.sum().item() - 0.6) < 0.12
 
 
+@pytest.mark.parametrize("tokenizer, rows", [({}, 320), ({"tokenizer_source": "base"}, 297),
+                                              ({"tokenizer": {"source": "base", "pad_to_multiple_of": 64}}, 320)])
+def test_dtype_out_dtype_int8_mask_normalize_and_tokenizer_source_equal_mergekit(qwen_family, tmp_path, tokenizer,
+                                                                                  rows):
+    """The top-level keys as a mergekit user sets them: `dtype: float32` (the merge's maths), `out_dtype:
+    bfloat16` (what is written), `int8_mask`, `normalize: false`, and `tokenizer_source: base`, which makes the
+    embedding and head the tokenizer's 297 tokens (the checkpoint has 320 rows; `pad_to_multiple_of` pads with
+    each model's mean row): every tensor equals mergekit's, written in bfloat16, with the base's tokenizer."""
+    data = {**mergekit_config(qwen_family, "ties"), "dtype": "float32", "out_dtype": "bfloat16", **tokenizer,
+            "parameters": {"int8_mask": True, "normalize": False}}
+    theirs = all_tensors(mergekit_merge(tmp_path, data))
+    out = zenith_merge(tmp_path, data)
+    ours = fused_experts(tensors_of(out))
+    assert set(ours) == set(theirs) and {t.dtype for t in ours.values()} == {torch.bfloat16}
+    differ = [n for n in theirs if ours[n].dtype != theirs[n].dtype or not torch.equal(ours[n], theirs[n])]
+    assert differ == [], f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["vocab_size"] == rows == ours["lm_head.weight"].shape[0]
+    assert (out / "tokenizer.json").read_bytes() == (qwen_family["parent"] / "tokenizer.json").read_bytes()
+    plain = fused_experts(tensors_of(zenith_merge(tmp_path, {**data, "parameters": {}}, "normalized")))
+    assert any(not torch.equal(plain[n], ours[n]) for n in ours)  # normalize: false was not dropped
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_methods_are_statistically_mergekits_on_whole_models(qwen_family, tmp_path, method):
+    """mergekit draws its drops from one global generator in its task order, zenith-merge from a seed per tensor
+    (so merges resume and parallelise byte-identically): the masks differ, the statistics do not. Over the routed
+    experts of both outputs, the share of entries moved from the parent and the size of the move agree."""
+    data = mergekit_config(qwen_family, method)
+    theirs = all_tensors(mergekit_merge(tmp_path, data, seed=0))
+    ours = fused_experts(tensors_of(zenith_merge(tmp_path, data)))
+    parent = fused_experts(tensors_of(qwen_family["parent"]))
+    experts = [n for n in theirs if ".mlp.experts." in n]
+    assert experts and set(experts) <= set(ours)
+    for name in experts:
+        moved = [(t.float() - parent[name].float()) for t in (ours[name], theirs[name])]
+        share = [float((m != 0).float().mean()) for m in moved]
+        size = [float(m.norm()) for m in moved]
+        assert abs(share[0] - share[1]) < 0.05, (name, share)
+        assert abs(size[0] / size[1] - 1) < 0.15, (name, size)
+        assert not torch.equal(ours[name], theirs[name])  # other masks: the comparison is statistical
+
+
+def test_a_class_filter_reaches_the_planned_tensors_and_an_mtp_layer_takes_the_last_gradient_value(
+        deepseek_family, tmp_path):
+    """`class:routed_experts` in a density list sets the routed experts' density in the plan and only theirs; a
+    gradient over the layers ends at the MTP layer (t = 1), as on the last layer it extends."""
+    from conftest import add_mtp_layer
+
+    from zenith_merge.plan.build import build_plan
+
+    parent = add_mtp_layer(make_tiny_deepseek(tmp_path / "parent", seed=5))
+    family = {"parent": parent, **{f"child{i}": make_child(parent, tmp_path / f"child{i}", seed=i) for i in (1, 2)}}
+    data = {"merge_method": "ties", "base_model": str(parent), "output_dir": str(tmp_path / "out"),
+            "parameters": {"weight": [0.0, 1.0], "density": [{"filter": "class:routed_experts", "value": 0.2},
+                                                               {"value": 0.9}]},
+            "models": [{"model": str(family["child1"])}, {"model": str(family["child2"])}]}
+    plan = build_plan(parse_config(data), config_dir=tmp_path)
+    recipes = {t.name: t.recipe for t in plan.tensors if t.recipe.kind == "method"}
+    for name, r in recipes.items():
+        expert = ".mlp.experts." in name
+        assert r.inputs[0]["density"] == (0.2 if expert else 0.9), name
+    mtp = [r for n, r in recipes.items() if n.startswith("model.layers.3.")]
+    first = [r for n, r in recipes.items() if n.startswith("model.layers.0.")]
+    assert mtp and all(r.inputs[0]["weight"] == 1.0 for r in mtp)
+    assert first and all(r.inputs[0]["weight"] == 0.0 for r in first)
+
+
 def test_task_arithmetic_with_unit_weights_is_parent_plus_both_deltas(deepseek_family, tmp_path):
     data = {"merge_method": "task_arithmetic", "base_model": str(deepseek_family["parent"]), "dtype": "float32",
             "models": [{"model": str(deepseek_family[c]), "parameters": {"weight": 1.0}} for c in ("child1", "child2")]}

@@ -102,3 +102,26 @@ def test_a_qwen3_moe_release_layout_passes_through_and_loads_with_every_key(tmp_
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model(torch.tensor([[9707, 1879]])).logits.isfinite().all()
+
+
+def test_tokenizer_source_base_on_the_qwen3_release_layout_drops_the_padding_rows(tmp_path):
+    """A mergekit-yaml linear merge of the Qwen3-MoE FP8 children with `tokenizer_source: base`: as in mergekit,
+    the embedding and head become the real Qwen3 tokenizer's 151,669 tokens (the release pads to 151,936),
+    each the average of the children's rows; the output loads in transformers with every key."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a_dir, b_dir = (release_fixture(n) for n in PAIRS["qwen3-moe"][1:])
+    cfg = tmp_path / "linear.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "tokenizer_source": "base", "dtype": "float32",
+                                   "out_dtype": "bfloat16", "output_dir": str(tmp_path / "out"),
+                                   "models": [{"model": str(a_dir), "parameters": {"weight": 1.0}},
+                                              {"model": str(b_dir), "parameters": {"weight": 1.0}}]}))
+    out = run_merge(load_config(cfg), config_dir=tmp_path, progress=False).output_dir
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 151669 == len(AutoTokenizer.from_pretrained(out))
+    with Checkpoint.open(out) as merged, Checkpoint.open(a_dir) as a, Checkpoint.open(b_dir) as b:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            want = ((a.read(name)[:151669].float() + b.read(name)[:151669].float()) / 2).to(torch.bfloat16)
+            assert torch.equal(merged.read(name), want), name
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]

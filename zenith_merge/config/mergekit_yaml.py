@@ -91,20 +91,27 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _tokenizer(data: dict[str, Any], base: str) -> dict[str, Any] | None:
-    """mergekit's `tokenizer_source` / `tokenizer` -> zenith's `tokenizer`: the base's tokenizer is what a
-    same-family merge keeps; a union across different vocabularies belongs to merge_method: concat."""
+def _tokenizer(data: dict[str, Any], models: list[str]) -> dict[str, Any] | None:
+    """mergekit's `tokenizer_source` / `tokenizer` -> zenith's `method_vocab`. Same-family parents share one
+    tokenizer (the plan checks it), so a source that is one of the models means the base's: mergekit then
+    resizes the embedding and head to that tokenizer's tokens (padding rows dropped; `pad_to_multiple_of` pads
+    them again with the mean row). A union across different vocabularies belongs to merge_method: concat."""
+    pad = None
     if data.get("tokenizer") is not None:
         tok = data["tokenizer"]
-        source = tok.get("source") if isinstance(tok, dict) else None
-        extra = sorted(set(tok) - {"source"}) if isinstance(tok, dict) else []
+        if not isinstance(tok, dict):
+            raise ConfigError(f"tokenizer: a mapping such as {{source: base}}, got {tok!r}")
+        extra = sorted(set(tok) - {"source", "pad_to_multiple_of"})
         if extra:
             raise ConfigError(f"tokenizer.{extra[0]}: not supported with merge methods: the parents share one "
                               f"tokenizer, which the output keeps")
+        source, pad = tok.get("source"), tok.get("pad_to_multiple_of")
     else:
         source = data.get("tokenizer_source")
-    if source in (None, "base", base):
+    if source is None:
         return None
+    if source == "base" or source in models:
+        return {"pad_to_multiple_of": pad}
     raise ConfigError(f"tokenizer_source: {source!r}: merge methods here keep the base's tokenizer (the parents "
                       f"must share it); a union vocabulary across models is merge_method: concat's "
                       f"tokenizer.source: union")
@@ -152,9 +159,9 @@ def from_mergekit_yaml(data: dict[str, Any]) -> dict[str, Any]:
         out["merge_dtype"] = dtype
     if out_dtype or dtype:
         out["dtype"] = out_dtype or dtype
-    tokenizer = _tokenizer(data, base or entries[0]["source_model"])
-    if tokenizer is not None:
-        out["tokenizer"] = tokenizer
+    vocab = _tokenizer(data, [base, *(e["source_model"] for e in entries)])
+    if vocab is not None:
+        out["method_vocab"] = vocab
     if data.get("chat_template") is not None:
         raise ConfigError("chat_template: not supported: the output keeps the base's chat template")
     top = _parameters(data.get("parameters"), "parameters")

@@ -315,6 +315,15 @@ PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 OutputDtype = Literal["float32", "float16", "bfloat16"]
 
 
+class MethodVocab(_Strict):
+    """A merge method's vocabulary as mergekit's `tokenizer_source: base` makes it: the embedding and head rows
+    of the base tokenizer's tokens (ids below vocab_size; the checkpoint's padding rows dropped), each model's
+    rows taken before the method runs, then padded to a multiple with each model's mean row."""
+
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="pad the rows to a multiple of this "
+                                                                    "(mergekit's tokenizer.pad_to_multiple_of)")
+
+
 class MergeConfig(_Strict):
     """The whole merge config; see merge/config.yml for the flagship example."""
 
@@ -352,6 +361,9 @@ class MergeConfig(_Strict):
                              "byte), or each expert's own tensor (expert: one expert in memory at a time)")
     merge_dtype: OutputDtype | None = Field(None, description="the dtype a merge method computes in (mergekit-yaml's "
                                                               "dtype); default: the sources' stored dtype")
+    method_vocab: MethodVocab | None = Field(None, description="a merge method's embedding and head rows are the "
+                                                               "base tokenizer's tokens, as mergekit's "
+                                                               "tokenizer_source: base makes them")
     align: AlignSettings = Field(default_factory=AlignSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     assembly: AssemblySettings | None = None
@@ -412,7 +424,7 @@ class MergeConfig(_Strict):
     def _method_keys_with_methods(self) -> MergeConfig:
         if self.merge_method in MERGEKIT_METHODS:
             return self
-        given = [k for k in ("parameters", "merge_dtype") if getattr(self, k)]
+        given = [k for k in ("parameters", "merge_dtype", "method_vocab") if getattr(self, k)]
         given += ["expert_scope"] if "expert_scope" in self.model_fields_set else []
         given += [f"experts.{i}.parameters" for i, e in enumerate(self.experts) if e.parameters]
         if given or not self.method_base:

@@ -334,7 +334,8 @@ class PlanTensorSource:
                 self._fused = (key, self._run_method(r, tensors))
             rows = self._checkpoint("base").info(r.tensor).shape[0]
             return self._fused[1][r.expert, r.row:r.row + rows].clone()
-        return self._run_method(r, [self._checkpoint(key).read(r.tensor).to(dtype) for key in r.sources])
+        return self._run_method(r, [_vocab_rows(self._checkpoint(key).read(r.tensor).to(dtype), r)
+                                    for key in r.sources])
 
     def _run_method(self, r: MethodRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
         from ..maths.methods import merge
@@ -375,3 +376,15 @@ def random_router_row(width: int, std: float, seed: int, layer: int, slot: int, 
     if uniform:  # uniform on [-a, a] has std a / sqrt(3)
         return (torch.rand(width, generator=gen) * 2 - 1) * std * 3 ** 0.5
     return torch.randn(width, generator=gen) * std
+
+
+def _vocab_rows(t: torch.Tensor, r: MethodRecipe) -> torch.Tensor:
+    """method_vocab: the tokenizer's rows of one input (read in the merge dtype, as mergekit loads it), padded to
+    `vocab_out` with their mean row (mergekit's PermutedEmbeddings)."""
+    if r.vocab_rows is None:
+        return t
+    rows = t[:r.vocab_rows]
+    if r.vocab_out == r.vocab_rows:
+        return rows
+    pad = rows.mean(dim=0, keepdim=True).expand(r.vocab_out - r.vocab_rows, *rows.shape[1:])
+    return torch.cat([rows, pad])

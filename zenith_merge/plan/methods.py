@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from ..architectures import classify, extra_layer_indices, set_dim
@@ -137,6 +138,24 @@ def _layout(cfg: MergeConfig, base: OpenedSource, tid, stacks: dict) -> tuple[di
     return {}, None
 
 
+def tokenizer_rows(base: OpenedSource) -> int:
+    """How many tokens the base tokenizer has below the config's vocab_size (mergekit's stripped tokenizer):
+    the rows of a method_vocab output. Token ids must run from 0 without gaps, as mergekit indexes rows by id."""
+    from tokenizers import Tokenizer
+
+    from ..architectures import dim
+
+    path = Path(base.model.path) / "tokenizer.json"
+    if not path.is_file():
+        raise PlanError(f"{base.where}: tokenizer_source needs the base's tokenizer.json to count its tokens")
+    size = dim(base.ckpt.config, base.arch, "vocab")
+    ids = {i for i in Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True).values() if i < size}
+    if ids != set(range(len(ids))):
+        raise PlanError(f"{path}: token ids below vocab_size {size} have gaps; tokenizer_source resizes the "
+                        f"embedding to the tokens, which needs them to run from 0")
+    return len(ids)
+
+
 def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, sources: list[OpenedSource]) -> Plan:
     """Every base tensor merged by `cfg.merge_method` across the inputs, with its parameters for that tensor."""
     method = METHODS[cfg.merge_method]
@@ -155,6 +174,12 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
     layers = int(base.ckpt.config.get("num_hidden_layers", 1))
     extra = set(extra_layer_indices(base.arch, base.ckpt.config, base.ckpt.names()))
     keys = tuple(s.key for s in inputs)
+    vocab: dict[str, int] = {}
+    if cfg.method_vocab is not None:  # mergekit's tokenizer_source: the rows of the tokenizer's tokens
+        rows = tokenizer_rows(base)
+        pad = cfg.method_vocab.pad_to_multiple_of or 1
+        vocab = {"vocab_rows": rows, "vocab_out": -(-rows // pad) * pad}
+        set_dim(target, base.arch, "vocab", vocab["vocab_out"])
     tensors, input_bytes, seen, stacks = [], {}, set(), {}
     for name in base.ckpt.names():
         info = base.ckpt.info(name)
@@ -170,9 +195,13 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
                                               tid.tensor_class if tid else None, t)
         try_parameters(method, len(inputs), base_index, shared, per_input, name, seen)
         held, work = info.nbytes, 0
+        shape = info.shape
+        rows = vocab if vocab and tid is not None and (base.arch.roles[tid.role].shape or ("",))[0] == "vocab" else {}
+        if rows:
+            shape = (rows["vocab_out"], *info.shape[1:])
         if info.dtype not in _READ_AS:  # integer buffers are copied from the base, as mergekit copies them
             recipe = CopyRecipe(source="base", tensor=name)
-        elif method.name == "passthrough" and per_input[0].get("scale") in (None, 1.0):
+        elif method.name == "passthrough" and per_input[0].get("scale") in (None, 1.0) and not rows:
             recipe = CopyRecipe(source=keys[0], tensor=name)
         else:
             layout, fused_bytes = _layout(cfg, base, tid, stacks)
@@ -185,9 +214,9 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
             recipe = MethodRecipe(tensor=name, tensor_class=tid.tensor_class if tid else "other", method=method.name,
                                   sources=keys, base=base_index, inputs=per_input, shared=shared,
                                   merge_dtype=merge_dtype, seed=tensor_seed(cfg.seed, seed_name) if method.random
-                                  else None, **layout)
+                                  else None, **layout, **rows)
         dtype = output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
-        tensors.append(PlannedTensor(name=name, dtype=dtype, shape=info.shape, recipe=recipe))
+        tensors.append(PlannedTensor(name=name, dtype=dtype, shape=shape, recipe=recipe))
         # the inputs as stored, cast to the merge dtype, and the method's own scratch
         elements = held // max(1, info.nbytes // max(1, math.prod(info.shape)))
         input_bytes[name] = (len(inputs) * (held + work * elements) + SCRATCH_BYTES[method.name] * work // 2 * elements

@@ -117,6 +117,9 @@ class MethodRecipe(_Frozen):
     row: int = 0
     expert_axis: int | None = Field(None, description="a fused expert tensor (GPT-OSS) merged expert by expert: "
                                                       "the method runs on each slice along this axis")
+    vocab_rows: int | None = Field(None, description="method_vocab: each input's first rows (the tokenizer's "
+                                                     "tokens), then padded to `vocab_out` with its mean row")
+    vocab_out: int | None = None
 
 
 class VocabRecipe(_Frozen):

@@ -105,6 +105,7 @@ def _same_experts(mk: Path, zm: Path, *, shared_scale: float = 1.0) -> int:
     assert a.keys() == b.keys() and a
     for key in a:
         want = a[key].float() * (shared_scale if key[1] == "shared" and key[2] == "down" else 1.0)
+        want = want.to(b[key].dtype).float()  # out_dtype: mergekit-moe ignores it, zenith-merge writes it
         torch.testing.assert_close(b[key].float(), want, rtol=0, atol=0, msg=str(key))
     return len(a)
 
@@ -136,6 +137,16 @@ CASES = {
     "deepseek_shared": lambda m: ({"base_model": str(m["llama", 0]), "architecture": "deepseek", "gate_mode": "random",
                                    "experts": _experts([m["llama", i] for i in range(2)], prompts=False),
                                    "shared_experts": [{"source_model": str(m["llama", 1])}]}, "Qwen2MoeForCausalLM"),
+    # mergekit-yaml keys users carry into mergekit-moe configs (mergekit-moe ignores them; here each means what
+    # it says: the base's tokenizer or the union, which is the base's for one vocabulary; out_dtype as dtype)
+    "mixtral_tokenizer_source_union": lambda m: ({"base_model": str(m["llama", 0]), "gate_mode": "random",
+                                                  "tokenizer_source": "union",
+                                                  "experts": _experts([m["llama", i] for i in range(2)], prompts=False)},
+                                                 "MixtralForCausalLM"),
+    "mixtral_tokenizer_block_out_dtype": lambda m: ({"base_model": str(m["mistral", 0]), "gate_mode": "hidden",
+                                                     "tokenizer": {"source": "base"}, "out_dtype": "bfloat16",
+                                                     "experts": _experts([m["mistral", i] for i in range(2)])},
+                                                    "MixtralForCausalLM"),
     # DeepSeek-MoE v1 weighs a lone top-1 expert by its softmax probability (no renormalisation for k = 1)
     "deepseek_shared_top1_residual_scale": lambda m: (
         {"base_model": str(m["mistral", 0]), "architecture": "deepseek moe", "gate_mode": "random",
@@ -156,6 +167,11 @@ def test_both_tools_run_and_agree_on_the_experts(tmp_path, models, case):
 
     ours, theirs = (json.loads((f / "config.json").read_text()) for f in (zm, mk))
     assert ours["architectures"] == [arch]
+    if "out_dtype" in config:
+        assert ours["dtype"] == config["out_dtype"]
+        assert {t.dtype for t in tensors_of(zm).values()} == {getattr(torch, config["out_dtype"])}
+    if "tokenizer" in config or "tokenizer_source" in config:
+        assert (zm / "tokenizer.json").read_bytes() == (Path(config["base_model"]) / "tokenizer.json").read_bytes()
     assert ours["num_experts_per_tok"] == theirs["num_experts_per_tok"]
     if case.startswith("deepseek_shared"):  # v1 renormalises only for k > 1; Qwen2-MoE when norm_topk_prob says
         assert ours["norm_topk_prob"] == (theirs["norm_topk_prob"] and theirs["num_experts_per_tok"] > 1)

@@ -442,6 +442,21 @@ class MergeConfig(_Strict):
             data = {**data, "dtype": data["out_dtype"]}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_source_is_tokenizer_source(cls, data: Any) -> Any:
+        """mergekit's `tokenizer_source: X` (a mergekit-yaml habit in mergekit-moe configs, which mergekit-moe
+        ignores) is `tokenizer: {source: X}` here: base keeps the base's tokenizer, union builds the union."""
+        if isinstance(data, dict) and "tokenizer_source" in data:
+            if data.get("tokenizer") is not None:
+                raise ValueError("tokenizer_source and tokenizer: give one (tokenizer_source: X is tokenizer: "
+                                 "{source: X})")
+            source = data["tokenizer_source"]
+            data = {k: v for k, v in data.items() if k != "tokenizer_source"}
+            if source is not None:
+                data["tokenizer"] = {"source": source}
+        return data
+
     @model_validator(mode="after")
     def _gate_source_needs_hidden_states(self) -> MergeConfig:
         if self.gate_source != "moe_input" and self.gate_mode not in ("hidden", "hidden_avg", "hidden_last"):

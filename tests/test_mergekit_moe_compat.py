@@ -269,6 +269,20 @@ def test_every_mergekit_moe_flag_is_accepted_with_its_meaning(tmp_path, models):
         assert r.returncode == 2 and refused in r.stderr and "Traceback" not in r.stderr, (cfg_path, r.stderr)
 
 
+def test_random_seed_seeds_the_random_router_rows_of_a_real_merge(tmp_path, models):
+    """`--random-seed` in a real merge: gate_mode random rows are the same bytes for one seed and differ for
+    another (mergekit seeds torch the same way; its own draws are another generator's)."""
+    config = {"base_model": str(models["llama", 0]), "gate_mode": "random",
+              "experts": _experts([models["llama", i] for i in range(2)], prompts=False)}
+    rows = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        _, _, zm_rc, err, zm = _run(tmp_path, name, config, ("--random-seed", seed))
+        assert zm_rc == 0, err
+        rows[name] = {n: t for n, t in tensors_of(zm).items() if n.endswith("gate.weight")}
+    assert rows["a"] and all(torch.equal(rows["a"][n], rows["b"][n]) for n in rows["a"])
+    assert all(not torch.equal(rows["a"][n], rows["c"][n]) for n in rows["a"])
+
+
 def _shard_bytes(folder: Path) -> list[int]:
     """Each shard's tensor bytes (numel x element size, as mergekit's writer counts them), largest first."""
     import math

@@ -252,3 +252,20 @@ def test_a_union_vocabulary_rebuilds_the_mtp_layers_embedding_and_head(parents, 
         assert torch.equal(rows[:n], base[MTP + own][:n])  # the MTP layer's own rows
         added = slice(n, tmap["size"])
         torch.testing.assert_close(rows[added].float(), got[main][added].float(), rtol=0.02, atol=0.02)
+
+
+def test_router_training_leaves_the_mtp_layers_router_as_planned(parents, tmp_path):
+    """transformers' forward pass never runs the MTP layer, so router training cannot train its router: the
+    layer's router rows are the ones the plan gave it (as without training), while the model's grafted rows
+    move."""
+    a, _, donor = parents
+    text = "def add(a, b):\n    return a + b\n" * 8
+    outs = {}
+    for steps in (0, 3):
+        outs[steps] = tensors_of(_merge(tmp_path / str(steps), base_model=str(a), experts_per_token=2,
+                                        experts=[{"source_model": str(a), "positive_prompts": [text]},
+                                                 {"source_model": str(donor), "positive_prompts": [text]}],
+                                        router={"train_steps": steps, "lr": 0.05, "seq_len": 16, "batch_size": 2}))
+    plain, trained = outs[0], outs[3]
+    assert torch.equal(trained[MTP + "mlp.gate.weight"], plain[MTP + "mlp.gate.weight"])
+    assert not torch.equal(trained["model.layers.2.mlp.gate.weight"], plain["model.layers.2.mlp.gate.weight"])

@@ -197,8 +197,8 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
                                             random_experts=s.entry.random_experts)
         # dense sources become experts as mergekit-moe writes them: unscaled (residual_scale aside), so a
         # DeepSeek-MoE top-1 (weights not renormalised) weighs each by its probability, as DeepSeek-MoE v1 does
-        needs_measure = not converting and ((sl.routed and s.key != "base" and not spec.norm_topk_prob) or
-                                            (s.key != "base" and not out_routing.norm_topk_prob))
+        needs_measure = (sl.routed and s.key != "base" and not spec.norm_topk_prob) or \
+            (s.key != "base" and not out_routing.norm_topk_prob and not converting)
         if s.entry.keep != "all" or needs_measure:
             if not s.entry.positive_prompts:
                 why = f"keep: {s.entry.keep} picks" if s.entry.keep != "all" else "unnormalised routing weights are"

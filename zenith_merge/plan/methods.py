@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..architectures import classify, extra_layer_indices, set_dim
+from ..architectures import classify, dim, extra_layer_indices, set_dim, tensor_name
 from ..config import MergeConfig
 from ..errors import PlanError
 from ..maths.methods import METHODS, Method
@@ -113,8 +113,6 @@ _FUSED = {"expert_gate": ("expert_gate", "expert_up"), "expert_up": ("expert_gat
 def fused_names(arch, config: dict, roles: tuple[str, ...], layer: int) -> tuple[tuple[str, ...], ...]:
     """expert_scope layer: a layer's expert tensors as transformers 5 fuses them (gate_up_proj: each expert's
     gate and up rows concatenated, down_proj: each expert's down; the experts stacked), by expert."""
-    from ..architectures import dim, tensor_name
-
     return tuple(tuple(tensor_name(arch, r, layer, e) for r in roles) for e in range(dim(config, arch, "n_experts")))
 
 
@@ -142,8 +140,6 @@ def tokenizer_rows(base: OpenedSource) -> int:
     """How many tokens the base tokenizer has below the config's vocab_size (mergekit's stripped tokenizer):
     the rows of a method_vocab output. Token ids must run from 0 without gaps, as mergekit indexes rows by id."""
     from tokenizers import Tokenizer
-
-    from ..architectures import dim
 
     path = Path(base.model.path) / "tokenizer.json"
     if not path.is_file():

@@ -4,8 +4,9 @@ Issue 21's table, rerun: each mergekit-moe config shape through mergekit-moe 0.1
 local models (Llama, Mistral, Qwen2, Qwen3; random float32 weights, a trained BPE tokenizer), printed as a
 markdown table: what each tool did (exit code, output architecture), whether zenith-merge's output loads in
 transformers with no remote code and generates, and whether the experts equal mergekit-moe's (fused layouts split
-back; the always-on shared expert of `deepseek` compared at its doubled down projection). The configs and the
-comparisons are the compatibility tests' (tests/test_mergekit_moe_compat.py), run here for the table.
+back; `deepseek` without shared_experts writes a zero shared expert, checked to be zeros and left out). The
+configs and the comparisons are the compatibility tests' (tests/test_mergekit_moe_compat.py), run here for the
+table.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ ROWS = {
         lambda m: {"base_model": str(m["mistral", 0]), "architecture": "deepseek moe", "gate_mode": "random",
                    "experts_per_token": 1, "experts": _experts([m["mistral", i] for i in range(3)], prompts=False),
                    "shared_experts": [{"source_model": str(m["mistral", 1]), "residual_scale": 0.5}]}, ()),
+    "architecture: deepseek, Llama donors, no shared expert, experts_per_token 1": (
+        lambda m: {"base_model": str(m["llama", 0]), "architecture": "deepseek", "gate_mode": "random",
+                   "experts_per_token": 1, "experts": _experts([m["llama", i] for i in range(2)], prompts=False)},
+        ()),
     "architecture: qwen, Mistral donors, shared expert": (
         lambda m: {"base_model": str(m["mistral", 0]), "architecture": "qwen", "gate_mode": "random",
                    "experts": _experts([m["mistral", i] for i in range(2)], prompts=False),
@@ -122,10 +127,12 @@ def main() -> None:
                 loads = f"no ({type(exc).__name__})"
             if mk_rc == 0:
                 a, b = _experts_by_meaning(mk), _experts_by_meaning(zm)
-                scale = 2.0 if "deepseek" in row else 1.0
+                if not any(k[1] == "shared" for k in a):  # DeepSeek without shared_experts: a zero shared expert
+                    zeros = [k for k in b if k[1] == "shared"]
+                    if any(b.pop(k).any() for k in zeros):
+                        b["non-zero shared expert"] = None
                 same = a.keys() == b.keys() and all(  # at zenith's dtype: mergekit-moe ignores out_dtype
-                    torch.equal(b[k].float(), (a[k].float() * (scale if k[1] == "shared" and k[2] == "down" else 1))
-                                .to(b[k].dtype).float()) for k in a)
+                    torch.equal(b[k].float(), a[k].float().to(b[k].dtype).float()) for k in a)
                 equal = "yes" if same else ("by noise scale only" if "upcycling" in row else "no")
                 if "out_dtype" in row:
                     dtypes = {next(iter(x.values())).dtype for x in (a, b)}

@@ -93,13 +93,15 @@ def make_tiny_qwen3_moe(path: Path, *, seed: int = 0, hidden: int = 24, layers: 
 
 
 def make_tiny_dense(path: Path, *, seed: int = 0, hidden: int = 32, inter: int = 40, layers: int = 2,
-                    cls: str = "Qwen3ForCausalLM", dtype=torch.bfloat16) -> Path:
-    """A tiny dense decoder (Qwen3 by default): its MLP becomes one expert."""
+                    cls: str = "Qwen3ForCausalLM", dtype=torch.bfloat16, **config_values) -> Path:
+    """A tiny dense decoder (Qwen3 by default): its MLP becomes one expert. `config_values` override the config's
+    (num_key_value_heads, rope_parameters, ...)."""
     torch.manual_seed(seed)
     config_cls = getattr(transformers, cls.replace("ForCausalLM", "Config"))
-    config = config_cls(vocab_size=320, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, bos_token_id=0, eos_token_id=1,
-                        pad_token_id=2, max_position_embeddings=128)
+    values = dict(vocab_size=320, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=2, max_position_embeddings=128)
+    config = config_cls(**{**values, **config_values})
     config.architectures = [cls]
     getattr(transformers, cls)(config).to(dtype).save_pretrained(path, max_shard_size="20KB")
     save_tokenizer(path)

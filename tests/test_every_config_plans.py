@@ -27,6 +27,7 @@ from zenith_merge.plan.models import (
     ExpertRecipe,
     Fp8ScaleRecipe,
     MethodRecipe,
+    MlaRecipe,
     Recipe,
     RouterRecipe,
     VocabRecipe,
@@ -196,6 +197,7 @@ def test_recipe_label_covers_every_recipe_kind():
         VocabRecipe(part="head"),
         Fp8ScaleRecipe(tensor="model.layers.1.mlp.experts.0.down_proj.weight", via="BF16"),
         ZerosRecipe(),
+        MlaRecipe(layer=0, part="kv_b_proj"),
         MethodRecipe(tensor="t", tensor_class="routed_experts", method="ties", sources=("donor0", "donor1", "base"),
                      base=2, inputs=({"weight": 1.0}, {"weight": 1.0}, {}), shared={}, merge_dtype="F32"),
     ]

@@ -1,6 +1,6 @@
 """The MoE architectures mergekit-moe writes from dense models, as zenith-merge writes them: Mixtral (from Llama
 or Mistral), Qwen2-MoE with its gated shared expert (from Qwen2, Llama or Mistral), and mergekit's DeepSeek-MoE
-(written without remote code as the model computing the same). Each is checked against transformers' own
+(written without remote code as DeepseekV3ForCausalLM, its MLA holding the donors' attention). Each is checked against transformers' own
 modules: every tensor loads (nothing missing or unexpected), and a layer computes what the donors' MLPs do."""
 
 from __future__ import annotations
@@ -122,35 +122,54 @@ def test_qwen2_moe_shared_expert_is_gated_and_residual_scaled(tmp_path, dense):
             torch.testing.assert_close(got.view(-1, 32), a(x.view(-1, 32)) + shared, rtol=1e-5, atol=1e-5)
 
 
-def test_mergekit_deepseek_moe_is_written_as_the_model_that_computes_it(tmp_path, dense):
-    """mergekit's DeepSeek-MoE v1 (remote code): softmax top-k, an ungated shared expert. Without a shared expert
-    that is Mixtral; with one, Qwen2-MoE whose gate row is 0 (sigmoid 1/2) and whose shared down is doubled."""
-    llama = [dense["LlamaForCausalLM", i] for i in range(3)]
-    plain = _merge(tmp_path, "d0", base_model=str(llama[0]), architecture="deepseek", experts=_entries(*llama))
-    assert type(_loaded(plain)).__name__ == "MixtralForCausalLM"
-    out = _merge(tmp_path, "d1", base_model=str(llama[0]), architecture="deepseek moe", experts=_entries(*llama[:2]),
-                 shared_experts=[{"source_model": str(llama[2])}])
+@pytest.mark.parametrize("cls", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_mergekit_deepseek_moe_upcycled_is_a_deepseek_v3_computing_the_dense_model(tmp_path, cls):
+    """`architecture: deepseek` from dense models is DeepseekV3ForCausalLM, its attention MLA (maths/mla.py): one
+    GQA model (2 KV heads, Llama 3.1's rope scaling) listed as every expert, top-2 renormalised, no shared expert
+    (written as zeros), computes that model's logits in transformers, with no remote code and no key missing."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    dense = make_tiny_dense(tmp_path / "dense", seed=3, cls=cls, dtype=torch.float32, num_attention_heads=4,
+                            num_key_value_heads=2, rope_parameters=rope)
+    out = _merge(tmp_path, "up", base_model=str(dense), architecture="deepseek", experts_per_token=2,
+                 experts=_entries(dense, dense, dense))
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in config
+    assert (config["qk_rope_head_dim"], config["qk_nope_head_dim"], config["n_shared_experts"]) == (16, 0, 1)
     model = _loaded(out)
-    block = model.model.layers[0].mlp
-    assert not block.shared_expert_gate.weight.any()
-    shared = AutoModelForCausalLM.from_pretrained(llama[2]).eval().model.layers[0].mlp
-    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    assert not model.model.layers[0].mlp.shared_experts.down_proj.weight.any()
+    ids = torch.randint(3, 320, (2, 100), generator=torch.Generator().manual_seed(0))  # past the rope's 32
     with torch.no_grad():
-        half = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-        torch.testing.assert_close(half, shared(x), rtol=1e-5, atol=1e-6)  # exactly the ungated shared expert
-    # experts_per_token 1: DeepSeek-MoE v1 does not renormalise a lone expert's weight, so it is its probability
-    top1 = _merge(tmp_path, "d2", base_model=str(llama[0]), architecture="deepseek", experts=_entries(*llama[:2]),
-                  shared_experts=[{"source_model": str(llama[2])}], experts_per_token=1)
-    block = _loaded(top1).model.layers[0].mlp
-    a, b = (AutoModelForCausalLM.from_pretrained(p).eval().model.layers[0].mlp for p in llama[:2])
-    with torch.no_grad():
-        got = block(x[None])
-        got = (got[0] if isinstance(got, tuple) else got).view(-1, 32)
-        probs = torch.softmax(x @ block.gate.weight.T, -1)
-        p, pick = probs.max(-1, keepdim=True)
-        routed = torch.where(pick == 0, p * a(x), p * b(x))
-        torch.testing.assert_close(got, routed + shared(x), rtol=1e-5, atol=1e-5)
-        assert (p < 0.99).all()  # a weight of 1 (renormalised) would be another function
+        want = AutoModelForCausalLM.from_pretrained(dense).eval()(ids).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert model.generate(ids[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)
+
+
+def test_mergekit_deepseek_moe_routes_sigmoid_top_k_beside_its_ungated_shared_expert(tmp_path, dense):
+    """DeepSeek-MoE v1 keeps an ungated shared expert (residual_scale on its down) and renormalises the top-k
+    weights only for k > 1; the DeepSeek-V3 output weighs with sigmoid scores (README says how that differs from
+    v1's softmax): top-2 renormalised, a lone top-1 expert by its score."""
+    llama = [dense["LlamaForCausalLM", i] for i in range(3)]
+    mlps = [AutoModelForCausalLM.from_pretrained(p).eval().model.layers[0].mlp for p in llama]
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    for k in (2, 1):
+        out = _merge(tmp_path, f"k{k}", base_model=str(llama[0]), architecture="deepseek moe",
+                     experts=_entries(*llama[:2]), shared_experts=[{"source_model": str(llama[2]),
+                                                                    "residual_scale": 0.5}], experts_per_token=k)
+        block = _loaded(out).model.layers[0].mlp
+        with torch.no_grad():
+            torch.testing.assert_close(block.shared_experts(x), 0.5 * mlps[2](x), rtol=1e-5, atol=1e-6)
+            got = block(x[None])
+            got = (got[0] if isinstance(got, tuple) else got).view(-1, 32)
+            scores = torch.sigmoid(x @ block.gate.weight.T)
+            expert_out = torch.stack([mlps[0](x), mlps[1](x)], dim=1)
+            if k == 2:
+                routed = (scores[..., None] * expert_out).sum(1) / scores.sum(1, keepdim=True)
+            else:
+                s, pick = scores.max(-1)
+                routed = s[:, None] * expert_out[torch.arange(5), pick]
+            torch.testing.assert_close(got, routed + 0.5 * mlps[2](x), rtol=1e-5, atol=1e-5)
 
 
 def test_mergekit_names_mean_what_mergekit_means(tmp_path, dense):
@@ -176,8 +195,9 @@ def test_mergekit_names_mean_what_mergekit_means(tmp_path, dense):
         plan_arch(base_model=str(qwen2[0]), experts=_entries(*qwen2), architecture="mixtral")
     with pytest.raises(PlanError, match="needs every model of one model_type"):
         plan_arch(base_model=str(llama[0]), experts=_entries(llama[0], mistral[1]))
-    with pytest.raises(PlanError, match="MLA"):
-        plan_arch(base_model=str(llama[0]), experts=_entries(*llama), architecture="DeepseekV3ForCausalLM")
+    for name in ("deepseek", "DeepSeek MoE", "deepseek_v3", "DeepseekV3ForCausalLM"):
+        assert plan_arch(base_model=str(llama[0]), experts=_entries(*llama), architecture=name) == \
+            "DeepseekV3ForCausalLM"
 
 
 def test_shared_experts_where_the_output_has_none_are_refused_by_name(tmp_path, dense, tiny_qwen_moe):
@@ -208,3 +228,25 @@ def test_an_moe_source_listed_twice_with_keep_is_refused(tmp_path, tiny_qwen_moe
         _merge(tmp_path, "k", base_model=str(tiny_qwen_moe),
                experts=[{"source_model": str(tiny_qwen_moe)},
                         {"source_model": str(tiny_qwen_moe), "keep": 2, "positive_prompts": ["x"]}])
+
+
+def test_deepseek_from_dense_refuses_what_would_lose_its_latent_naming_why(tmp_path, dense):
+    """The MLA latent sits near 1e-5 (maths/mla.py): float16 would hold it as subnormals, and a block-FP8 block
+    sharing rows with the keys would round it to 0; both are refused by key. FP8 with whole blocks plans."""
+    llama = [dense["LlamaForCausalLM", i] for i in range(2)]
+
+    def plan(base, **data):
+        folder = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        cfg = write_config(folder, output_dir=str(folder / "out"), gate_mode="random", architecture="deepseek",
+                           base_model=str(base), experts=_entries(base, base), **data)
+        return build_plan(load_config(cfg), config_dir=folder)
+
+    with pytest.raises(PlanError, match="dtype: float16 .* set dtype: bfloat16 or float32"):
+        plan(llama[0], dtype="float16")
+    with pytest.raises(PlanError, match=r"fp8_output: .*kv_a_proj_with_mqa.* hidden size \(32\) a multiple of the FP8 "
+                                        r"block \(128\)"):
+        plan(llama[0], fp8_output=True)
+    wide = make_tiny_dense(tmp_path / "wide", cls="LlamaForCausalLM", hidden=128, inter=64, dtype=torch.float32)
+    kv_a = {t.name: t for t in plan(wide, fp8_output=True).tensors}["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    assert kv_a.dtype == "F8_E4M3"

@@ -103,8 +103,12 @@ class Architecture:
     # (Qwen2-MoE's attention biases from a Llama base, as mergekit-moe writes them).
     zeros_from_dense: tuple[str, ...] = ()
     # A shared expert beside the routed ones, built from a `shared_experts[]` entry when converting from dense:
-    # "gated" (Qwen2-MoE: sigmoid(shared_expert_gate . x) scales it), or None (the architecture has none).
-    shared_expert: Literal["gated"] | None = None
+    # "gated" (Qwen2-MoE: sigmoid(shared_expert_gate . x) scales it), "ungated" (DeepSeek: always on; without a
+    # `shared_experts` entry it is written as zeros, which adds nothing), or None (the architecture has none).
+    shared_expert: Literal["gated", "ungated"] | None = None
+    # How a dense source's attention is written when this architecture is built from it: None, the same tensors
+    # under this table's names; "mla", DeepSeek's latent attention computing the same (maths/mla.py).
+    dense_attention: Literal["mla"] | None = None
     # Roles that read the very same input tensor within a layer (and expert), as the modelling code
     # calls them: RegMean keeps one input statistic for each such group instead of one per weight.
     shared_inputs: tuple[tuple[str, ...], ...] = ()

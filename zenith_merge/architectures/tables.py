@@ -157,6 +157,15 @@ DEEPSEEK_V3 = Architecture(
     shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, ("shared_gate", "shared_up"),
                    ("q_a_proj", "q_proj", "kv_a_proj")),
     extra_layers=_MTP_LAYERS,
+    # mergekit-moe's `deepseek` from Llama/Mistral models: every layer MoE, the attention as MLA computing the
+    # same (maths/mla.py), sigmoid top-k renormalised (k = 1: not, as DeepSeek-MoE v1 weighs a lone expert by its
+    # score), one ungated shared expert
+    dense_sources=("llama", "mistral"),
+    dense_attention="mla",
+    shared_expert="ungated",
+    from_dense_config={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
+                       "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
+                       "routed_scaling_factor": 1.0, "n_shared_experts": 1, "num_nextn_predict_layers": 0},
     roles={
         **_MTP_ROLES,
         **_COMMON_ROLES,
@@ -421,9 +430,10 @@ def _dense(name: str, model_type: str, qk_norm: bool, moe_targets: tuple[str, ..
 # mergekit-moe's choice for dense sources: Mixtral first where it applies, then Qwen2-MoE (which needs a shared expert)
 QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_targets=("Qwen3MoeForCausalLM",), chat_format="chatml")
 QWEN2 = _dense("Qwen2ForCausalLM", "qwen2", qk_norm=False, moe_targets=("Qwen2MoeForCausalLM",), chat_format="chatml")
-LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False, moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM"))
+LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False,
+               moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM", "DeepseekV3ForCausalLM"))
 MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False,
-                 moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM"))
+                 moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM", "DeepseekV3ForCausalLM"))
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (DEEPSEEK_V3, QWEN3_MOE, MIXTRAL, QWEN2_MOE, DEEPSEEK_V2,
                                                               GLM4_MOE, GPT_OSS, QWEN3, QWEN2, LLAMA, MISTRAL)}
@@ -431,11 +441,11 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (DEEPSEEK_V3, QWEN3
 # mergekit-moe's output architectures (its `architecture:` values match their names by prefix, ignoring case):
 # name -> (the table written, the `model_type`s of the dense sources it takes, how many shared experts)
 # "DeepSeek MoE" is mergekit's remote-code DeepSeek-MoE v1 (Llama attention, softmax top-k, an ungated shared
-# expert); written here without remote code as the model that computes the same: Mixtral without a shared
-# expert, Qwen2-MoE with one (its sigmoid gate held at 0.5 by a zero gate row, its down projection doubled).
+# expert); written here without remote code as DeepseekV3ForCausalLM: MLA holding the Llama attention (exact in
+# transformers, see maths/mla.py), sigmoid top-k, the ungated shared expert (zeros when there is none).
 MERGEKIT_MOE_OUTPUTS: dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]] = {
     "Mixtral": ("MixtralForCausalLM", ("llama", "mistral"), (0,)),
-    "DeepSeek MoE": ("MixtralForCausalLM", ("llama", "mistral"), (0, 1)),
+    "DeepSeek MoE": ("DeepseekV3ForCausalLM", ("llama", "mistral"), (0, 1)),
     "Qwen MoE": ("Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), (1,)),
     "Qwen3 MoE": ("Qwen3MoeForCausalLM", ("qwen3",), (0,)),
 }

@@ -22,6 +22,7 @@ from ..plan.models import (
     ExpertRecipe,
     Fp8ScaleRecipe,
     MethodRecipe,
+    MlaRecipe,
     Plan,
     RouterRecipe,
     VocabRecipe,
@@ -127,6 +128,8 @@ class PlanTensorSource:
             return torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype))
         elif isinstance(recipe, MethodRecipe):
             out = self._method(recipe)
+        elif isinstance(recipe, MlaRecipe):
+            out = self._mla(recipe)
         else:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
@@ -185,6 +188,19 @@ class PlanTensorSource:
                 w = w.float() + transform.noise_scale * noise
         return w
 
+    def _mla(self, r: MlaRecipe) -> torch.Tensor:
+        """One MLA weight of a dense base layer's attention (maths/mla.py)."""
+        from ..maths.mla import GqaLayout, gqa_as_mla
+
+        ckpt = self._checkpoint("base")
+        lay = GqaLayout.of(ckpt.config)
+        if r.part == "kv_a_norm":
+            return torch.ones(lay.hidden)
+        arch = ARCHITECTURES[self.plan.sources["base"].architecture]
+        q, k, v, norm = (ckpt.read(tensor_name(arch, role, r.layer)) for role in ("q_proj", "k_proj", "v_proj",
+                                                                                  "input_norm"))
+        return gqa_as_mla(r.part, q, k, v, norm, lay)
+
     def _rows(self, source: str, name: str) -> torch.Tensor:
         """A router tensor of a source (float32), read once per output layer."""
         if (source, name) not in self._router_cache:
@@ -211,11 +227,9 @@ class PlanTensorSource:
                             for j, slot in enumerate(self.plan.layer_experts(r.layer).slots)])
 
     def _shared_gate_row(self, r: RouterRecipe) -> torch.Tensor:
-        """The shared expert's gate row (Qwen2-MoE's shared_expert_gate): zeros where the expert is always on
-        (sigmoid(0) = 1/2, its down doubled), else the gate mode's row for its source, as a routed slot's."""
+        """The shared expert's gate row (Qwen2-MoE's shared_expert_gate): the gate mode's row for its source, as a
+        routed slot's."""
         le = self.plan.layer_experts(r.layer)
-        if le.shared_gate == "always":
-            return torch.zeros(facts(self.plan.target_config).hidden_size)
         return self._router_row(RouterRecipe(layer=r.layer, part="weight"), len(le.slots), le.shared, None)
 
     def _stage_layer(self, layer: int) -> int:

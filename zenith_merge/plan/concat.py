@@ -4,6 +4,7 @@ tensors, and the stages that feed them.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..architectures import (
 )
 from ..config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
 from ..errors import PlanError
+from ..maths.mla import GQA_ONLY_KEYS, mla_config
 from ..maths.routing import RoutingSpec, routing_spec
 from .experts import SourceSlots, compensation, routing_groups
 from .models import (
@@ -29,6 +31,7 @@ from .models import (
     ExpertRecipe,
     ExpertSlot,
     LayerExperts,
+    MlaRecipe,
     Plan,
     PlannedTensor,
     RouterRecipe,
@@ -41,6 +44,8 @@ from .opened_sources import OpenedSource, source_layers
 from .output import finish_plan, output_dtype, target_dtype_keys
 from .output_arch import OutputArchitecture
 from .vocab import VocabPlan, plan_vocab
+
+log = logging.getLogger("zenith_merge.plan")
 
 _GENERATED_CLASSES = ("routed_experts", "router")
 
@@ -158,15 +163,24 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
         sizes += [f.moe_intermediate_size * f.n_shared_experts] if sl.shared_as_routed else []
         return max(sizes)
 
-    moe_inter = max([bf.moe_intermediate_size or 0] + [inter(s, sl) for s, sl in zip(sources, slots)])
+    moe_inter = max([bf.moe_intermediate_size or 0] + [inter(s, sl) for s, sl in zip(sources, slots)]
+                    # DeepSeek's shared expert is moe_intermediate_size wide: a narrower one is padded
+                    + [s.facts.intermediate_size for s in shared if arch.shared_expert == "ungated"])
     target = target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
     if converting:
+        if arch.dense_attention == "mla":
+            target = {k: v for k, v in target.items() if k not in GQA_ONLY_KEYS}
+            target.update(mla_config(dict(base.ckpt.config)))
+            log.warning("%s from dense %s models: its MLA holds their attention through per-dimension rope "
+                        "frequencies (rope_scaling longrope), which transformers reads; vLLM, SGLang and llama.cpp "
+                        "read a DeepSeek rope_scaling as YaRN or not at all and compute another function: to serve "
+                        "there, use architecture: mixtral (or qwen, with a shared expert)", arch.name, base.arch.name)
         target.update(architectures=[arch.name], model_type=arch.model_type, **arch.from_dense_config)
         target.pop("auto_map", None)
         if out.chosen_as == "DeepSeek MoE" and top_k == 1:  # DeepSeek-MoE v1 renormalises only for top-k > 1
             target[arch.routing_keys["norm_topk_prob"]] = False
-    shared_slot = _shared_slot(cfg, base, shared, out)
-    if shared_slot is not None:
+    shared_slot = _shared_slot(cfg, base, shared)
+    if shared_slot is not None and out.shared == "gated":
         set_dim(target, arch, "shared_inter", shared[0].facts.intermediate_size)
     set_dim(target, arch, "n_experts", total)
     set_dim(target, arch, "top_k", top_k)
@@ -232,7 +246,7 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
             if sl.shared_as_routed:
                 row.append(ExpertSlot(source=s.key, source_layer=src_layer, kind="shared",
                                       scale=scaled(compensation(None, out_routing), s.entry)))
-        table.append(LayerExperts(layer=layer, slots=tuple(row), shared_gate=out.shared if shared_slot else None,
+        table.append(LayerExperts(layer=layer, slots=tuple(row), shared_gate=out.shared if converting else None,
                                   shared=None if shared_slot is None else shared_slot.model_copy(
                                       update={"source_layer": layer_map[shared_slot.source][layer]})))
     table += _extra_layer_rows(cfg, base, base_entry, table) if not converting else []
@@ -352,6 +366,11 @@ def _concat_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any]
                     tensors.append(t)
                     input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32 work copies: source, map, result
             continue
+        if arch.dense_attention == "mla" and tid is not None and tid.role in _MLA_PARTS:
+            for t in _mla_tensors(cfg, base, name, tid, target, arch):
+                tensors.append(t)
+                input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32: the source projection, the result
+            continue
         t = _copy_tensor(base, name, cfg, target, arch)
         if vocab is not None and tid is not None and tid.role in _VOCAB_ROLES:
             part, own = _VOCAB_ROLES[tid.role]
@@ -396,21 +415,40 @@ def _layer_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any],
             name = tensor_name(arch, role, layer, j)
             out.append(PlannedTensor(name=name, dtype=dtype, shape=expected_shape(target, name),
                                      recipe=ExpertRecipe(layer=layer, slot=j, proj=proj)))
-    if le.shared is not None:  # the shared expert (slot index len(slots)) and its gate row
-        for proj, role in SHARED_ROLES.items():
+    if le.shared is not None or le.shared_gate == "ungated":  # the shared expert (slot index len(slots))
+        for proj, role in SHARED_ROLES.items():  # (DeepSeek's, always on, without shared_experts: zeros)
             name = tensor_name(arch, role, layer)
-            out.append(PlannedTensor(name=name, dtype=dtype, shape=expected_shape(target, name),
-                                     recipe=ExpertRecipe(layer=layer, slot=len(le.slots), proj=proj)))
+            recipe = ZerosRecipe() if le.shared is None else ExpertRecipe(layer=layer, slot=len(le.slots), proj=proj)
+            out.append(PlannedTensor(name=name, dtype=dtype, shape=expected_shape(target, name), recipe=recipe))
+    if le.shared is not None and le.shared_gate == "gated":  # and its gate row
         name = tensor_name(arch, "shared_router", layer)
         out.append(PlannedTensor(name=name, dtype=output_dtype(router_code, "router", arch.keep_fp32_roles, cfg.dtype),
                                  shape=expected_shape(target, name), recipe=RouterRecipe(layer=layer, part="shared")))
     return out
 
 
-def _shared_slot(cfg: MergeConfig, base: OpenedSource, shared: list[OpenedSource], out: OutputArchitecture
-                 ) -> ExpertSlot | None:
-    """The output's shared expert: shared_experts.0's MLP, down scaled by its residual_scale, and by 2 where the
-    gate is held at sigmoid(0) = 1/2 (mergekit-moe's ungated DeepSeek-MoE shared expert, written as Qwen2-MoE)."""
+# A dense layer's attention roles and the MLA weights each becomes (maths/mla.py); kv_a_norm comes with kv_a_proj.
+_MLA_PARTS = {"q_proj": ("q_proj",), "k_proj": ("kv_a_proj", "kv_a_norm"), "v_proj": ("kv_b_proj",)}
+
+
+def _mla_tensors(cfg: MergeConfig, base: OpenedSource, name: str, tid, target: dict[str, Any], arch: Architecture
+                 ) -> list[PlannedTensor]:
+    """The MLA weights a dense base's q, k or v projection becomes (the output is DeepSeek from dense models)."""
+    code = output_dtype(base.ckpt.info(name).dtype, tid.role, base.arch.keep_fp32_roles, cfg.dtype)
+    if code == "F16":
+        raise PlanError(f"dtype: float16 for {arch.name} from dense models: its MLA keeps the latent near 1e-5 "
+                        f"(maths/mla.py), below float16's normal range, where it would lose its bits; set dtype: "
+                        f"bfloat16 or float32")
+    out = []
+    for part in _MLA_PARTS[tid.role]:
+        out_name = tensor_name(arch, part, tid.layer)
+        out.append(PlannedTensor(name=out_name, dtype=code, shape=expected_shape(target, out_name),
+                                 recipe=MlaRecipe(layer=tid.layer, part=part)))
+    return out
+
+
+def _shared_slot(cfg: MergeConfig, base: OpenedSource, shared: list[OpenedSource]) -> ExpertSlot | None:
+    """The output's shared expert: shared_experts.0's MLP, down scaled by its residual_scale."""
     if not shared:
         return None
     src = shared[0]
@@ -422,5 +460,4 @@ def _shared_slot(cfg: MergeConfig, base: OpenedSource, shared: list[OpenedSource
     if src.facts.hidden_size != base.facts.hidden_size:
         raise PlanError(f"{src.where}: hidden size {src.facts.hidden_size}, the base's {base.facts.hidden_size}; "
                         f"the shared expert reads the base's residual stream as it is")
-    scale = (src.entry.residual_scale or 1.0) * (2.0 if out.shared == "always" else 1.0)
-    return ExpertSlot(source=src.key, source_layer=0, kind="dense_mlp", scale=scale)
+    return ExpertSlot(source=src.key, source_layer=0, kind="dense_mlp", scale=src.entry.residual_scale or 1.0)

@@ -30,6 +30,10 @@ def as_fp8(cfg: MergeConfig, stages: StagePlan | None, tensors: list[PlannedTens
     arch = ARCHITECTURES[target["architectures"][0]]
     out, sizes = [], dict(input_bytes)
     for t in tensors:
+        if t.recipe.kind == "mla" and t.recipe.part == "kv_a_proj" and t.shape[1] % DEFAULT_BLOCK[0]:
+            # the latent's rows hold c * I, c near 1e-5: a block sharing rows with the keys would round c to 0
+            raise PlanError(f"fp8_output: {t.name} (MLA from dense models) needs the hidden size "
+                            f"({t.shape[1]}) a multiple of the FP8 block ({DEFAULT_BLOCK[0]}); write BF16")
         if not (quantizable(arch, t.name, t.shape) or base.is_fp8(t.name)):
             out.append(t)
             continue

@@ -67,6 +67,16 @@ class ZerosRecipe(_Frozen):
     kind: Literal["zeros"] = "zeros"
 
 
+class MlaRecipe(_Frozen):
+    """One weight of a dense base layer's attention written as DeepSeek's MLA computing the same (maths/mla.py):
+    q_proj from its q projection, kv_a_proj (latent and shared rotary key) from its k projection, kv_b_proj from
+    its v projection, each with the layer's input_layernorm weight; kv_a_norm is ones."""
+
+    kind: Literal["mla"] = "mla"
+    layer: int
+    part: Literal["q_proj", "kv_a_proj", "kv_b_proj", "kv_a_norm"]
+
+
 class RouterRecipe(_Frozen):
     """The router of output `layer` (its weight rows or its score-correction bias), one row per slot."""
 
@@ -144,7 +154,7 @@ class Fp8ScaleRecipe(_Frozen):
 
 
 Recipe = Annotated[CopyRecipe | ExpertRecipe | RouterRecipe | AssembleRecipe | MethodRecipe | VocabRecipe | Fp8ScaleRecipe
-                   | ZerosRecipe,
+                   | ZerosRecipe | MlaRecipe,
                    Field(discriminator="kind")]
 
 
@@ -173,8 +183,8 @@ class LayerExperts(_Frozen):
     like: int | None = None
     shared: ExpertSlot | None = Field(None, description="the shared expert built from shared_experts.0 (its slot "
                                                         "index in recipes is len(slots))")
-    shared_gate: Literal["gated", "always"] | None = Field(
-        None, description="gated: its gate row from the gate mode; always: the row 0 (sigmoid 1/2, down doubled)")
+    shared_gate: Literal["gated", "ungated"] | None = Field(
+        None, description="gated: its gate row from the gate mode (Qwen2-MoE); ungated: always on (DeepSeek)")
 
     @property
     def stage_layer(self) -> int:

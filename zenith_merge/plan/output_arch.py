@@ -13,8 +13,8 @@ from ..errors import PlanError
 from .opened_sources import OpenedSource
 
 # How the output's shared expert is built from `shared_experts[0]`: gated (Qwen2-MoE's sigmoid gate, its row from
-# the gate mode) or always on (mergekit's DeepSeek-MoE: the gate row 0, so sigmoid = 1/2, and down doubled).
-SharedMode = Literal["gated", "always"]
+# the gate mode) or ungated (DeepSeek's, always on).
+SharedMode = Literal["gated", "ungated"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,6 @@ def _why_not(name: str, cfg: MergeConfig, types: list[str]) -> str | None:
         return f"gate_mode {cfg.gate_mode} computes the shared expert's gate row from shared_experts.0's prompts"
     if name == "DeepSeek MoE" and shared and (shared[0].positive_prompts or shared[0].negative_prompts):
         return "keeps its shared expert ungated: shared_experts.0 takes no prompts"
-    if name == "DeepSeek MoE" and not shared and cfg.experts_per_token == 1:
-        # DeepSeek-MoE v1 renormalises the top-k weights only for k > 1: its one expert is weighed by its softmax
-        # probability, which Mixtral (always renormalised) cannot hold; Qwen2-MoE can, with a shared expert
-        return ("weighs its one picked expert by its softmax probability (experts_per_token: 1), which only the "
-                "Qwen2-MoE form holds, and that needs a shared expert: give experts_per_token 2 or more, or "
-                "shared_experts")
     return None
 
 
@@ -69,13 +63,11 @@ def output_architecture(cfg: MergeConfig, base: OpenedSource, sources: list[Open
         return OutputArchitecture(base.arch)  # the dense base alone: rewritten as it is
     exact = {name for name, a in ARCHITECTURES.items() if wanted in (a.name, a.model_type) and a.moe_layer_rule != "none"}
     if exact and not any(table in exact for table, _, _ in MERGEKIT_MOE_OUTPUTS.values()):
-        raise PlanError(f"architecture: {wanted} cannot be built from dense {base.arch.name} sources: its attention "
-                        f"(DeepSeek's MLA) is not the sources'; mergekit-moe's `deepseek` output is written as a model "
-                        f"with the sources' attention (see README, mergekit-moe configs)")
+        raise PlanError(f"architecture: {wanted} cannot be built from dense {base.arch.name} sources (mergekit-moe "
+                        f"builds {', '.join(MERGEKIT_MOE_OUTPUTS)}; see README, mergekit-moe configs)")
     by_prefix = [name for name in MERGEKIT_MOE_OUTPUTS if wanted is None or name.lower().startswith(wanted.lower())]
     # a table's own name (MixtralForCausalLM, qwen2_moe) means that table as mergekit-moe writes it
-    candidates = by_prefix or [name for name, (table, _, _) in MERGEKIT_MOE_OUTPUTS.items()
-                               if table in exact and name != "DeepSeek MoE"]
+    candidates = by_prefix or [name for name, (table, _, _) in MERGEKIT_MOE_OUTPUTS.items() if table in exact]
     types = [_model_type(s) for s in [base, *sources, *shared]]
     reasons = {name: _why_not(name, cfg, types) for name in candidates}
     fitting = [name for name in candidates if reasons[name] is None]
@@ -84,9 +76,6 @@ def output_architecture(cfg: MergeConfig, base: OpenedSource, sources: list[Open
         raise PlanError(f"{said}: no MoE output fits these dense sources (as mergekit-moe decides): "
                         + "; ".join(f"{name} {why}" for name, why in reasons.items()))
     name = "Mixtral" if "Mixtral" in fitting else fitting[0]  # mergekit-moe's preference
-    table = MERGEKIT_MOE_OUTPUTS[name][0]
-    mode: SharedMode | None = None
-    if cfg.shared_experts:
-        mode = "always" if name == "DeepSeek MoE" else "gated"
-        table = "Qwen2MoeForCausalLM"
-    return OutputArchitecture(ARCHITECTURES[table], mode, name)
+    arch = ARCHITECTURES[MERGEKIT_MOE_OUTPUTS[name][0]]
+    return OutputArchitecture(arch, arch.shared_expert if cfg.shared_experts or arch.shared_expert == "ungated"
+                              else None, name)

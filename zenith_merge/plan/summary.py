@@ -103,6 +103,8 @@ def recipe_label(r) -> str:
         return f"union vocabulary {'embedding' if r.part == 'embed' else 'lm_head'}"
     if kind == "fp8_scale":
         return "block scales (fp8_output)"
+    if kind == "mla":
+        return f"{r.part} of the dense attention as MLA (maths/mla.py)"
     if kind == "zeros":
         return "zeros (the output architecture has it, the dense base not)"
     return str(kind)
@@ -190,9 +192,11 @@ def format_expert_table(plan) -> list[str]:
                             + (f" x{scale:.3g}" if scale not in (None, 1.0) else ""))
                 start = j
         if le.shared is not None:
-            gate = "gate row 0, always on" if le.shared_gate == "always" else "gated"
+            gate = "always on" if le.shared_gate == "ungated" else "gated"
             scale = f" x{le.shared.scale:.3g}" if le.shared.scale not in (None, 1.0) else ""
             runs.append(f"[shared] {_slot_range((le.shared,))}{scale} ({gate})")
+        elif le.shared_gate == "ungated":
+            runs.append("[shared] zeros (no shared_experts)")
         lines.append(f"  layer {le.layer:>3}: " + "  ".join(runs))
     stages = plan.stages
     if stages.usage:

@@ -113,21 +113,22 @@ def _pair_rows(head_dim: int) -> torch.Tensor:
 
 
 def gqa_as_mla(part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_norm: torch.Tensor,
-               lay: GqaLayout) -> torch.Tensor:
-    """One MLA weight (`part`: q_proj, kv_a_proj or kv_b_proj) of a layer, in float32, from the layer's q, k and v
-    projections and its input_layernorm weight (see the module docstring)."""
+               lay: GqaLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One MLA weight (`part`: q_proj, kv_a_proj or kv_b_proj) of a layer, computed in float32 and returned in
+    `dtype`, from the layer's q, k and v projections and its input_layernorm weight (see the module docstring).
+    q_proj, n_kv times the donor's q and mostly zeros, is filled in `dtype` directly."""
     d, group = lay.head_dim, lay.heads // lay.kv_heads
     rows = _pair_rows(d)
     if part == "q_proj":
-        heads = q.float().reshape(lay.heads, d, lay.hidden)[:, rows]
-        out = torch.zeros(lay.heads, lay.kv_heads, d, lay.hidden)
-        out[torch.arange(lay.heads), torch.arange(lay.heads) // group] = heads * math.sqrt(lay.kv_heads)
+        heads = q.float().reshape(lay.heads, d, lay.hidden)[:, rows] * math.sqrt(lay.kv_heads)
+        out = torch.zeros(lay.heads, lay.kv_heads, d, lay.hidden, dtype=dtype)
+        out[torch.arange(lay.heads), torch.arange(lay.heads) // group] = heads.to(dtype)
         return out.reshape(lay.heads * lay.rope_dim, lay.hidden)
     c = latent_scale(input_norm)
     if part == "kv_a_proj":
         keys = k.float().reshape(lay.kv_heads, d, lay.hidden)[:, rows].reshape(lay.rope_dim, lay.hidden)
-        return torch.cat([torch.eye(lay.hidden) * c, keys])
+        return torch.cat([torch.eye(lay.hidden) * c, keys]).to(dtype)
     if part == "kv_b_proj":
         values = v.float().reshape(lay.kv_heads, d, lay.hidden) * (math.sqrt(KV_NORM_EPS) / c)
-        return values.repeat_interleave(group, dim=0).reshape(lay.heads * d, lay.hidden)
+        return values.repeat_interleave(group, dim=0).reshape(lay.heads * d, lay.hidden).to(dtype)
     raise ValueError(f"unknown MLA part {part!r}")

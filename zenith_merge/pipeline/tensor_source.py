@@ -129,7 +129,7 @@ class PlanTensorSource:
         elif isinstance(recipe, MethodRecipe):
             out = self._method(recipe)
         elif isinstance(recipe, MlaRecipe):
-            out = self._mla(recipe)
+            out = self._mla(recipe, torch_dtype(spec.dtype))
         else:
             out = self._assemble(recipe)
         return pad_to(out, spec.shape).to(torch_dtype(spec.dtype))
@@ -188,18 +188,18 @@ class PlanTensorSource:
                 w = w.float() + transform.noise_scale * noise
         return w
 
-    def _mla(self, r: MlaRecipe) -> torch.Tensor:
-        """One MLA weight of a dense base layer's attention (maths/mla.py)."""
+    def _mla(self, r: MlaRecipe, dtype: torch.dtype) -> torch.Tensor:
+        """One MLA weight of a dense base layer's attention (maths/mla.py), in `dtype`."""
         from ..maths.mla import GqaLayout, gqa_as_mla
 
         ckpt = self._checkpoint("base")
         lay = GqaLayout.of(ckpt.config)
         if r.part == "kv_a_norm":
-            return torch.ones(lay.hidden)
+            return torch.ones(lay.hidden, dtype=dtype)
         arch = ARCHITECTURES[self.plan.sources["base"].architecture]
         q, k, v, norm = (ckpt.read(tensor_name(arch, role, r.layer)) for role in ("q_proj", "k_proj", "v_proj",
                                                                                   "input_norm"))
-        return gqa_as_mla(r.part, q, k, v, norm, lay)
+        return gqa_as_mla(r.part, q, k, v, norm, lay, dtype)
 
     def _rows(self, source: str, name: str) -> torch.Tensor:
         """A router tensor of a source (float32), read once per output layer."""

@@ -269,3 +269,26 @@ def test_router_training_leaves_the_mtp_layers_router_as_planned(parents, tmp_pa
     plain, trained = outs[0], outs[3]
     assert torch.equal(trained[MTP + "mlp.gate.weight"], plain[MTP + "mlp.gate.weight"])
     assert not torch.equal(trained["model.layers.2.mlp.gate.weight"], plain["model.layers.2.mlp.gate.weight"])
+
+
+def test_alignment_training_gives_the_mtp_layer_the_last_layers_trained_maps(parents, tmp_path):
+    """Alignment training runs no MTP layer: the MTP layer's grafted slots take the last MoE layer's maps, so
+    after training they are the last layer's grafted experts as trained (the same donor layer, the same maps),
+    and they moved with them."""
+    a, _, donor = parents
+    text = "def add(a, b):\n    return a + b\n" * 8
+    outs = {}
+    for steps in (0, 3):
+        outs[steps] = tensors_of(_merge(tmp_path / str(steps), base_model=str(a), experts_per_token=2,
+                                        experts=[{"source_model": str(a), "positive_prompts": [text]},
+                                                 {"source_model": str(donor), "positive_prompts": [text]}],
+                                        align={"mode": "fit", "train_steps": steps, "lr": 0.05},
+                                        router={"seq_len": 16, "batch_size": 2}))
+    plain, trained = outs[0], outs[3]
+    n_base = sum(1 for k in plain if k.startswith("model.layers.2.mlp.experts.") and k.endswith("gate_proj.weight")
+                 and torch.equal(plain[k], trained[k]))
+    grafted = [k for k in trained if k.startswith(MTP + "mlp.experts.") and not torch.equal(plain[k], trained[k])]
+    assert grafted and n_base  # the donor's slots moved with training, the base's stayed
+    for k in grafted:
+        last = k.replace(MTP, "model.layers.2.")
+        assert torch.equal(trained[k], trained[last]), k

@@ -244,9 +244,27 @@ def test_deepseek_from_dense_refuses_what_would_lose_its_latent_naming_why(tmp_p
 
     with pytest.raises(PlanError, match="dtype: float16 .* set dtype: bfloat16 or float32"):
         plan(llama[0], dtype="float16")
+    half = make_tiny_dense(tmp_path / "half", cls="LlamaForCausalLM", dtype=torch.float16)
+    with pytest.raises(PlanError, match=r"float16 \(the dtype of .*half; no dtype: given\)"):
+        plan(half)
     with pytest.raises(PlanError, match=r"fp8_output: .*kv_a_proj_with_mqa.* hidden size \(32\) a multiple of the FP8 "
                                         r"block \(128\)"):
         plan(llama[0], fp8_output=True)
     wide = make_tiny_dense(tmp_path / "wide", cls="LlamaForCausalLM", hidden=128, inter=64, dtype=torch.float32)
     kv_a = {t.name: t for t in plan(wide, fp8_output=True).tensors}["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
     assert kv_a.dtype == "F8_E4M3"
+
+
+def test_a_dropped_sliding_window_is_said(tmp_path, caplog):
+    """mergekit-moe's outputs attend to the whole context; a Mistral's sliding window is dropped, and said."""
+    mistral = make_tiny_dense(tmp_path / "m", cls="MistralForCausalLM", dtype=torch.float32, sliding_window=16)
+    for arch in ("mixtral", "deepseek"):
+        folder = tmp_path / arch
+        folder.mkdir()
+        cfg = write_config(folder, output_dir=str(folder / "out"), gate_mode="random", architecture=arch,
+                           base_model=str(mistral), experts=_entries(mistral, mistral))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            target = build_plan(load_config(cfg), config_dir=folder).target_config
+        assert target.get("sliding_window") is None
+        assert "sliding_window 16 of" in caplog.text and "attends to the whole context" in caplog.text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,8 @@ ROPES = {
                "original_max_position_embeddings": 32},
     "linear": {"rope_type": "linear", "factor": 2.0},
     "yarn": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 32},
+    # Phi-3's kind: other frequencies past original_max_position_embeddings (the steps below go past it)
+    "longrope": {"rope_type": "longrope", "factor": 3.0, "original_max_position_embeddings": 32},
 }
 
 
@@ -35,7 +38,10 @@ def _pair(kv_heads: int, group: int, head_dim: int, hidden: int, rope: str, eps:
                   head_dim=head_dim, intermediate_size=8, num_hidden_layers=1, vocab_size=16, rms_norm_eps=eps,
                   max_position_embeddings=96, rope_theta=500.0)
     if ROPES[rope]:
-        values["rope_scaling"] = ROPES[rope]
+        values["rope_scaling"] = dict(ROPES[rope])
+    if rope == "longrope":
+        values["rope_scaling"].update(short_factor=[1.0 + i / 4 for i in range(head_dim // 2)],
+                                      long_factor=[2.0 + i for i in range(head_dim // 2)])
     llama_config = LlamaConfig(**values)
     llama_config._attn_implementation = "eager"
     llama = LlamaAttention(llama_config, 0).float()
@@ -50,11 +56,10 @@ def _pair(kv_heads: int, group: int, head_dim: int, hidden: int, rope: str, eps:
     norm = torch.rand(hidden) * 3 + 0.05
     lay = GqaLayout.of(dense)
     w = (llama.q_proj.weight, llama.k_proj.weight, llama.v_proj.weight, norm)
-    ds.load_state_dict({"q_proj.weight": gqa_as_mla("q_proj", *w, lay),
-                        "kv_a_proj_with_mqa.weight": gqa_as_mla("kv_a_proj", *w, lay),
-                        "kv_b_proj.weight": gqa_as_mla("kv_b_proj", *w, lay),
-                        "kv_a_layernorm.weight": torch.ones(hidden), "o_proj.weight": llama.o_proj.weight},
-                       strict=True)
+    parts = {"q_proj": "q_proj", "kv_a_proj_with_mqa": "kv_a_proj", "kv_b_proj": "kv_b_proj",
+             "kv_a_layernorm": "kv_a_norm"}
+    ds.load_state_dict({**{f"{name}.weight": gqa_as_mla(part, *w, lay) for name, part in parts.items()},
+                        "o_proj.weight": llama.o_proj.weight}, strict=True)
     return llama, LlamaRotaryEmbedding(llama_config), ds, DeepseekV3RotaryEmbedding(ds_config), norm
 
 
@@ -85,3 +90,24 @@ def test_the_latent_stays_in_rmsnorms_linear_range_for_any_token():
     c = latent_scale(norm)
     assert math.log2(c) == int(math.log2(c))
     assert c * c * 49.0 <= DELTA * 1e-6 < 4 * c * c * 49.0
+
+
+def test_bfloat16_weights_are_the_donors_rounded_once():
+    """The donor's q, k and v are copied unscaled (rearranged, zeros around them): a bfloat16 donor's values
+    reappear bit for bit, so the bfloat16 output is as close to the donor as any bfloat16 copy."""
+    torch.manual_seed(0)
+    lay = GqaLayout(hidden=16, heads=4, kv_heads=2, head_dim=4)
+    q, k, v = (torch.randn(n * 4, 16).to(torch.bfloat16) for n in (4, 2, 2))
+    norm = torch.rand(16).to(torch.bfloat16)
+    for part, src in (("q_proj", q), ("kv_a_proj", k), ("kv_b_proj", v)):
+        got = gqa_as_mla(part, q, k, v, norm, lay, torch.bfloat16)
+        values = set(got.flatten().tolist()) - {0.0, latent_scale(norm)}
+        assert values <= set(src.flatten().tolist()), part
+
+
+def test_dynamic_ntk_rope_is_refused_naming_it():
+    """Dynamic NTK scaling recomputes the frequencies at every sequence length: no static list holds it."""
+    config = LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0}).to_dict()
+    with pytest.raises(ValueError, match="rope_type dynamic: .* architecture: mixtral or qwen"):
+        mla_config(config)

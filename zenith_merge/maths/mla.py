@@ -2,25 +2,29 @@
 computing the same function in transformers.
 
 MLA's per-head key is [k_nope_h ; k_pe], k_pe one rotary key shared by every head, and its keys and values come
-from a compressed latent that an RMSNorm (kv_a_layernorm) scales per token. With H hidden, n heads, n_kv KV
-heads of head_dim d, x_n the layer's normalised input (input_layernorm kept as it is), g(h) head h's KV group:
+from a compressed latent that an RMSNorm (kv_a_layernorm, eps' = 1e-6 in transformers) scales per token. With H
+hidden, n heads, n_kv KV heads of head_dim d, x_n the layer's normalised input (input_layernorm kept as it is),
+g(h) head h's KV group, and every donor weight copied unscaled (only rearranged):
 
     qk_nope_head_dim = 0, qk_rope_head_dim = n_kv * d, v_head_dim = d, kv_lora_rank = H, q_lora_rank = none
     k_pe   = [W_k,0 x_n ; ... ; W_k,n_kv-1 x_n]            every KV head's key side by side in the shared key
-    q_pe,h = sqrt(n_kv) * W_q,h x_n in group g(h)'s slots, zeros elsewhere, so that
-             q_pe,h . k_pe / sqrt(n_kv d) = q_h . k_g(h) / sqrt(d)                     (Llama's score)
-    latent = c x_n, c a power of two with c^2 max(x_n^2) <= delta * eps (delta = 1e-4), where
-             RMSNorm(c x_n) = c x_n / sqrt(c^2 ms(x_n) + eps) = c x_n / sqrt(eps) * (1 + O(delta))
-    v_h    = W_v,g(h) * sqrt(eps) / c . RMSNorm(latent) = W_v,g(h) x_n * (1 + O(delta))
+    q_pe,h = W_q,h x_n in group g(h)'s slots, zeros elsewhere; cos and sin carry n_kv^(1/4) (longrope's
+             attention_factor), so q_pe,h . k_pe gains sqrt(n_kv) and
+             sqrt(n_kv) q_pe,h . k_pe / sqrt(n_kv d) = q_h . k_g(h) / sqrt(d)          (Llama's score)
+    latent = c x_n, c a power of two with c^2 max(x_n^2) <= delta * eps' (delta = 1e-4), where
+             RMSNorm(c x_n) * w = c x_n w / sqrt(c^2 ms(x_n) + eps') = x_n (1 + O(delta))  for w = sqrt(eps') / c
+    v_h    = W_v,g(h) . RMSNorm(latent) * w = W_v,g(h) x_n (1 + O(delta))
     o_proj unchanged.
 
 Since ms(x_n) <= max(weight)^2 (x_n = weight * x / rms(x)), RMSNorm works in its linear range for every token:
-the value path is the donor's up to a relative 5e-5, below bfloat16's rounding. The rotary key carries n_kv
-heads, each needing the donor's frequencies: MLA's rope over qk_rope_head_dim dimensions has geometric
-frequencies base^(-2i / (n_kv d)), so the output config states the donor's own per pair through `longrope`'s
-per-dimension factors (f_i = 1 / (inv_freq_i * base^(2i / (n_kv d))), the same list short and long, factor 1,
-the donor's attention factor). transformers reads them; vLLM and SGLang replace a DeepSeek `rope_scaling` by
-their DeepSeek YaRN, so this form computes the donor's attention in transformers only.
+the value path is the donor's up to a relative 5e-5, and only the constant w is rounded to the written dtype
+(bfloat16: 5e-4). The rotary key carries n_kv heads, each needing the donor's frequencies: MLA's rope over
+qk_rope_head_dim dimensions has geometric frequencies base^(-2i / (n_kv d)), so the output config states the
+donor's own per pair through `longrope`'s per-dimension factors (f_i = 1 / (inv_freq_i * base^(2i / (n_kv d))),
+short and long as the donor's (the same list unless the donor is longrope), factor 1). transformers reads them;
+vLLM, SGLang and llama.cpp read a DeepSeek `rope_scaling` as YaRN or not at all (and vLLM's kv_a_layernorm
+takes rms_norm_eps), so this form computes the donor's attention in transformers only. Dynamic NTK scaling,
+whose frequencies follow the sequence length, is refused.
 
 Weights are stored as DeepSeek stores them (`rope_interleave`: each rotary pair as adjacent rows), so a Llama
 head's pair (j, j + d/2) becomes rows (2j, 2j + 1) of its slot.
@@ -62,36 +66,66 @@ class GqaLayout:
         return self.kv_heads * self.head_dim
 
 
-def donor_rope(config: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    """(inv_freq per rotary pair, attention factor) the donor's transformers rope computes: its `rope_parameters`
-    (default, llama3, yarn, ...) applied by transformers itself, so every rope type a Llama loads is carried."""
+@dataclass(frozen=True)
+class DonorRope:
+    """The donor's rope as transformers computes it: inverse frequencies per rotary pair below and above
+    `original` positions (different only for longrope), and the factor on cos and sin."""
+
+    short: torch.Tensor
+    long: torch.Tensor
+    original: int
+    attention_factor: float
+
+
+def donor_rope(config: dict[str, Any]) -> DonorRope:
+    """The donor's rope from its `rope_parameters` (default, linear, llama3, yarn, longrope), computed by
+    transformers itself. Dynamic NTK scaling changes the frequencies with every sequence length, which no static
+    list holds: refused (ValueError)."""
     from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    known = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map")}
-    rope = LlamaRotaryEmbedding(LlamaConfig(**known))
-    return rope.inv_freq.double(), float(rope.attention_scaling)
+    known = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type", "auto_map")})
+    params = known.rope_parameters or {}
+    kind = params.get("rope_type", "default")
+    if "dynamic" in kind:
+        raise ValueError(f"rope_type {kind}: its frequencies change with the sequence length, which DeepSeek's "
+                         f"rope cannot hold; convert with architecture: mixtral or qwen")
+    rope = LlamaRotaryEmbedding(known)
+    short = rope.inv_freq.double()
+    max_pos = int(config.get("max_position_embeddings") or 4096)
+    if kind != "longrope":
+        return DonorRope(short, short, max_pos, float(rope.attention_scaling))
+    original = int(params.get("original_max_position_embeddings") or max_pos)
+    long, _ = ROPE_INIT_FUNCTIONS[kind](known, None, seq_len=original + 1)
+    return DonorRope(short, long.double(), original, float(rope.attention_scaling))
 
 
 def mla_config(config: dict[str, Any]) -> dict[str, Any]:
     """The DeepseekV3 attention keys of a dense GQA config: the MLA shape above and the donor's rope as longrope
     factors (see the module docstring)."""
     lay = GqaLayout.of(config)
-    inv_freq, attention_factor = donor_rope(config)
+    rope = donor_rope(config)
     theta = float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
     d = lay.rope_dim
     exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # as transformers computes it
     mla_freq = (theta ** exponent).double()
-    want = inv_freq.repeat(lay.kv_heads)  # pair i of the shared key is pair i mod d/2 of KV head i // (d/2)
-    factors = (1.0 / (want * mla_freq)).tolist()
+
+    def factors(inv_freq: torch.Tensor) -> list[float]:
+        # pair i of the shared key is pair i mod d/2 of KV head i // (d/2)
+        return (1.0 / (inv_freq.repeat(lay.kv_heads) * mla_freq)).tolist()
+
     max_pos = int(config.get("max_position_embeddings") or 4096)
     return {
         "num_attention_heads": lay.heads, "num_key_value_heads": lay.heads, "q_lora_rank": None,
         "kv_lora_rank": lay.hidden, "qk_rope_head_dim": d, "qk_nope_head_dim": 0, "v_head_dim": lay.head_dim,
         "rope_interleave": True, "rope_theta": theta, "max_position_embeddings": max_pos,
-        "rope_scaling": {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors, "long_factor": factors,
-                         "factor": 1.0, "original_max_position_embeddings": max_pos,
-                         "attention_factor": attention_factor},
+        "rope_scaling": {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors(rope.short),
+                         "long_factor": factors(rope.long), "factor": 1.0,
+                         "original_max_position_embeddings": rope.original,
+                         # cos and sin times n_kv^(1/4): q_pe . k_pe gains sqrt(n_kv), so the score's
+                         # 1 / sqrt(n_kv d) is the donor's 1 / sqrt(d), with q and k copied unscaled
+                         "attention_factor": rope.attention_factor * lay.kv_heads ** 0.25},
     }
 
 
@@ -114,21 +148,24 @@ def _pair_rows(head_dim: int) -> torch.Tensor:
 
 def gqa_as_mla(part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_norm: torch.Tensor,
                lay: GqaLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One MLA weight (`part`: q_proj, kv_a_proj or kv_b_proj) of a layer, computed in float32 and returned in
-    `dtype`, from the layer's q, k and v projections and its input_layernorm weight (see the module docstring).
+    """One MLA weight (`part`: q_proj, kv_a_proj, kv_a_norm or kv_b_proj) of a layer in `dtype`, from the
+    layer's q, k and v projections and its input_layernorm weight (see the module docstring). The donor's
+    weights are copied unscaled (only rearranged), so they are rounded to `dtype` once, as in any conversion;
     q_proj, n_kv times the donor's q and mostly zeros, is filled in `dtype` directly."""
     d, group = lay.head_dim, lay.heads // lay.kv_heads
     rows = _pair_rows(d)
     if part == "q_proj":
-        heads = q.float().reshape(lay.heads, d, lay.hidden)[:, rows] * math.sqrt(lay.kv_heads)
+        heads = q.reshape(lay.heads, d, lay.hidden)[:, rows]
         out = torch.zeros(lay.heads, lay.kv_heads, d, lay.hidden, dtype=dtype)
         out[torch.arange(lay.heads), torch.arange(lay.heads) // group] = heads.to(dtype)
         return out.reshape(lay.heads * lay.rope_dim, lay.hidden)
+    if part == "kv_b_proj":
+        values = v.reshape(lay.kv_heads, d, lay.hidden).to(dtype)
+        return values.repeat_interleave(group, dim=0).reshape(lay.heads * d, lay.hidden)
     c = latent_scale(input_norm)
     if part == "kv_a_proj":
-        keys = k.float().reshape(lay.kv_heads, d, lay.hidden)[:, rows].reshape(lay.rope_dim, lay.hidden)
-        return torch.cat([torch.eye(lay.hidden) * c, keys]).to(dtype)
-    if part == "kv_b_proj":
-        values = v.float().reshape(lay.kv_heads, d, lay.hidden) * (math.sqrt(KV_NORM_EPS) / c)
-        return values.repeat_interleave(group, dim=0).reshape(lay.heads * d, lay.hidden).to(dtype)
+        keys = k.reshape(lay.kv_heads, d, lay.hidden)[:, rows].reshape(lay.rope_dim, lay.hidden).to(dtype)
+        return torch.cat([torch.eye(lay.hidden, dtype=dtype) * c, keys])
+    if part == "kv_a_norm":
+        return torch.full((lay.hidden,), math.sqrt(KV_NORM_EPS) / c, dtype=dtype)
     raise ValueError(f"unknown MLA part {part!r}")

@@ -194,8 +194,6 @@ class PlanTensorSource:
 
         ckpt = self._checkpoint("base")
         lay = GqaLayout.of(ckpt.config)
-        if r.part == "kv_a_norm":
-            return torch.ones(lay.hidden, dtype=dtype)
         arch = ARCHITECTURES[self.plan.sources["base"].architecture]
         q, k, v, norm = (ckpt.read(tensor_name(arch, role, r.layer)) for role in ("q_proj", "k_proj", "v_proj",
                                                                                   "input_norm"))

@@ -21,6 +21,7 @@ from ..architectures import (
 )
 from ..config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
 from ..errors import PlanError
+from ..io.safetensors_format import itemsize
 from ..maths.mla import GQA_ONLY_KEYS, mla_config
 from ..maths.routing import RoutingSpec, routing_spec
 from .experts import SourceSlots, compensation, routing_groups
@@ -60,8 +61,9 @@ def _copy_tensor(base: OpenedSource, name: str, cfg: MergeConfig, target: dict[s
     out_name = name
     if arch is not None and arch is not base.arch:
         if tid is None or tid.role not in arch.roles:
+            hint = " (mergekit-moe's qwen keeps attention biases)" if tid and tid.role.endswith("_bias") else ""
             raise PlanError(f"{base.model.path}: tensor {name} has no place in {arch.name} (the output architecture); "
-                            f"choose another `architecture` (mergekit-moe's qwen keeps attention biases)")
+                            f"choose another `architecture`{hint}")
         out_name = tensor_name(arch, tid.role, tid.layer, tid.expert)
     dtype = output_dtype(info.dtype, tid.role if tid else None, base.arch.keep_fp32_roles, cfg.dtype)
     shape = expected_shape(target, out_name) or info.shape
@@ -168,9 +170,15 @@ def plan_concat(cfg, config_dir, output_dir, base: OpenedSource, sources: list[O
                     + [s.facts.intermediate_size for s in shared if arch.shared_expert == "ungated"])
     target = target_dtype_keys(dict(base.ckpt.config), cfg.dtype)
     if converting:
+        if target.get("sliding_window") and target.get("use_sliding_window", True):
+            log.warning("sliding_window %s of %s is dropped: %s attends to the whole context (as mergekit-moe "
+                        "writes it)", target["sliding_window"], cfg.base_model, arch.name)
         if arch.dense_attention == "mla":
             target = {k: v for k, v in target.items() if k not in GQA_ONLY_KEYS}
-            target.update(mla_config(dict(base.ckpt.config)))
+            try:
+                target.update(mla_config(dict(base.ckpt.config)))
+            except ValueError as err:
+                raise PlanError(f"{base.model.path}/config.json: {err}") from None
             log.warning("%s from dense %s models: its MLA holds their attention through per-dimension rope "
                         "frequencies (rope_scaling longrope), which transformers reads; vLLM, SGLang and llama.cpp "
                         "read a DeepSeek rope_scaling as YaRN or not at all and compute another function: to serve "
@@ -369,7 +377,8 @@ def _concat_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any]
         if arch.dense_attention == "mla" and tid is not None and tid.role in _MLA_PARTS:
             for t in _mla_tensors(cfg, base, name, tid, target, arch):
                 tensors.append(t)
-                input_bytes[t.name] = 3 * 4 * math.prod(t.shape)  # float32: the source projection, the result
+                # the result (built in its dtype) twice while written, the source projection
+                input_bytes[t.name] = 2 * itemsize(t.dtype) * math.prod(t.shape) + base.ckpt.info(name).nbytes
             continue
         t = _copy_tensor(base, name, cfg, target, arch)
         if vocab is not None and tid is not None and tid.role in _VOCAB_ROLES:
@@ -436,7 +445,8 @@ def _mla_tensors(cfg: MergeConfig, base: OpenedSource, name: str, tid, target: d
     """The MLA weights a dense base's q, k or v projection becomes (the output is DeepSeek from dense models)."""
     code = output_dtype(base.ckpt.info(name).dtype, tid.role, base.arch.keep_fp32_roles, cfg.dtype)
     if code == "F16":
-        raise PlanError(f"dtype: float16 for {arch.name} from dense models: its MLA keeps the latent near 1e-5 "
+        said = "dtype: float16" if cfg.dtype else f"float16 (the dtype of {cfg.base_model}; no dtype: given)"
+        raise PlanError(f"{said} for {arch.name} from dense models: its MLA keeps the latent near 1e-5 "
                         f"(maths/mla.py), below float16's normal range, where it would lose its bits; set dtype: "
                         f"bfloat16 or float32")
     out = []

@@ -70,7 +70,7 @@ class ZerosRecipe(_Frozen):
 class MlaRecipe(_Frozen):
     """One weight of a dense base layer's attention written as DeepSeek's MLA computing the same (maths/mla.py):
     q_proj from its q projection, kv_a_proj (latent and shared rotary key) from its k projection, kv_b_proj from
-    its v projection, each with the layer's input_layernorm weight; kv_a_norm is ones."""
+    its v projection; kv_a_norm and the latent's scale from the layer's input_layernorm weight."""
 
     kind: Literal["mla"] = "mla"
     layer: int

@@ -254,19 +254,23 @@ def test_a_union_vocabulary_rebuilds_the_mtp_layers_embedding_and_head(parents, 
         torch.testing.assert_close(rows[added].float(), got[main][added].float(), rtol=0.02, atol=0.02)
 
 
+def _untrained_and_trained(parents, tmp_path, training) -> tuple[dict, dict]:
+    """The tensors of the MTP parent grafted with the Qwen3-MoE donor, without training and after 3 steps of
+    the training `training(steps)` configures."""
+    a, _, donor = parents
+    text = "def add(a, b):\n    return a + b\n" * 8
+    return tuple(tensors_of(_merge(tmp_path / str(steps), base_model=str(a), experts_per_token=2,
+                                   experts=[{"source_model": str(a), "positive_prompts": [text]},
+                                            {"source_model": str(donor), "positive_prompts": [text]}],
+                                   **training(steps))) for steps in (0, 3))
+
+
 def test_router_training_leaves_the_mtp_layers_router_as_planned(parents, tmp_path):
     """transformers' forward pass never runs the MTP layer, so router training cannot train its router: the
     layer's router rows are the ones the plan gave it (as without training), while the model's grafted rows
     move."""
-    a, _, donor = parents
-    text = "def add(a, b):\n    return a + b\n" * 8
-    outs = {}
-    for steps in (0, 3):
-        outs[steps] = tensors_of(_merge(tmp_path / str(steps), base_model=str(a), experts_per_token=2,
-                                        experts=[{"source_model": str(a), "positive_prompts": [text]},
-                                                 {"source_model": str(donor), "positive_prompts": [text]}],
-                                        router={"train_steps": steps, "lr": 0.05, "seq_len": 16, "batch_size": 2}))
-    plain, trained = outs[0], outs[3]
+    plain, trained = _untrained_and_trained(parents, tmp_path, lambda steps: {
+        "router": {"train_steps": steps, "lr": 0.05, "seq_len": 16, "batch_size": 2}})
     assert torch.equal(trained[MTP + "mlp.gate.weight"], plain[MTP + "mlp.gate.weight"])
     assert not torch.equal(trained["model.layers.2.mlp.gate.weight"], plain["model.layers.2.mlp.gate.weight"])
 
@@ -275,16 +279,8 @@ def test_alignment_training_gives_the_mtp_layer_the_last_layers_trained_maps(par
     """Alignment training runs no MTP layer: the MTP layer's grafted slots take the last MoE layer's maps, so
     after training they are the last layer's grafted experts as trained (the same donor layer, the same maps),
     and they moved with them."""
-    a, _, donor = parents
-    text = "def add(a, b):\n    return a + b\n" * 8
-    outs = {}
-    for steps in (0, 3):
-        outs[steps] = tensors_of(_merge(tmp_path / str(steps), base_model=str(a), experts_per_token=2,
-                                        experts=[{"source_model": str(a), "positive_prompts": [text]},
-                                                 {"source_model": str(donor), "positive_prompts": [text]}],
-                                        align={"mode": "fit", "train_steps": steps, "lr": 0.05},
-                                        router={"seq_len": 16, "batch_size": 2}))
-    plain, trained = outs[0], outs[3]
+    plain, trained = _untrained_and_trained(parents, tmp_path, lambda steps: {
+        "align": {"mode": "fit", "train_steps": steps, "lr": 0.05}, "router": {"seq_len": 16, "batch_size": 2}})
     n_base = sum(1 for k in plain if k.startswith("model.layers.2.mlp.experts.") and k.endswith("gate_proj.weight")
                  and torch.equal(plain[k], trained[k]))
     grafted = [k for k in trained if k.startswith(MTP + "mlp.experts.") and not torch.equal(plain[k], trained[k])]

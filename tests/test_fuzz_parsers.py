@@ -687,7 +687,7 @@ def _run(target: Target, blob: bytes, tmp_path: Path) -> None:
         raise type(err)(f"{err} on {len(blob)} bytes left in {path}; starting {blob[:200]!r}") from None
 
 
-@settings(FUZZ, max_examples=examples(300))
+@settings(FUZZ, max_examples=examples(150))
 @given(blob=HEADER_INPUTS)
 def test_read_header_fuzz(blob: bytes, tmp_path: Path, traced: None) -> None:
     _run(TARGETS["header"], blob, tmp_path)
@@ -705,7 +705,7 @@ def test_config_generated_yaml_fuzz(blob: bytes, tmp_path: Path) -> None:
     _run(TARGETS["config"], blob, tmp_path)
 
 
-@settings(FUZZ, max_examples=examples(450))
+@settings(FUZZ, max_examples=examples(225))
 @given(blob=JSON_INPUTS)
 def test_read_json_file_fuzz(blob: bytes, tmp_path: Path, traced: None) -> None:
     _run(TARGETS["json"], blob, tmp_path)

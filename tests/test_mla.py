@@ -55,10 +55,11 @@ def _pair(kv_heads: int, group: int, head_dim: int, hidden: int, rope: str, eps:
     ds = DeepseekV3Attention(ds_config, 0).float()
     norm = torch.rand(hidden) * 3 + 0.05
     lay = GqaLayout.of(dense)
-    w = (llama.q_proj.weight, llama.k_proj.weight, llama.v_proj.weight, norm)
+    w = {"q_proj": llama.q_proj.weight, "k_proj": llama.k_proj.weight, "v_proj": llama.v_proj.weight,
+         "input_norm": norm}
     parts = {"q_proj": "q_proj", "kv_a_proj_with_mqa": "kv_a_proj", "kv_b_proj": "kv_b_proj",
              "kv_a_layernorm": "kv_a_norm"}
-    ds.load_state_dict({**{f"{name}.weight": gqa_as_mla(part, *w, lay) for name, part in parts.items()},
+    ds.load_state_dict({**{f"{name}.weight": gqa_as_mla(part, w, lay) for name, part in parts.items()},
                         "o_proj.weight": llama.o_proj.weight}, strict=True)
     return llama, LlamaRotaryEmbedding(llama_config), ds, DeepseekV3RotaryEmbedding(ds_config), norm
 
@@ -99,8 +100,9 @@ def test_bfloat16_weights_are_the_donors_rounded_once():
     lay = GqaLayout(hidden=16, heads=4, kv_heads=2, head_dim=4)
     q, k, v = (torch.randn(n * 4, 16).to(torch.bfloat16) for n in (4, 2, 2))
     norm = torch.rand(16).to(torch.bfloat16)
+    weights = {"q_proj": q, "k_proj": k, "v_proj": v, "input_norm": norm}
     for part, src in (("q_proj", q), ("kv_a_proj", k), ("kv_b_proj", v)):
-        got = gqa_as_mla(part, q, k, v, norm, lay, torch.bfloat16)
+        got = gqa_as_mla(part, weights, lay, torch.bfloat16)
         values = set(got.flatten().tolist()) - {0.0, latent_scale(norm)}
         assert values <= set(src.flatten().tolist()), part
 

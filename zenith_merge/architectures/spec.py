@@ -89,14 +89,9 @@ class Architecture:
     mlp_module: str = "model.layers.{layer}.mlp"
     # Config keys that fix the attention layout; sources assembled tensor by tensor must agree on them.
     attention_layout_keys: tuple[str, ...] = ()
-    # The MoE architectures a dense one can become (mergekit-moe's dense -> MoE case): same attention, norm
-    # and embedding tensors, the MLP replaced by routed experts. The first is the default.
-    moe_targets: tuple[str, ...] = ()
     # mergekit-moe output names (MERGEKIT_MOE_OUTPUTS) an MoE base of this family answers to besides its own
     # table's: `architecture: deepseek` with a DeepSeek-V3 base keeps the base, as before mergekit's names came.
     mergekit_moe_names: tuple[str, ...] = ()
-    # The `model_type` values of dense sources this MoE architecture is built from (mergekit-moe's rule).
-    dense_sources: tuple[str, ...] = ()
     # Config values an MoE architecture takes when it is built from a dense config.
     from_dense_config: dict[str, object] = field(default_factory=dict)
     # Roles an MoE architecture has that a dense source may lack, written as zeros when it does

@@ -160,7 +160,6 @@ DEEPSEEK_V3 = Architecture(
     # mergekit-moe's `deepseek` from Llama/Mistral models: every layer MoE, the attention as MLA computing the
     # same (maths/mla.py), sigmoid top-k renormalised (k = 1: not, as DeepSeek-MoE v1 weighs a lone expert by its
     # score), one ungated shared expert
-    dense_sources=("llama", "mistral"),
     dense_attention="mla",
     shared_expert="ungated",
     from_dense_config={"first_k_dense_replace": 0, "moe_layer_freq": 1, "n_group": 1, "topk_group": 1,
@@ -195,7 +194,6 @@ QWEN3_MOE = Architecture(
     attention_layout_keys=_GQA_LAYOUT_KEYS,
     shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, *_GQA_SHARED_INPUTS),
     # as mergekit-moe builds a Qwen3-MoE from Qwen3 models: every layer MoE, normalised top-k
-    dense_sources=("qwen3",),
     from_dense_config={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True},
     roles={
         **_COMMON_ROLES,
@@ -229,7 +227,6 @@ MIXTRAL = Architecture(
     attention_layout_keys=_GQA_LAYOUT_KEYS,
     shared_inputs=(*_EXPERT_SHARED_INPUTS, *_GQA_SHARED_INPUTS),
     # as mergekit-moe builds a Mixtral from Llama or Mistral models: no sliding window
-    dense_sources=("llama", "mistral"),
     from_dense_config={"sliding_window": None},
     roles={
         **_COMMON_ROLES,
@@ -265,7 +262,6 @@ QWEN2_MOE = Architecture(
     shared_inputs=(*_MLP_SHARED_INPUTS, *_EXPERT_SHARED_INPUTS, ("shared_gate", "shared_up", "shared_router"),
                    *_GQA_SHARED_INPUTS),
     # as mergekit-moe builds a Qwen2-MoE from Qwen2, Llama or Mistral models
-    dense_sources=("llama", "mistral", "qwen2"),
     from_dense_config={"decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
                        "use_sliding_window": False, "sliding_window": None, "qkv_bias": True},
     zeros_from_dense=("q_bias", "k_bias", "v_bias"),
@@ -409,13 +405,11 @@ GPT_OSS = Architecture(
 )
 
 
-def _dense(name: str, model_type: str, qk_norm: bool, moe_targets: tuple[str, ...],
-           chat_format: str | None = None) -> Architecture:
+def _dense(name: str, model_type: str, qk_norm: bool, chat_format: str | None = None) -> Architecture:
     return Architecture(
         name=name,
         chat_format=chat_format,
         model_type=model_type,
-        moe_targets=moe_targets,
         moe_layer_rule="none",
         scoring="none",
         dims=dict(_GQA_DIMS),
@@ -427,13 +421,11 @@ def _dense(name: str, model_type: str, qk_norm: bool, moe_targets: tuple[str, ..
     )
 
 
-# mergekit-moe's choice for dense sources: Mixtral first where it applies, then Qwen2-MoE (which needs a shared expert)
-QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, moe_targets=("Qwen3MoeForCausalLM",), chat_format="chatml")
-QWEN2 = _dense("Qwen2ForCausalLM", "qwen2", qk_norm=False, moe_targets=("Qwen2MoeForCausalLM",), chat_format="chatml")
-LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False,
-               moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM", "DeepseekV3ForCausalLM"))
-MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False,
-                 moe_targets=("MixtralForCausalLM", "Qwen2MoeForCausalLM", "DeepseekV3ForCausalLM"))
+# The MoE architectures each dense family becomes are mergekit-moe's choice (MERGEKIT_MOE_OUTPUTS below).
+QWEN3 = _dense("Qwen3ForCausalLM", "qwen3", qk_norm=True, chat_format="chatml")
+QWEN2 = _dense("Qwen2ForCausalLM", "qwen2", qk_norm=False, chat_format="chatml")
+LLAMA = _dense("LlamaForCausalLM", "llama", qk_norm=False)
+MISTRAL = _dense("MistralForCausalLM", "mistral", qk_norm=False)
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (DEEPSEEK_V3, QWEN3_MOE, MIXTRAL, QWEN2_MOE, DEEPSEEK_V2,
                                                               GLM4_MOE, GPT_OSS, QWEN3, QWEN2, LLAMA, MISTRAL)}

@@ -68,13 +68,15 @@ class GqaLayout:
 
 @dataclass(frozen=True)
 class DonorRope:
-    """The donor's rope as transformers computes it: inverse frequencies per rotary pair below and above
-    `original` positions (different only for longrope), and the factor on cos and sin."""
+    """The donor's rope as transformers computes it: its base, inverse frequencies per rotary pair below and
+    above `original` positions (different only for longrope), the factor on cos and sin, its context."""
 
+    theta: float
     short: torch.Tensor
     long: torch.Tensor
     original: int
     attention_factor: float
+    max_positions: int
 
 
 def donor_rope(config: dict[str, Any]) -> DonorRope:
@@ -92,13 +94,12 @@ def donor_rope(config: dict[str, Any]) -> DonorRope:
         raise ValueError(f"rope_type {kind}: its frequencies change with the sequence length, which DeepSeek's "
                          f"rope cannot hold; convert with architecture: mixtral or qwen")
     rope = LlamaRotaryEmbedding(known)
-    short = rope.inv_freq.double()
-    max_pos = int(config.get("max_position_embeddings") or 4096)
-    if kind != "longrope":
-        return DonorRope(short, short, max_pos, float(rope.attention_scaling))
-    original = int(params.get("original_max_position_embeddings") or max_pos)
-    long, _ = ROPE_INIT_FUNCTIONS[kind](known, None, seq_len=original + 1)
-    return DonorRope(short, long.double(), original, float(rope.attention_scaling))
+    short, max_pos = rope.inv_freq.double(), int(known.max_position_embeddings)
+    original, long = max_pos, short
+    if kind == "longrope":
+        original = int(params.get("original_max_position_embeddings") or max_pos)
+        long = ROPE_INIT_FUNCTIONS[kind](known, None, seq_len=original + 1)[0].double()
+    return DonorRope(float(params["rope_theta"]), short, long, original, float(rope.attention_scaling), max_pos)
 
 
 def mla_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def mla_config(config: dict[str, Any]) -> dict[str, Any]:
     factors (see the module docstring)."""
     lay = GqaLayout.of(config)
     rope = donor_rope(config)
-    theta = float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
+    theta = rope.theta
     d = lay.rope_dim
     exponent = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # as transformers computes it
     mla_freq = (theta ** exponent).double()
@@ -115,11 +116,10 @@ def mla_config(config: dict[str, Any]) -> dict[str, Any]:
         # pair i of the shared key is pair i mod d/2 of KV head i // (d/2)
         return (1.0 / (inv_freq.repeat(lay.kv_heads) * mla_freq)).tolist()
 
-    max_pos = int(config.get("max_position_embeddings") or 4096)
     return {
         "num_attention_heads": lay.heads, "num_key_value_heads": lay.heads, "q_lora_rank": None,
         "kv_lora_rank": lay.hidden, "qk_rope_head_dim": d, "qk_nope_head_dim": 0, "v_head_dim": lay.head_dim,
-        "rope_interleave": True, "rope_theta": theta, "max_position_embeddings": max_pos,
+        "rope_interleave": True, "rope_theta": theta, "max_position_embeddings": rope.max_positions,
         "rope_scaling": {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors(rope.short),
                          "long_factor": factors(rope.long), "factor": 1.0,
                          "original_max_position_embeddings": rope.original,
@@ -146,25 +146,30 @@ def _pair_rows(head_dim: int) -> torch.Tensor:
     return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
 
 
-def gqa_as_mla(part: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_norm: torch.Tensor,
-               lay: GqaLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One MLA weight (`part`: q_proj, kv_a_proj, kv_a_norm or kv_b_proj) of a layer in `dtype`, from the
-    layer's q, k and v projections and its input_layernorm weight (see the module docstring). The donor's
-    weights are copied unscaled (only rearranged), so they are rounded to `dtype` once, as in any conversion;
-    q_proj, n_kv times the donor's q and mostly zeros, is filled in `dtype` directly."""
+# The dense layer's weights (by architecture role) each MLA weight is made from.
+MLA_INPUTS = {"q_proj": ("q_proj",), "kv_a_proj": ("k_proj", "input_norm"), "kv_a_norm": ("input_norm",),
+              "kv_b_proj": ("v_proj",)}
+
+
+def gqa_as_mla(part: str, weights: dict[str, torch.Tensor], lay: GqaLayout,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One MLA weight (`part`: q_proj, kv_a_proj, kv_a_norm or kv_b_proj) of a layer in `dtype`, from the dense
+    layer's weights MLA_INPUTS[part] names (q, k, v projections, input_layernorm weight; see the module
+    docstring). The donor's weights are copied unscaled (only rearranged), so they are rounded to `dtype` once,
+    as in any conversion; q_proj, n_kv times the donor's q and mostly zeros, is filled in `dtype` directly."""
     d, group = lay.head_dim, lay.heads // lay.kv_heads
     rows = _pair_rows(d)
     if part == "q_proj":
-        heads = q.reshape(lay.heads, d, lay.hidden)[:, rows]
+        heads = weights["q_proj"].reshape(lay.heads, d, lay.hidden)[:, rows]
         out = torch.zeros(lay.heads, lay.kv_heads, d, lay.hidden, dtype=dtype)
         out[torch.arange(lay.heads), torch.arange(lay.heads) // group] = heads.to(dtype)
         return out.reshape(lay.heads * lay.rope_dim, lay.hidden)
     if part == "kv_b_proj":
-        values = v.reshape(lay.kv_heads, d, lay.hidden).to(dtype)
+        values = weights["v_proj"].reshape(lay.kv_heads, d, lay.hidden).to(dtype)
         return values.repeat_interleave(group, dim=0).reshape(lay.heads * d, lay.hidden)
-    c = latent_scale(input_norm)
+    c = latent_scale(weights["input_norm"])
     if part == "kv_a_proj":
-        keys = k.reshape(lay.kv_heads, d, lay.hidden)[:, rows].reshape(lay.rope_dim, lay.hidden).to(dtype)
+        keys = weights["k_proj"].reshape(lay.kv_heads, d, lay.hidden)[:, rows].reshape(lay.rope_dim, lay.hidden).to(dtype)
         return torch.cat([torch.eye(lay.hidden, dtype=dtype) * c, keys])
     if part == "kv_a_norm":
         return torch.full((lay.hidden,), math.sqrt(KV_NORM_EPS) / c, dtype=dtype)

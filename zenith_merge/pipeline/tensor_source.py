@@ -190,14 +190,12 @@ class PlanTensorSource:
 
     def _mla(self, r: MlaRecipe, dtype: torch.dtype) -> torch.Tensor:
         """One MLA weight of a dense base layer's attention (maths/mla.py), in `dtype`."""
-        from ..maths.mla import GqaLayout, gqa_as_mla
+        from ..maths.mla import MLA_INPUTS, GqaLayout, gqa_as_mla
 
         ckpt = self._checkpoint("base")
-        lay = GqaLayout.of(ckpt.config)
         arch = ARCHITECTURES[self.plan.sources["base"].architecture]
-        q, k, v, norm = (ckpt.read(tensor_name(arch, role, r.layer)) for role in ("q_proj", "k_proj", "v_proj",
-                                                                                  "input_norm"))
-        return gqa_as_mla(r.part, q, k, v, norm, lay, dtype)
+        weights = {role: ckpt.read(tensor_name(arch, role, r.layer)) for role in MLA_INPUTS[r.part]}
+        return gqa_as_mla(r.part, weights, GqaLayout.of(ckpt.config), dtype)
 
     def _rows(self, source: str, name: str) -> torch.Tensor:
         """A router tensor of a source (float32), read once per output layer."""

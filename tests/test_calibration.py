@@ -59,6 +59,28 @@ def test_layer_outputs_match_output_hidden_states(zen_loaded):
         torch.testing.assert_close(got, hidden[layer + 1][0], rtol=0, atol=0)
 
 
+def test_the_head_runs_on_the_last_position_only_unless_a_point_reads_it(zen_loaded):
+    """Capture passes never read logits: the (vocab x hidden) head sees one position, and every captured state is
+    what the whole forward gives. A point on the head itself (RegMean solving lm_head) gets every position."""
+    model, tok = zen_loaded
+    seen: list[int] = []
+    handle = model.lm_head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    try:
+        layer = CapturePoint.output_of("model.layers.2")
+        [chunk] = capture_hidden(model, tok, [TEXT[:600]], [layer], progress=False)
+        n = len(chunk.ends)
+        assert n > 1 and seen == [1]
+        head = CapturePoint.input_of("lm_head")
+        [chunk] = capture_hidden(model, tok, [TEXT[:600]], [layer, head], progress=False)
+        assert seen == [1, n] and chunk.states[head].shape == (n, 128)
+        ids = tok(TEXT[:600], add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        torch.testing.assert_close(chunk.states[layer], hidden[3][0], rtol=0, atol=0)
+    finally:
+        handle.remove()
+
+
 def test_moe_input_is_the_normalised_residual_after_attention(zen_loaded):
     """Recompute layer 2 by hand from its input: attention, post_attention_layernorm, MoE, residual."""
     model, tok = zen_loaded

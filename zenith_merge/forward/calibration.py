@@ -19,6 +19,7 @@ stream after it). Module names come from the architecture tables, never from her
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import CalibrationError
 from .loading import input_device
 
-__all__ = ["CapturePoint", "CapturedChunk", "capture_hidden", "capture_batch"]
+__all__ = ["CapturePoint", "CapturedChunk", "capture_hidden", "capture_batch", "head_skipping"]
 
 
 CaptureKind = Literal["input", "output"]
@@ -88,6 +89,26 @@ def _first_tensor(value) -> torch.Tensor:
     raise TypeError(f"expected a tensor or a tuple starting with one, got {type(value).__name__}")
 
 
+def head_skipping(model, points: Iterable[CapturePoint]) -> dict:
+    """Forward keyword arguments that compute the output head for the last position only, or none.
+
+    Why: a capture pass reads hidden states, never logits, yet a causal LM's forward multiplies every
+    position by the (vocab x hidden) head: tokens x vocab x hidden multiply-adds and a tokens x vocab
+    logits tensor (512 tokens of a 280k union vocabulary: 287 MB in bf16), most of a small model's pass.
+    transformers' `logits_to_keep=1` keeps the last position only. Not where a point reads the head
+    itself (RegMean solving `lm_head`), nor where the forward does not take the argument.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if head is None or not takes:
+        return {}
+    head_names = {name for name, module in model.named_modules() if module is head}
+    return {} if any(p.module in head_names for p in points) else {"logits_to_keep": 1}
+
+
 def _chunks(text: str, tokenizer, max_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(start char, ids, ends) per chunk of at most `max_tokens` tokens, cut at token boundaries.
 
@@ -131,6 +152,7 @@ def capture_hidden(
         raise ValueError("max_tokens_per_text must be at least 1")
     points = list(dict.fromkeys(points))
     device = input_device(model)
+    extra = head_skipping(model, points)
     total = 0
     bar = tqdm(total=max_total_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
     try:
@@ -145,7 +167,7 @@ def capture_hidden(
                     if ids.numel() == 0:
                         continue
                     try:
-                        model(input_ids=ids[None].to(device), use_cache=False)
+                        model(input_ids=ids[None].to(device), use_cache=False, **extra)
                     except _Stopped:
                         pass
                     states = {p: t.reshape(-1, t.shape[-1]).float().cpu() for p, t in hooks.take().items()}
@@ -247,7 +269,8 @@ def capture_batch(model, tokenizer, texts: Sequence[str], points: Sequence[Captu
         mask[i, :len(row)] = 1
     device = input_device(model)
     with _Hooks(model, points) as hooks, torch.no_grad():
-        model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False)
+        model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False,
+              **head_skipping(model, points))
         captured = hooks.take()
     states = {p: t.reshape(len(ids), width, -1).float().cpu() for p, t in captured.items()}
     return [{p: states[p][i, :len(row)] for p in points} for i, row in enumerate(ids)]

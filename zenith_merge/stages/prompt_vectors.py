@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..architectures import architecture_of, tensor_name
 from ..errors import CalibrationError
 from ..forward import dense as dense_forward
-from ..forward.calibration import CapturePoint, capture_batch
+from ..forward.calibration import CapturePoint, capture_batch, head_skipping
 from ..forward.loading import load_for_calibration, release_memory
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import save_keyed
@@ -119,7 +119,8 @@ def mergekit_vectors(base_path: Path, layers: Sequence[int],
         batch = tokenizer([(tokenizer.bos_token or "") + t for t in texts], return_tensors="pt", padding=True,
                           add_special_tokens=False)
         with torch.no_grad():
-            hidden = torch.stack(model(**batch, output_hidden_states=True, return_dict=True).hidden_states[:-1])
+            out = model(**batch, output_hidden_states=True, return_dict=True, **head_skipping(model, ()))
+            hidden = torch.stack(out.hidden_states[:-1])
         per_prompt = hidden.sum(dim=2) / hidden.shape[2] if mode == "hidden_avg" else hidden[:, :, -1, :]
         return per_prompt.sum(dim=1) / per_prompt.shape[1]
 

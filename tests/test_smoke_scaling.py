@@ -107,9 +107,18 @@ def _smoke_in_child(folder: Path, report: Path, *extra: str) -> tuple[int, int, 
     return proc.returncode, peak, out
 
 
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> int:
+    """The smoke test's peak RSS on the same code paths with negligible weights (a tiny DeepSeek-V3)."""
+    root = tmp_path_factory.mktemp("baseline")
+    status, peak, out = _smoke_in_child(make_tiny_deepseek(root / "tiny"), root / "tiny-report")
+    assert status == 0, out
+    return peak
+
+
 @pytest.mark.parametrize("subject", ["fp8-cast output", "fp8 merge output"])
-def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_tensor(wide, wide_fp8, tmp_path,
-                                                                                      subject):
+def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_tensor(wide, wide_fp8, baseline,
+                                                                                      tmp_path, subject):
     """On an fp8-cast output (BF16) and on a merge's block-FP8 output (the FP8 checkpoint with its MTP layer,
     written by `zenith-merge merge` with fp8_output), under a 200 MB cap."""
     from zenith_merge.checks.smoke_model import plan_load
@@ -123,9 +132,6 @@ def test_smoke_test_peak_rss_is_the_baseline_plus_less_than_twice_the_largest_te
     plan = plan_load(wide, 200 * MB)
     largest = VOCAB * HIDDEN * 2  # the vocabulary matrices: read by rows (embedding) and slabs (head)
     assert plan.mode == "stream" and plan.float32_bytes > 3 * largest and plan.stream_bytes < largest
-    tiny = make_tiny_deepseek(tmp_path / "tiny")  # the same code paths on negligible weights: the baseline
-    status, baseline, out = _smoke_in_child(tiny, tmp_path / "tiny-report")
-    assert status == 0, out
     status, peak, out = _smoke_in_child(wide, tmp_path / "report", "--max-memory", "200MB")
     assert status == 0, out
     data = json.loads((tmp_path / "report" / "report.json").read_text())

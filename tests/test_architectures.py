@@ -14,6 +14,7 @@ from zenith_merge.architectures import (
     expected_shape,
     facts,
     tensor_name,
+    vocab_part,
 )
 from zenith_merge.errors import PlanError
 
@@ -100,6 +101,17 @@ def test_facts_match_the_model(tiny):
     if f.is_moe:
         experts = {classify(architecture_of(config), n).expert for n in shapes if ".experts." in n}
         assert len(experts) == f.n_routed_experts
+
+
+def test_the_vocabulary_matrices_are_the_roles_with_a_row_per_token():
+    """A union vocabulary (concat) and a method's padding both rebuild exactly these rows: the embedding and head,
+    and an MTP layer's own pair where the family has one."""
+    found = {name: {r: vocab_part(arch, r) for r in arch.roles if vocab_part(arch, r)}
+             for name, arch in ARCHITECTURES.items()}
+    pair = {"embed": "embed", "lm_head": "head"}
+    mtp = {**pair, "mtp_embed": "embed", "mtp_head": "head"}
+    assert found == {name: mtp if name in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM") else pair
+                     for name in ARCHITECTURES}
 
 
 def test_qwen3_moe_mlp_only_layers_are_dense():

@@ -13,7 +13,7 @@ import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import CheckpointError, PlanError
 from .spec import Architecture, TensorClass, TensorRole
@@ -40,6 +40,7 @@ __all__ = [
     "set_dim",
     "shared_input_of",
     "tensor_name",
+    "vocab_part",
 ]
 
 
@@ -233,6 +234,19 @@ def shared_input_of(arch: Architecture, names: Sequence[str]) -> dict[str, str]:
             continue
         out[name] = first.setdefault((group_of[tid.role], tid.layer, tid.expert), name)
     return out
+
+
+def vocab_part(arch: Architecture, role: str) -> Literal["embed", "head"] | None:
+    """Which vocabulary matrix a role is, read from its shape: a row per token (first dimension `vocab`) is an
+    embedding (`embed`) or an output head (`head`, class lm_head); None for every other role.
+
+    Why: a union vocabulary rebuilds, and a merge method pads, exactly these rows (the MTP layer's own embedding
+    and head included); both read this one fact from the table.
+    """
+    spec = arch.roles[role]
+    if not spec.shape or spec.shape[0] != "vocab":
+        return None
+    return "head" if spec.tensor_class == "lm_head" else "embed"
 
 
 def fused_expert_roles(arch: Architecture) -> tuple[str, ...]:

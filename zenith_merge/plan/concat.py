@@ -18,6 +18,7 @@ from ..architectures import (
     facts,
     set_dim,
     tensor_name,
+    vocab_part,
 )
 from ..config import PROMPT_GATE_MODES, ExpertSource, MergeConfig
 from ..errors import PlanError
@@ -349,11 +350,6 @@ def _calibrated_sources(cfg: MergeConfig, sources: list[OpenedSource], arch: Arc
     return tuple(s.key for s in grafted if s.entry.positive_prompts)
 
 
-# Roles with a row per token, rebuilt for a union vocabulary: role -> (part, the model's own embed/head?)
-_VOCAB_ROLES = {"embed": ("embed", True), "lm_head": ("head", True), "mtp_embed": ("embed", False),
-                "mtp_head": ("head", False)}
-
-
 def _concat_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any], table: list[LayerExperts],
                     arch: Architecture, vocab: VocabPlan | None = None,
                     sources: list[OpenedSource] = ()) -> tuple[list[PlannedTensor], dict[str, int]]:
@@ -381,9 +377,10 @@ def _concat_tensors(cfg: MergeConfig, base: OpenedSource, target: dict[str, Any]
                 input_bytes[t.name] = 2 * itemsize(t.dtype) * math.prod(t.shape) + base.ckpt.info(name).nbytes
             continue
         t = _copy_tensor(base, name, cfg, target, arch)
-        if vocab is not None and tid is not None and tid.role in _VOCAB_ROLES:
-            part, own = _VOCAB_ROLES[tid.role]
-            t = t.model_copy(update={"recipe": VocabRecipe(part=part, tensor=None if own else name)})
+        part = vocab_part(base.arch, tid.role) if vocab is not None and tid is not None else None
+        if part is not None:
+            # the model's own embedding and head (no layer) are the union's; an extra layer's are rebuilt by name
+            t = t.model_copy(update={"recipe": VocabRecipe(part=part, tensor=None if tid.layer is None else name)})
             tensors.append(t)
             input_bytes[name] = _vocab_input_bytes(name, t.shape, base, sources, vocab)
             continue

@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..architectures import classify, dim, extra_layer_indices, set_dim, tensor_name
+from ..architectures import classify, dim, extra_layer_indices, set_dim, tensor_name, vocab_part
 from ..config import MergeConfig
 from ..errors import PlanError
 from ..maths.methods import METHODS, Method
@@ -192,7 +192,7 @@ def plan_method(cfg: MergeConfig, config_dir, output_dir, base: OpenedSource, so
         try_parameters(method, len(inputs), base_index, shared, per_input, name, seen)
         held, work = info.nbytes, 0
         shape = info.shape
-        rows = vocab if vocab and tid is not None and (base.arch.roles[tid.role].shape or ("",))[0] == "vocab" else {}
+        rows = vocab if vocab and tid is not None and vocab_part(base.arch, tid.role) else {}
         if rows:
             shape = (rows["vocab_out"], *info.shape[1:])
         if info.dtype not in _READ_AS:  # integer buffers are copied from the base, as mergekit copies them

@@ -1,5 +1,6 @@
 """Every shipped config plans, as text and as JSON, and so does each with `fp8_output: true` where the
-output is DeepSeek-V3; every key README.md's "Configs" table documents exists in the config schema.
+output is DeepSeek-V3; every key README.md's "Configs" table documents exists in the config schema, and
+plans when set on a shipped example, its value reaching the plan.
 
 The configs are globbed from merge/ and merge/examples/, so a new example is covered without editing
 this file. Planning reads configs and safetensors headers only (the demo models are built on first use).
@@ -7,6 +8,7 @@ this file. Planning reads configs and safetensors headers only (the demo models 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -312,3 +314,125 @@ def test_schema_resolver_refuses_unknown_keys():
             _resolve(key)
     _resolve("assembly.weights.<class>")
     _resolve("experts[].layers")
+
+
+# Every key of README.md's Configs table, set on a shipped example to a value other than the example's: the
+# config plans (exit 0, JSON) and the resolved config the plan carries holds that value, so no documented key is
+# refused or silently dropped on its way to the plan. A key added to the table without a case here fails
+# test_every_documented_key_has_a_case. Each case: (example, {key: value, ...}, the key whose value is compared);
+# keys are dotted, `models.-1` / `experts.-1` index a list; companions a key needs are set beside it.
+FLAGSHIP, CHIMERA, TIES = "config.yml", "examples/chimera.yml", "examples/ties.yml"
+PASS, CONCAT = "examples/passthrough.yml", "examples/chimera_concat.yml"
+# merge/examples/ties.yml in zenith-merge's own form (its method keys are refused in a mergekit-yaml file)
+ZENITH_TIES = {"merge_method": "ties", "base_model": "demo://zen-parent", "parameters": {"density": 0.7},
+               "experts": [{"source_model": "demo://zen-tiny", "parameters": {"weight": 1.0}},
+                           {"source_model": "demo://zen-r1-tiny", "parameters": {"weight": 1.0}},
+                           {"source_model": "demo://zen-parent"}],
+               "merge_dtype": "float32", "dtype": "bfloat16", "max_shard_size": "2MB"}
+KEY_CASES = {
+    "merge_method": (TIES, {"merge_method": "dare_ties"}),
+    "parameters": (TIES, {"parameters": {"density": 0.5, "normalize": True}}),
+    "experts[].parameters": (TIES, {"models.-1.parameters": {"weight": 0.5}}, "experts.1.parameters"),
+    "method_base": (ZENITH_TIES, {"method_base": False, "merge_method": "linear", "parameters": {"weight": 1.0}}),
+    "merge_dtype": (ZENITH_TIES, {"merge_dtype": "bfloat16"}),
+    "expert_scope": (TIES, {"expert_scope": "expert"}),
+    "method_vocab.pad_to_multiple_of": (ZENITH_TIES, {"method_vocab.pad_to_multiple_of": 64}),
+    "search.parameters": (TIES, {"search.parameters": {"density": [0.5, 0.9]}}),
+    "experts[].keep": (CONCAT, {"experts.1.keep": 4}),
+    "experts[].shared_expert": (CONCAT, {"experts.1.shared_expert": "routed", "experts.1.keep": 3}),
+    "experts[].layers": (FLAGSHIP, {"experts.-1.layers": {1: 0}}),
+    "align.mode": (FLAGSHIP, {"align.mode": "fit"}),
+    "align.ridge": (FLAGSHIP, {"align.ridge": 0.1}),
+    "align.max_tokens": (FLAGSHIP, {"align.max_tokens": 4000}),
+    "align.max_memory": (FLAGSHIP, {"align.max_memory": "100MB"}),
+    "align.calibration": (FLAGSHIP, {"align.calibration": ["demo:code"]}),
+    "assembly.weights.<class>": (CHIMERA, {"assembly.weights.norms": [0.5, 0.5]}),
+    "search.keep": (CHIMERA, {"search.keep": ["demo:maths"], "search.gain": ["demo:code"]}),
+    "search.gain": (CHIMERA, {"search.gain": ["demo:code"], "search.keep": ["demo:maths"]}),
+    "search.max_loss": (CHIMERA, {"search.max_loss": 0.05}),
+    "search.classes": (CHIMERA, {"search.classes": ["attention"]}),
+    "search.grid": (CHIMERA, {"search.grid": [0.0, 0.5, 1.0]}),
+    "search.generations": (CHIMERA, {"search.generations": 2}),
+    "search.population": (CHIMERA, {"search.population": 4}),
+    "search.sigma": (CHIMERA, {"search.sigma": 0.2}),
+    "search.max_chars": (CHIMERA, {"search.max_chars": 1000}),
+    "assembly.regmean.data": (CHIMERA, {"assembly.regmean.data": [["demo:maths"], ["demo:code"]]}),
+    "assembly.regmean.classes": (CHIMERA, {"assembly.regmean.classes": ["attention"]}),
+    "assembly.regmean.off_diagonal": (CHIMERA, {"assembly.regmean.off_diagonal": 0.5}),
+    "assembly.regmean.ridge": (CHIMERA, {"assembly.regmean.ridge": 0.1}),
+    "assembly.regmean.max_tokens": (CHIMERA, {"assembly.regmean.max_tokens": 256}),
+    "assembly.regmean.max_memory": (CHIMERA, {"assembly.regmean.max_memory": "100MB"}),
+    "assembly.threshold": (CHIMERA, {"assembly.threshold": 0.01}),
+    "output_dir": (PASS, {"output_dir": "/tmp/zenith-elsewhere"}),
+    "max_shard_size": (PASS, {"max_shard_size": "5MB"}),
+    "tokenizer.slerp_t": (FLAGSHIP, {"tokenizer.slerp_t": 0.5}),
+    "tokenizer.pad_to_multiple_of": (FLAGSHIP, {"tokenizer.pad_to_multiple_of": 128}),
+    "router.calibrate": (FLAGSHIP, {"router.calibrate": True}),
+    "router.train_steps": (FLAGSHIP, {"router.train_steps": 2}),
+    "router.train": (FLAGSHIP, {"router.train": "all", "router.train_steps": 2}),
+    "align.train_steps": (FLAGSHIP, {"align.train_steps": 2}),
+    "align.lr": (FLAGSHIP, {"align.lr": 0.01, "align.train_steps": 2}),
+    "align.teacher_data": (FLAGSHIP, {"align.teacher_data": ["demo:maths"], "align.train_steps": 2}),
+    "align.teacher_weight": (FLAGSHIP, {"align.teacher_weight": 0.5, "align.teacher_data": ["demo:maths"],
+                                        "align.train_steps": 2}),
+    "experts[].random_experts": (FLAGSHIP, {"experts.-1.random_experts": True}),
+    "router.target_share": (FLAGSHIP, {"router.target_share": 0.3, "router.calibrate": True}),
+    "tokenizer.donor_merges": (FLAGSHIP, {"tokenizer.donor_merges": True}),
+    "tokenizer.protect": (FLAGSHIP, {"tokenizer.protect": ["demo:code"], "tokenizer.donor_merges": True}),
+    "load_in_8bit": (FLAGSHIP, {"load_in_8bit": True}),
+    "calibration_dtype": (FLAGSHIP, {"calibration_dtype": "float32"}),
+    "calibration_max_memory": (FLAGSHIP, {"calibration_max_memory": "1GB"}),
+    "fp8_output": (CHIMERA, {"fp8_output": True}),
+    "routing_report": (FLAGSHIP, {"routing_report": False}),
+    "workers": (PASS, {"workers": 2}),
+    "backend": (PASS, {"backend": "ray"}),
+    "allow_pickle": (PASS, {"allow_pickle": True}),
+    "allow_nonfinite": (PASS, {"allow_nonfinite": True}),
+    "gate_source": (CONCAT, {"gate_source": "residual"}),
+    "out_dtype": (TIES, {"out_dtype": "float32"}, "dtype"),  # mergekit's name for `dtype`
+}
+
+
+def _at(node, dotted: str, value=..., *, create: bool = False):
+    """The value at `dotted` in nested dicts and lists (`experts.1.keep`; None below a missing or null parent);
+    with `value`, set it there (None removes the key)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else (node.setdefault(part, {}) if create else node[part])
+        if node is None:
+            return None
+    key = int(last) if isinstance(node, list) else last
+    if value is ...:
+        return node[key]
+    if value is None:
+        node.pop(key, None)
+    else:
+        node[key] = value
+
+
+def test_every_documented_key_has_a_case():
+    """A key documented in README.md's Configs table (or a case left for a key no longer there) fails here."""
+    assert set(KEY_CASES) == set(_table_keys())
+
+
+@pytest.mark.parametrize("key", list(KEY_CASES))
+def test_every_documented_key_plans_and_reaches_the_plan(key, capsys, tmp_path):
+    """The example with the key changed plans (JSON, shards consistent) and the plan carries the new value where
+    the unchanged example's plan carries another."""
+    example, changes, *compared = KEY_CASES[key]
+    compared = compared[0] if compared else next(iter(changes))
+    if isinstance(example, dict):
+        data = {**copy.deepcopy(example), "output_dir": str(tmp_path / "out")}
+    else:
+        path = ROOT / "merge" / example
+        data = with_absolute_paths(yaml.safe_load(path.read_text()), path.parent)
+    (tmp_path / "example.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    for dotted, value in changes.items():
+        _at(data, dotted, value, create=True)
+    (tmp_path / "changed.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    plan = _plan_json(capsys, tmp_path / "changed.yml")
+    _check_plan_json(plan)
+    original = _plan_json(capsys, tmp_path / "example.yml")
+    if compared != "output_dir":  # the top-level field; every other key is read from the resolved config
+        plan, original = plan["config"], original["config"]
+    assert _at(plan, compared) != _at(original, compared), f"{key}: the plan carries the example's value"

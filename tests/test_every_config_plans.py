@@ -74,11 +74,7 @@ def _with_fp8_output(path: Path, tmp_path: Path, **changes) -> Path:
     data = with_absolute_paths(yaml.safe_load(path.read_text()), path.parent)
     data["fp8_output"] = True
     for dotted, value in changes.items():
-        *parents, last = dotted.split("__")
-        node = data
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
+        _at(data, dotted.replace("__", "."), value, create=True)
     out = tmp_path / f"fp8-{path.name}"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out

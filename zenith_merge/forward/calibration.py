@@ -94,9 +94,9 @@ def head_skipping(model, points: Iterable[CapturePoint]) -> dict:
 
     Why: a capture pass reads hidden states, never logits, yet a causal LM's forward multiplies every
     position by the (vocab x hidden) head: tokens x vocab x hidden multiply-adds and a tokens x vocab
-    logits tensor (512 tokens of a 280k union vocabulary: 287 MB in bf16), most of a small model's pass.
-    transformers' `logits_to_keep=1` keeps the last position only. Not where a point reads the head
-    itself (RegMean solving `lm_head`), nor where the forward does not take the argument.
+    logits tensor (512 tokens of DeepSeek's 129,280-token vocabulary in float32: 265 MB; see
+    bench/capture_head.py). transformers' `logits_to_keep=1` keeps the last position only. Not where a
+    point reads the head itself (RegMean solving `lm_head`), nor where the forward does not take the argument.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     try:
@@ -105,8 +105,15 @@ def head_skipping(model, points: Iterable[CapturePoint]) -> dict:
         takes = False
     if head is None or not takes:
         return {}
-    head_names = {name for name, module in model.named_modules() if module is head}
-    return {} if any(p.module in head_names for p in points) else {"logits_to_keep": 1}
+    return {} if any(_module(model, p.module) is head for p in points) else {"logits_to_keep": 1}
+
+
+def _module(model, name: str):
+    """The submodule `name` of `model`, or None where there is none (the hooks then say so)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _chunks(text: str, tokenizer, max_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -115,11 +115,13 @@ def mergekit_vectors(base_path: Path, layers: Sequence[int],
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
+    skip_head = head_skipping(model, ())
+
     def states(model, texts: Sequence[str]) -> torch.Tensor:
         batch = tokenizer([(tokenizer.bos_token or "") + t for t in texts], return_tensors="pt", padding=True,
                           add_special_tokens=False)
         with torch.no_grad():
-            out = model(**batch, output_hidden_states=True, return_dict=True, **head_skipping(model, ()))
+            out = model(**batch, output_hidden_states=True, return_dict=True, **skip_head)
             hidden = torch.stack(out.hidden_states[:-1])
         per_prompt = hidden.sum(dim=2) / hidden.shape[2] if mode == "hidden_avg" else hidden[:, :, -1, :]
         return per_prompt.sum(dim=1) / per_prompt.shape[1]
